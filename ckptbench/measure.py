@@ -1,0 +1,77 @@
+"""The timed region: wall time and peak resident memory above the region's starting point."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+@dataclass
+class Measurement:
+    seconds: float = float("nan")
+    peak_rss: int = 0
+    """Bytes of resident memory above the level at the start of the region."""
+
+
+def _reset_high_water_mark() -> bool:
+    """Reset the kernel's VmHWM to the current RSS; False where the kernel does not allow it."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _high_water_mark() -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class _Sampler(threading.Thread):
+    """Polls RSS, the fallback where VmHWM cannot be reset and a cross-check where it can."""
+
+    def __init__(self, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.interval, self.peak = interval, 0
+        self._process = psutil.Process()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, self._process.memory_info().rss)
+
+
+@contextmanager
+def measure(interval: float = 0.01) -> Iterator[Measurement]:
+    """Time the block; the result is filled in when it exits without error."""
+    result = Measurement()
+    start_rss = psutil.Process().memory_info().rss
+    kernel_hwm = _reset_high_water_mark()
+    sampler = _Sampler(interval)
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        yield result
+    finally:
+        seconds = time.perf_counter() - start
+        peak = sampler.stop()
+    if kernel_hwm:
+        peak = max(peak, _high_water_mark())
+    result.seconds, result.peak_rss = seconds, max(0, peak - start_rss)

@@ -1,0 +1,100 @@
+"""The results store: one CSV row per strategy x repeat, appended across runs, never clobbered."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class Row:
+    run_id: str
+    timestamp: str
+    preset: str
+    strategy: str
+    repeat: int
+    tensors: int
+    params: int
+    model_bytes: int
+    save_s: float
+    load_cold_s: float
+    load_warm_s: float
+    bytes: int
+    bytes_allocated: int
+    files: int
+    peak_rss_save: int
+    peak_rss_load: int
+    verified: bool
+    disk_write_gbps: float
+    disk_read_gbps: float
+
+
+COLUMNS: list[str] = [f.name for f in fields(Row)]
+TIMES = ("save_s", "load_cold_s", "load_warm_s")
+
+
+def frame(rows: Iterable[Row]) -> pd.DataFrame:
+    return pd.DataFrame([asdict(r) for r in rows], columns=COLUMNS)
+
+
+class ResultsStore:
+    """``results.csv`` plus one environment JSON per run, in the output folder."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.csv = self.directory / "results.csv"
+        self.runs = self.directory / "runs"
+
+    def _set_aside_other_schema(self) -> Path | None:
+        """A file written with other columns is renamed, kept whole, and a fresh one started."""
+        if not self.csv.exists():
+            return None
+        header = pd.read_csv(self.csv, nrows=0).columns.tolist()
+        if header == COLUMNS:
+            return None
+        kept = self.csv.with_name(f"results.{time.strftime('%Y%m%d-%H%M%S')}.other-schema.csv")
+        self.csv.rename(kept)
+        warnings.warn(f"{self.csv} has another schema; kept it as {kept.name} and started a new one", stacklevel=3)
+        return kept
+
+    def append(self, rows: Sequence[Row]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._set_aside_other_schema()
+        frame(rows).to_csv(self.csv, mode="a", header=not self.csv.exists(), index=False)
+
+    def read(self) -> pd.DataFrame:
+        if not self.csv.exists():
+            return frame([])
+        return pd.read_csv(self.csv)
+
+    def write_environment(self, run_id: str, environment: dict) -> Path:
+        self.runs.mkdir(parents=True, exist_ok=True)
+        path = self.runs / f"{run_id}.json"
+        path.write_text(json.dumps(environment, indent=2, default=str))
+        return path
+
+
+def summarize(results: pd.DataFrame, order: Sequence[str] | None = None) -> pd.DataFrame:
+    """Median, min and max of each timing per strategy, with sizes, memory and throughput."""
+    grouped = results.groupby("strategy", sort=False)
+    summary = pd.DataFrame({"repeats": grouped.size()})
+    for column in TIMES:
+        stats = grouped[column].agg(["median", "min", "max"])
+        summary[[f"{column}_{s}" for s in stats.columns]] = stats
+    for column in ("tensors", "bytes", "bytes_allocated", "files", "peak_rss_save", "peak_rss_load"):
+        summary[column] = grouped[column].max()
+    summary["verified"] = grouped["verified"].all()
+    model_bytes = grouped["model_bytes"].max()
+    summary["save_gbps"] = model_bytes / summary["save_s_median"] / 1e9
+    summary["load_cold_gbps"] = model_bytes / summary["load_cold_s_median"] / 1e9
+    if order is not None:
+        summary = summary.reindex(
+            [s for s in order if s in summary.index] + [s for s in summary.index if s not in order]
+        )
+    return summary

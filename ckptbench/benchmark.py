@@ -84,6 +84,7 @@ class Benchmark:
         if self.limits is None:
             size = min(max(self.checkpoint.nbytes, _PROBE_MIN), _PROBE_MAX)
             self.limits = disk.probe(self.out, size)
+        if not self.store.environment_path(self.run_id).exists():
             self.store.write_environment(self.run_id, self.environment())
         return self.checkpoint
 
@@ -124,6 +125,7 @@ class Benchmark:
 
     def _warm_up(self, strategy: Strategy, tensors: Tensors) -> None:
         final = self.out / f".warmup-{strategy.name}"
+        disk.remove(final)
         try:
             self._timed_save(strategy, _warmup_subset(tensors), final, f"{strategy.name} warm-up")
             self._timed_load(strategy, _warmup_subset(tensors), final, f"{strategy.name} warm-up")

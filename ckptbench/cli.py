@@ -1,4 +1,4 @@
-"""``python -m ckptbench``: run the benchmark headless, or list the strategies."""
+"""``python -m ckptbench``: run the benchmark headless, redraw a run's figure, or list the strategies."""
 
 from __future__ import annotations
 
@@ -9,22 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import model
+from . import model, report
 from .benchmark import Benchmark
 from .errors import CkptbenchError, UnknownChoiceError, VerificationError
 from .strategies import EIGHT_WAY, STRATEGIES, parse_strategies
 
-_SUMMARY_COLUMNS = {
-    "repeats": "repeats",
-    "save_s_median": "save s",
-    "load_cold_s_median": "cold load s",
-    "load_warm_s_median": "warm load s",
-    "bytes": "bytes",
-    "files": "files",
-    "save_gbps": "save GB/s",
-    "load_cold_gbps": "cold GB/s",
-    "verified": "verified",
-}
+DEFAULT_OUT = Path("saved_models")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,10 +29,14 @@ def _parser() -> argparse.ArgumentParser:
         help=f"'all' (the eight) or a comma list of: {', '.join(STRATEGIES)}",
     )
     run.add_argument("--repeats", type=int, default=1)
-    run.add_argument("--out", type=Path, default=Path("saved_models"))
+    run.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results, figure and summary go here")
     run.add_argument("--keep-checkpoints", action="store_true", help="keep each strategy's last checkpoint on disk")
     run.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up per strategy")
     run.add_argument("--seed", type=int, default=0)
+    plot = commands.add_parser("plot", help="draw one run's comparison figure and summary from a results CSV")
+    plot.add_argument("--results", type=Path, default=DEFAULT_OUT / "results.csv")
+    plot.add_argument("--out", type=Path, help="where the figure and summary.csv go (default: the CSV's folder)")
+    plot.add_argument("--run-id", help="the run to draw (default: the latest in the file)")
     commands.add_parser("list", help="the strategies and their knobs")
     return parser
 
@@ -83,11 +77,26 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             failed.append(name)
             print(f"error: {err}", file=sys.stderr)
     summary = bench.summary()
-    print(summary[list(_SUMMARY_COLUMNS)].rename(columns=_SUMMARY_COLUMNS).to_string(float_format="{:.3f}".format))
-    print(f"results: {bench.store.csv}\nenvironment: {bench.store.runs / (bench.run_id + '.json')}")
+    shown = summary[list(report.SUMMARY_COLUMNS)].rename(columns=report.SUMMARY_COLUMNS)
+    print(shown.to_string(float_format="{:.3f}".format))
+    print(f"results: {bench.store.csv}\nenvironment: {bench.store.environment_path(bench.run_id)}")
+    if not bench.results.empty:
+        _print_paths(report.export_report(bench.results, args.out))
     if failed:
         print(f"error: not verified: {', '.join(failed)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _print_paths(paths: list[Path]) -> None:
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def _plot(args: argparse.Namespace) -> int:
+    run = report.select_run(report.read_results(args.results), args.run_id)
+    print(f"run {run['run_id'].iloc[0]} ({run['preset'].iloc[0]}): {report.missing_note(run)}")
+    _print_paths(report.export_report(run, args.results.parent if args.out is None else args.out))
     return 0
 
 
@@ -98,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _list()
         return 0
     try:
-        return _run(args, parser)
+        return _plot(args) if args.command == "plot" else _run(args, parser)
     except CkptbenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

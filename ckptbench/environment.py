@@ -42,9 +42,9 @@ def _git_commit() -> str | None:
 
 
 def _filesystem(path: Path) -> str | None:
-    resolved, best = str(path.resolve()), None
+    resolved, best = path.resolve(), None
     for part in psutil.disk_partitions(all=True):
-        if resolved.startswith(part.mountpoint) and (best is None or len(part.mountpoint) > len(best.mountpoint)):
+        if resolved.is_relative_to(part.mountpoint) and (best is None or len(part.mountpoint) > len(best.mountpoint)):
             best = part
     return None if best is None else f"{best.device} ({best.fstype}) on {best.mountpoint}"
 

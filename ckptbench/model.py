@@ -165,15 +165,22 @@ def load_local(path: str | Path) -> ModelCheckpoint:
     if not config_file.is_file():
         raise ModelSourceError(f"{directory} has no config.json")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise ModelSourceError(f"{config_file} is not valid JSON: {err}") from err
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != "llama":
         raise ModelSourceError(f"{directory} holds a {model_type!r} model; ckptbench reads Llama-family models")
     if not any(directory.glob("*.safetensors")):
         raise ModelSourceError(f"{directory} has no *.safetensors weights")
     try:
-        model = LlamaForCausalLM.from_pretrained(directory, local_files_only=True, dtype="auto")
+        model, info = LlamaForCausalLM.from_pretrained(
+            directory, local_files_only=True, dtype="auto", output_loading_info=True
+        )
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelSourceError(f"cannot load weights from {directory}: {err}") from err
+    # transformers fills missing weights with fresh random values and only logs it.
+    incomplete = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+    if incomplete:
+        raise ModelSourceError(f"{directory}: weights do not match the config: {incomplete}")
     return _collect(str(directory), model)

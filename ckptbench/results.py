@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import warnings
@@ -53,12 +54,17 @@ class ResultsStore:
 
     def _set_aside_other_schema(self) -> Path | None:
         """A file written with other columns is renamed, kept whole, and a fresh one started."""
-        if not self.csv.exists():
+        if not self.csv.exists() or self.csv.stat().st_size == 0:
             return None
         header = pd.read_csv(self.csv, nrows=0).columns.tolist()
         if header == COLUMNS:
             return None
-        kept = self.csv.with_name(f"results.{time.strftime('%Y%m%d-%H%M%S')}.other-schema.csv")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        kept = next(
+            path
+            for n in itertools.count()
+            if not (path := self.csv.with_name(f"results.{stamp}{f'-{n}' if n else ''}.other-schema.csv")).exists()
+        )
         self.csv.rename(kept)
         warnings.warn(f"{self.csv} has another schema; kept it as {kept.name} and started a new one", stacklevel=3)
         return kept
@@ -66,16 +72,20 @@ class ResultsStore:
     def append(self, rows: Sequence[Row]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._set_aside_other_schema()
-        frame(rows).to_csv(self.csv, mode="a", header=not self.csv.exists(), index=False)
+        fresh = not self.csv.exists() or self.csv.stat().st_size == 0
+        frame(rows).to_csv(self.csv, mode="a", header=fresh, index=False)
 
     def read(self) -> pd.DataFrame:
-        if not self.csv.exists():
+        if not self.csv.exists() or self.csv.stat().st_size == 0:
             return frame([])
         return pd.read_csv(self.csv)
 
+    def environment_path(self, run_id: str) -> Path:
+        return self.runs / f"{run_id}.json"
+
     def write_environment(self, run_id: str, environment: dict) -> Path:
         self.runs.mkdir(parents=True, exist_ok=True)
-        path = self.runs / f"{run_id}.json"
+        path = self.environment_path(run_id)
         path.write_text(json.dumps(environment, indent=2, default=str))
         return path
 

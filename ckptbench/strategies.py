@@ -29,6 +29,7 @@ Progress = Callable[[int], None]
 
 MiB = 1 << 20
 _BLOCK = 4096
+_OCDBT_COMMIT_BYTES = 256 << 10
 _MANIFEST = "manifest.json"
 _MANIFEST_FORMAT = "ckptbench-tensorstore/1"
 _ZARR_DTYPES = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "bfloat16", torch.float64: "<f8"}
@@ -109,7 +110,7 @@ class TensorStoreOptions:
 
     def chunk_shape(self, shape: tuple[int, ...], itemsize: int) -> list[int]:
         if self.chunk_bytes is None:
-            return [min(64, d) for d in shape]
+            return [max(1, min(64, d)) for d in shape]
         return divisor_chunks(shape, max(1, self.chunk_bytes // itemsize))
 
     def context(self) -> ts.Context:
@@ -139,7 +140,7 @@ def divisor_chunks(shape: tuple[int, ...], target_elements: int) -> list[int]:
 
     Divisors keep every chunk full, so zarr v2 never pads edge chunks.
     """
-    options = [_divisors(d) for d in shape]
+    options = [_divisors(max(1, d)) for d in shape]
     while options and math.prod(o[-1] for o in options) > target_elements:
         largest = max(range(len(options)), key=lambda i: options[i][-1])
         if len(options[largest]) == 1:
@@ -223,14 +224,15 @@ class TensorStore(Strategy):
         context = self.options.context()
         tensors: OrderedDict[str, torch.Tensor] = OrderedDict()
         for entry in self._manifest(directory):
-            name, dtype = entry["name"], _TORCH_DTYPES[entry["dtype"]]
+            try:
+                name, dtype, shape = entry["name"], _TORCH_DTYPES[entry["dtype"]], entry["shape"]
+            except (KeyError, TypeError) as err:
+                raise CheckpointError(f"{directory}: malformed manifest entry {entry!r}") from err
             spec = {"driver": "zarr", "kvstore": self.options.kvstore(directory, name), "open": True}
             try:
                 array = ts.open(spec, context=context).result()
-                if list(array.shape) != entry["shape"]:
-                    raise CheckpointError(
-                        f"{directory}: tensor {name} has shape {array.shape}, expected {entry['shape']}"
-                    )
+                if list(array.shape) != shape:
+                    raise CheckpointError(f"{directory}: tensor {name} has shape {array.shape}, expected {shape}")
                 tensor = _from_numpy(ts.cast(array, _ts_dtype(dtype)).read().result())
             except ValueError as err:
                 raise CheckpointError(f"{directory}: tensor {name}: {err}") from err
@@ -248,6 +250,9 @@ class TensorStore(Strategy):
             if self.options.driver == "file":
                 chunk_nbytes = -(-chunk_nbytes // _BLOCK) * _BLOCK
             total += count * chunk_nbytes
+        if self.options.driver == "ocdbt":
+            # Each tensor is its own OCDBT commit, which adds B-tree and version nodes never collected.
+            total = total * 5 // 4 + len(tensors) * _OCDBT_COMMIT_BYTES
         return int(total * 1.02) + MiB
 
 

@@ -1,0 +1,187 @@
+"""The 8-way comparison figure: save time, load time and size on disk, one bar per strategy.
+
+Drawn on a bare ``matplotlib.figure.Figure`` (no pyplot state), so it works headless and never leaks
+figures; in Jupyter it displays inline when returned once the inline backend is on (``%matplotlib inline``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from .strategies import BASELINE, EIGHT_WAY
+
+BAR = "#4c72b0"
+BASELINE_BAR = "#dd8452"
+DISK = "#c44e52"
+MODEL = "#55a868"
+WARM_ALPHA = 0.45
+PNG_DPI = 200
+
+
+def ordered(names: Iterable[str]) -> list[str]:
+    """The study's order for the eight, then any other strategy in order of appearance."""
+    present = list(dict.fromkeys(names))
+    return [n for n in EIGHT_WAY if n in present] + [n for n in present if n not in EIGHT_WAY]
+
+
+def missing_phases(results: pd.DataFrame) -> list[str]:
+    """Which of the eight approaches have no rows in ``results``, in the study's order."""
+    present = set(results["strategy"])
+    return [n for n in EIGHT_WAY if n not in present]
+
+
+def _stats(results: pd.DataFrame, column: str, order: list[str], scale: float = 1.0) -> pd.DataFrame:
+    return results.groupby("strategy")[column].agg(["median", "min", "max"]).reindex(order) / scale
+
+
+def _count(value: float) -> str:
+    for factor, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if value >= factor:
+            return f"{value / factor:.3g} {unit}"
+    return f"{value:g}"
+
+
+def _subtitle(results: pd.DataFrame, missing: list[str]) -> str:
+    repeats = results.groupby("strategy").size()
+    spread = f"{repeats.min()}" if repeats.min() == repeats.max() else f"{repeats.min()}-{repeats.max()}"
+    text = (
+        f"preset {results['preset'].iloc[0]} · {int(results['tensors'].max())} tensors · "
+        f"{_count(results['params'].max())} parameters ({results['model_bytes'].max() / 1e9:.3g} GB in memory) · "
+        f"{spread} repeat{'s' if repeats.max() > 1 else ''} per strategy: bars at the median, whiskers min-max"
+    )
+    return f"{text}\nnot measured: {', '.join(missing)}" if missing else text
+
+
+def _value(value: float) -> str:
+    """Three significant digits, without switching to exponent notation for large values."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _bars(
+    ax: Axes, x: np.ndarray, stats: pd.DataFrame, colors: list[str], width: float, rotation: int = 0, **style
+) -> None:
+    """Median bars with min-max whiskers, each labelled with its median above the whisker."""
+    low = stats["median"] - stats["min"]
+    high = stats["max"] - stats["median"]
+    ax.bar(x, stats["median"], width, color=colors, yerr=[low, high], capsize=3, error_kw={"lw": 1}, **style)
+    for xi, median, top in zip(x, stats["median"], stats["max"], strict=True):
+        ax.annotate(
+            _value(median),
+            (xi, top),
+            xytext=(0, 2),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            rotation=rotation,
+        )
+
+
+def _line(ax: Axes, y: float, color: str, style: str, label: str) -> None:
+    """A reference line across the panel, named at its right end so the panel reads without the legend."""
+    ax.axhline(y, color=color, linestyle=style, linewidth=1.3, zorder=0.5)
+    ax.annotate(
+        label,
+        (1, y),
+        xycoords=("axes fraction", "data"),
+        xytext=(-3, 2),
+        textcoords="offset points",
+        ha="right",
+        va="bottom",
+        fontsize=8,
+        color=color,
+        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 1},
+    )
+
+
+def comparison_figure(results: pd.DataFrame, *, baseline: str = BASELINE, title: str | None = None) -> Figure:
+    """Save time, cold/warm load time and size on disk per strategy, from one model's results rows.
+
+    The baseline's bar is highlighted and its median drawn across each panel; the disk limit is the time
+    the disk itself needs for the model's bytes at the measured durable-write / cold-read speed.
+    """
+    if results.empty:
+        raise ValueError("no results to draw")
+    if results["preset"].nunique() != 1:
+        raise ValueError(f"results mix presets {sorted(results['preset'].unique())}; draw one model at a time")
+    order = ordered(results["strategy"])
+    missing = missing_phases(results)
+    model_gb = results["model_bytes"].max() / 1e9
+    write_gbps, read_gbps = results["disk_write_gbps"].median(), results["disk_read_gbps"].median()
+    verified = results.groupby("strategy")["verified"].all()
+    labels = [name if verified[name] else f"{name}\n(NOT VERIFIED)" for name in order]
+    colors = [BASELINE_BAR if name == baseline else BAR for name in order]
+    x = np.arange(len(order))
+
+    fig = Figure(figsize=(16, 6.4))
+    fig.subplots_adjust(left=0.05, right=0.99, top=0.82, bottom=0.24, wspace=0.22)
+    fig.suptitle(title or "Checkpoint I/O: the 8-way comparison", fontsize=15, fontweight="bold", y=0.975)
+    fig.text(0.5, 0.905, _subtitle(results, missing), ha="center", va="center", fontsize=10, color="#333333")
+    save_ax, load_ax, size_ax = fig.subplots(1, 3)
+
+    save = _stats(results, "save_s", order)
+    cold = _stats(results, "load_cold_s", order)
+    warm = _stats(results, "load_warm_s", order)
+    size = _stats(results, "bytes", order, scale=1e9)
+    _bars(save_ax, x, save, colors, 0.7)
+    _bars(load_ax, x - 0.2, cold, colors, 0.4, rotation=90)
+    _bars(load_ax, x + 0.2, warm, colors, 0.4, rotation=90, alpha=WARM_ALPHA, hatch="//")
+    _bars(size_ax, x, size, colors, 0.7)
+    _line(save_ax, model_gb / write_gbps, DISK, ":", "disk limit")
+    _line(load_ax, model_gb / read_gbps, DISK, ":", "disk limit (cold read)")
+    _line(size_ax, model_gb, MODEL, ":", "model in memory")
+    if baseline in order:
+        for ax, stats in ((save_ax, save), (load_ax, cold), (size_ax, size)):
+            _line(ax, stats.loc[baseline, "median"], BASELINE_BAR, "--", "baseline")
+
+    panels = (
+        (save_ax, "Save (until durable)", "save time (s)"),
+        (load_ax, "Load: cold (solid) and warm (hatched)", "load time (s)"),
+        (size_ax, "Size on disk", "size on disk (GB)"),
+    )
+    for ax, heading, unit in panels:
+        ax.set_title(heading, fontsize=12)
+        ax.set_ylabel(unit)
+        ax.set_xticks(x, labels, rotation=35, ha="right", rotation_mode="anchor", fontsize=10)
+        ax.margins(y=0.12)
+        ax.set_ylim(bottom=0)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+
+    handles = [Patch(color=BAR, label="strategy (median)")]
+    if baseline in order:
+        handles += [
+            Patch(color=BASELINE_BAR, label=f"baseline: {baseline}"),
+            Line2D([], [], color=BASELINE_BAR, linestyle="--", label="baseline median"),
+        ]
+    handles += [
+        Patch(facecolor="white", edgecolor="#555555", hatch="//", label="warm load"),
+        Line2D(
+            [],
+            [],
+            color=DISK,
+            linestyle=":",
+            label=f"disk limit: {model_gb:.3g} GB at {write_gbps:.2f} GB/s write, {read_gbps:.2f} GB/s cold read",
+        ),
+        Line2D([], [], color=MODEL, linestyle=":", label=f"model in memory ({model_gb:.3g} GB)"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
+    return fig
+
+
+def export(fig: Figure, out_dir: str | Path, stem: str = "8way_performance_comparison") -> list[Path]:
+    """Write the figure as PNG (for reading) and SVG (for editing and print); return both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.png", out / f"{stem}.svg"]
+    fig.savefig(paths[0], dpi=PNG_DPI)
+    fig.savefig(paths[1])
+    return paths

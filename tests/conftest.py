@@ -1,0 +1,77 @@
+"""Shared fixtures: the tiny model, every eight-way strategy saved once, and quick Benchmark sessions."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+try:
+    import ckptbench
+except ModuleNotFoundError:  # plain `pytest` from elsewhere: the package sits next to tests/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import ckptbench
+
+from ckptbench import disk
+from ckptbench.model import ModelCheckpoint
+
+
+@dataclass(frozen=True)
+class Saved:
+    """One strategy's checkpoint of the tiny model, saved once per session; never modify it in a test."""
+
+    name: str
+    path: Path
+    usage: disk.DiskUsage
+    progress_bytes: int
+
+
+@pytest.fixture(scope="session")
+def tiny() -> ModelCheckpoint:
+    """The tiny preset (seed 0). Shared: tests that change tensors must copy them first."""
+    return ckptbench.model.build("tiny")
+
+
+@pytest.fixture(scope="session")
+def saved(tiny: ModelCheckpoint, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Saved]:
+    """Each of the eight strategies' checkpoints of ``tiny``, made durable and measured with ``disk.evict``."""
+    root = tmp_path_factory.mktemp("eight-way")
+    result = {}
+    for name in ckptbench.EIGHT_WAY:
+        strategy = ckptbench.get_strategy(name)
+        progress: list[int] = []
+        with disk.staged(root / name) as partial:
+            strategy.save(tiny.tensors, partial, progress.append)
+        result[name] = Saved(name, root / name, disk.evict(root / name), sum(progress))
+    return result
+
+
+@pytest.fixture
+def fake_limits() -> disk.DiskLimits:
+    """Disk limits given up front, so a Benchmark skips the (slower) disk probe."""
+    return disk.DiskLimits(write_gbps=1.0, read_gbps=2.0, probe_bytes=0)
+
+
+@pytest.fixture
+def make_bench(
+    tiny: ModelCheckpoint, tmp_path: Path, fake_limits: disk.DiskLimits
+) -> Callable[..., ckptbench.Benchmark]:
+    """A quiet, fast Benchmark on the shared tiny model in ``tmp_path/out``; keywords override the defaults."""
+
+    def make(**overrides) -> ckptbench.Benchmark:
+        options = {
+            "preset": "tiny",
+            "out": tmp_path / "out",
+            "checkpoint": tiny,
+            "limits": fake_limits,
+            "progress": False,
+            "warmup": False,
+            "log": lambda message: None,
+        }
+        options.update(overrides)
+        return ckptbench.Benchmark(**options)
+
+    return make

@@ -1,0 +1,290 @@
+"""Staging, interrupted saves (raised and killed), stale partials, free-space checks and accounting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+import torch
+
+import ckptbench
+from ckptbench import EIGHT_WAY, CheckpointError, InsufficientDiskSpaceError, disk, get_strategy
+
+PACKAGE_ROOT = Path(ckptbench.__file__).resolve().parents[1]
+
+
+def _ignore(nbytes: int) -> None:
+    pass
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+class InterruptingTensors(Mapping):
+    """The tensors, until iteration reaches ``after`` of them; then a KeyboardInterrupt (a user's Ctrl-C)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], after: int, on_interrupt=lambda: None) -> None:
+        self._tensors, self._after, self._on_interrupt = tensors, after, on_interrupt
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        for index, name in enumerate(self._tensors):
+            if index == self._after:
+                self._on_interrupt()
+                raise KeyboardInterrupt
+            yield name
+
+
+def _staged(final: Path, save: Callable[[Path], None]) -> None:
+    with disk.staged(final) as partial:
+        save(partial)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not psutil.pid_exists(child.pid), "the pid was reused at once; cannot make a dead writer's partial"
+    return child.pid
+
+
+@pytest.mark.parametrize("name", ["tensorstore", "ts+ocdbt"])
+def test_interrupted_save_leaves_no_checkpoint_and_no_partial(name, tiny, tmp_path):
+    strategy = get_strategy(name)
+    final = tmp_path / "ckpts" / name
+    written: list[str] = []
+    partials: list[Path] = []
+
+    def save(partial: Path) -> None:
+        partials.append(partial)
+        tensors = InterruptingTensors(tiny.tensors, 5, lambda: written.extend(os.listdir(partial)))
+        strategy.save(tensors, partial, _ignore)
+
+    with pytest.raises(KeyboardInterrupt):
+        _staged(final, save)
+    assert partials == [final.with_name(f".{name}.partial-{os.getpid()}")]
+    assert written, "the save was interrupted before it wrote anything"
+    assert not final.exists()
+    assert _leftovers(final.parent) == []
+    with pytest.raises(CheckpointError):
+        strategy.load(final, _ignore)
+
+
+@pytest.mark.parametrize("name", EIGHT_WAY)
+def test_interrupt_from_progress_after_data_was_written(name, tiny, tmp_path):
+    strategy = get_strategy(name)
+    final = tmp_path / name
+    seen: list[str] = []
+
+    def save(partial: Path) -> None:
+        def progress(nbytes: int) -> None:
+            seen.extend(os.listdir(partial))
+            raise KeyboardInterrupt
+
+        strategy.save(tiny.tensors, partial, progress)
+
+    with pytest.raises(KeyboardInterrupt):
+        _staged(final, save)
+    assert seen, "nothing was on disk when the save was interrupted"
+    assert _leftovers(tmp_path) == []
+    with pytest.raises(CheckpointError):
+        strategy.load(final, _ignore)
+
+
+def test_staged_success_renames_into_place(tiny, tmp_path):
+    final = tmp_path / "a" / "b" / "pytorch"
+    with disk.staged(final) as partial:
+        get_strategy("pytorch").save(tiny.tensors, partial, _ignore)
+        assert not final.exists()
+    assert final.is_dir()
+    assert _leftovers(final.parent) == ["pytorch"]
+    assert (final / "model.pt").is_file()
+
+
+def test_staged_replaces_its_own_earlier_partial(tmp_path):
+    final = tmp_path / "ckpt"
+    old = tmp_path / f".ckpt.partial-{os.getpid()}"
+    old.mkdir()
+    (old / "junk").write_text("left over")
+    with disk.staged(final) as partial:
+        assert partial == old
+        assert list(partial.iterdir()) == []
+        (partial / "data").write_text("new")
+    assert _leftovers(tmp_path) == ["ckpt"]
+    assert (final / "data").read_text() == "new"
+
+
+def test_clean_stale_removes_dead_writers_partials_only(tmp_path):
+    dead = tmp_path / f".tensorstore.partial-{_dead_pid()}"
+    live = tmp_path / f".tensorstore.partial-{os.getpid()}"
+    dead_file = tmp_path / f".disk-probe.partial-{_dead_pid()}"
+    not_a_pid = tmp_path / ".t5x.partial-abc"
+    complete = tmp_path / "tensorstore"
+    for directory in (dead, live, not_a_pid, complete):
+        (directory / "sub").mkdir(parents=True)
+        (directory / "sub" / "chunk").write_bytes(b"x" * 10)
+    dead_file.write_bytes(b"y")
+    removed = disk.clean_stale(tmp_path)
+    assert sorted(removed) == sorted([dead, dead_file])
+    assert not dead.exists()
+    assert not dead_file.exists()
+    assert live.is_dir()
+    assert not_a_pid.is_dir()
+    assert complete.is_dir()
+    assert disk.clean_stale(tmp_path) == []
+    assert disk.clean_stale(tmp_path / "absent") == []
+
+
+def test_benchmark_prepare_cleans_stale_partials(make_bench, tmp_path):
+    out = tmp_path / "out"
+    dead = out / f".ts+chunks.partial-{_dead_pid()}"
+    live = out / f".ts+chunks.partial-{os.getpid()}"
+    for directory in (dead, live):
+        directory.mkdir(parents=True)
+        (directory / "manifest.json").write_text("{}")
+    messages: list[str] = []
+    make_bench(log=messages.append).prepare()
+    assert not dead.exists()
+    assert live.is_dir()
+    assert any(str(dead) in message for message in messages)
+
+
+def test_killed_save_leaves_only_a_stale_partial_that_the_next_run_removes(make_bench, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "ckptbench", "run", "--preset", "tiny", "--strategies", "tensorstore"]
+    command += ["--out", str(out), "--no-warmup"]
+    log = tmp_path / "child.log"
+    with log.open("wb") as output:
+        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    partial = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and child.poll() is None:
+            found = list(out.glob(".tensorstore.partial-*")) if out.is_dir() else []
+            if found and any(found[0].iterdir()):  # the save has started writing tensors
+                partial = found[0]
+                child.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.002)
+    finally:
+        if child.poll() is None and partial is None:
+            child.kill()
+        child.wait(timeout=60)
+    if partial is None:
+        pytest.fail(
+            f"no .tensorstore.partial-* with data appeared before the run ended (exit code {child.returncode}); "
+            f"the kill was not exercised. Output:\n{log.read_text(errors='replace')[-3000:]}"
+        )
+    assert child.returncode == -signal.SIGKILL
+    assert partial.name == f".tensorstore.partial-{child.pid}"
+    assert partial.is_dir(), "the partial vanished, so the save was not interrupted by the kill"
+    assert not (out / "tensorstore").exists()
+    with pytest.raises(CheckpointError):
+        get_strategy("tensorstore").load(out / "tensorstore", _ignore)
+    assert not psutil.pid_exists(child.pid)
+    messages: list[str] = []
+    make_bench(out=out, log=messages.append).prepare()
+    assert not partial.exists()
+    assert not list(out.glob(".*.partial-*"))
+    assert any(str(partial) in message for message in messages)
+
+
+def _free(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    usage = SimpleNamespace(total=10 * free + 1, used=9 * free + 1, free=free)
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: usage)
+
+
+def test_ensure_free_boundary(tmp_path, monkeypatch):
+    _free(monkeypatch, 1000)
+    disk.ensure_free(tmp_path, 1000)
+    with pytest.raises(InsufficientDiskSpaceError) as info:
+        disk.ensure_free(tmp_path, 1001)
+    assert (info.value.needed, info.value.free) == (1001, 1000)
+    assert str(tmp_path) in str(info.value)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+@pytest.mark.parametrize("name", ["pytorch", "tensorstore"])
+def test_phase_refuses_before_writing_when_the_disk_is_too_small(name, warmup, make_bench, tiny, tmp_path, monkeypatch):
+    bench = make_bench(warmup=warmup)
+    bench.prepare()
+    before = _leftovers(bench.out)
+    needed = get_strategy(name).estimate_bytes(tiny.tensors)
+    _free(monkeypatch, needed - 1)
+    created: list[Path] = []
+    real_mkdir = Path.mkdir
+
+    def spy_mkdir(self, *args, **kwargs):
+        created.append(self)
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", spy_mkdir)
+    with pytest.raises(InsufficientDiskSpaceError) as info:
+        bench.run_phase(name)
+    assert info.value.free == needed - 1
+    assert info.value.needed > info.value.free
+    assert not any(".partial-" in p.name or p.name == name for p in created)
+    assert _leftovers(bench.out) == before
+    assert bench.results.empty
+    assert bench.store.read().empty
+
+
+def test_phase_runs_when_the_estimate_just_fits(make_bench, tiny, monkeypatch):
+    bench = make_bench()
+    bench.prepare()
+    _free(monkeypatch, get_strategy("pytorch").estimate_bytes(tiny.tensors))
+    bench.run_phase("pytorch")
+    assert len(bench.results) == 1
+
+
+def test_probe_refuses_when_the_disk_is_too_small(make_bench, monkeypatch):
+    bench = make_bench(limits=None)
+    _free(monkeypatch, 1 << 20)
+    with pytest.raises(InsufficientDiskSpaceError):
+        bench.prepare()
+    assert _leftovers(bench.out) == []
+
+
+def test_evict_accounts_for_files_and_sizes(tmp_path):
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    (tmp_path / "d" / "a").write_bytes(b"a" * 5000)
+    (tmp_path / "d" / "e" / "b").write_bytes(b"b" * 10)
+    (tmp_path / "d" / "e" / "c").write_bytes(b"")
+    usage = disk.evict(tmp_path / "d")
+    assert (usage.bytes, usage.files) == (5010, 3)
+    assert usage.bytes_allocated >= 5010
+    single = disk.evict(tmp_path / "d" / "a")
+    assert (single.bytes, single.files) == (5000, 1)
+
+
+def test_remove_trees_files_and_absent_paths(tmp_path):
+    (tmp_path / "t" / "x" / "y").mkdir(parents=True)
+    (tmp_path / "t" / "x" / "y" / "f").write_text("1")
+    (tmp_path / "t" / "g").write_text("2")
+    (tmp_path / "file").write_text("3")
+    disk.remove(tmp_path / "t")
+    disk.remove(tmp_path / "file")
+    disk.remove(tmp_path / "absent")
+    assert _leftovers(tmp_path) == []
+
+
+def test_probe_measures_and_cleans_up(tmp_path):
+    limits = disk.probe(tmp_path, 4 << 20, repeats=1, block=1 << 20)
+    assert limits.write_gbps > 0
+    assert limits.read_gbps > 0
+    assert limits.probe_bytes == 4 << 20
+    assert _leftovers(tmp_path) == []

@@ -1,0 +1,49 @@
+"""measure(): wall time of the block and the resident memory it added at its peak."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from ckptbench.measure import measure
+
+MB = 1 << 20
+
+
+def test_times_a_sleep():
+    with measure() as timing:
+        time.sleep(0.2)
+    assert 0.2 <= timing.seconds < 5
+
+
+def test_peak_rss_grows_when_allocating_and_touching_200_mb():
+    with measure() as timing:
+        block = np.ones(200 * MB, dtype=np.uint8)  # ones, not zeros: every page is written
+        time.sleep(0.05)
+        assert int(block[::4096].sum()) == math.ceil(200 * MB / 4096)
+        del block
+    assert timing.peak_rss >= 150 * MB
+
+
+def test_peak_rss_is_small_without_allocation():
+    with measure() as timing:
+        time.sleep(0.05)
+    assert 0 <= timing.peak_rss < 50 * MB
+
+
+def test_peak_is_relative_to_the_start_of_the_block():
+    held = np.ones(200 * MB, dtype=np.uint8)
+    with measure() as timing:
+        time.sleep(0.05)
+    assert timing.peak_rss < 50 * MB
+    del held
+
+
+def test_a_failing_block_fills_in_nothing():
+    with pytest.raises(RuntimeError, match="boom"), measure() as timing:
+        raise RuntimeError("boom")
+    assert math.isnan(timing.seconds)
+    assert timing.peak_rss == 0

@@ -1,0 +1,133 @@
+"""main.ipynb: runs headless end to end, re-runs one phase cell alone, and is committed clean."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import papermill
+import pytest
+from nbclient import NotebookClient
+from PIL import Image
+
+import ckptbench
+from ckptbench import EIGHT_WAY
+
+PACKAGE_ROOT = Path(ckptbench.__file__).resolve().parents[1]
+NOTEBOOK = PACKAGE_ROOT / "main.ipynb"
+FIGURE = "8way_performance_comparison"
+TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def kernel_env() -> Iterator[None]:
+    """The kernel imports this checkout's ckptbench even where it is not installed."""
+    path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", path)
+        yield
+
+
+@pytest.fixture(scope="module")
+def executed(kernel_env, tmp_path_factory: pytest.TempPathFactory) -> tuple[nbformat.NotebookNode, Path]:
+    """The whole notebook on the tiny preset, as papermill runs it."""
+    work = tmp_path_factory.mktemp("notebook")
+    out = work / "out"
+    papermill.execute_notebook(
+        str(NOTEBOOK),
+        str(work / "executed.ipynb"),
+        parameters={"PRESET": "tiny", "OUT": str(out), "PROGRESS": False},
+        kernel_name="python3",
+        cwd=str(work),
+        progress_bar=False,
+        execution_timeout=TIMEOUT,
+    )
+    return nbformat.read(work / "executed.ipynb", as_version=4), out
+
+
+def _tagged(nb: nbformat.NotebookNode, tag: str) -> list[nbformat.NotebookNode]:
+    return [cell for cell in nb.cells if tag in cell.metadata.get("tags", [])]
+
+
+def _phase_cell(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookNode:
+    (cell,) = (cell for cell in _tagged(nb, "phase") if f'"{name}"' in cell.source)
+    return cell
+
+
+def _png_and_svg_are_valid(directory: Path) -> None:
+    png, svg = directory / f"{FIGURE}.png", directory / f"{FIGURE}.svg"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as image:
+        assert image.width >= 2000
+    assert svg.read_text().lstrip().startswith("<?xml")
+    assert "<svg" in svg.read_text()
+
+
+def test_the_whole_notebook_runs_headless(executed):
+    nb, out = executed
+    errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
+    assert errors == []
+    assert [_phase_cell(nb, name).source for name in EIGHT_WAY] == [f'run_phase("{name}")' for name in EIGHT_WAY]
+
+    results = pd.read_csv(out / "results.csv")
+    assert results["strategy"].tolist() == list(EIGHT_WAY)
+    assert results["verified"].all()
+    assert (results["tensors"] == 238).all()
+    assert results["run_id"].nunique() == 1
+    _png_and_svg_are_valid(out)
+    summary = pd.read_csv(out / "summary.csv", index_col="strategy")
+    assert summary.index.tolist() == list(EIGHT_WAY)
+
+
+def test_the_comparison_and_verdict_cells_show_their_tables_and_the_figure(executed):
+    nb, _ = executed
+    (comparison,) = _tagged(nb, "comparison")
+    assert "all 8 approaches measured" in "".join(o.get("text", "") for o in comparison.outputs)
+    assert any("image/png" in o.get("data", {}) for o in comparison.outputs)
+    assert any("ts+ocdbt" in o.get("data", {}).get("text/html", "") for o in comparison.outputs)
+    (verdict,) = _tagged(nb, "verdict")
+    html = "".join(o.get("data", {}).get("text/html", "") for o in verdict.outputs)
+    assert "every approach verified" in html
+    assert "HELD" in html
+
+
+def test_one_phase_cell_runs_alone_and_replaces_its_rows(kernel_env, tmp_path):
+    """Parameters, setup, then the t5x cell twice: the session keeps one set of rows, the CSV both."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    out = tmp_path / "out"
+    (parameters,) = _tagged(nb, "parameters")
+    parameters.source += f'\nPRESET = "tiny"\nSTRATEGIES = "t5x"\nOUT = {str(out)!r}\nPROGRESS = False'
+    (setup,) = _tagged(nb, "setup")
+    t5x, pytorch = _phase_cell(nb, "t5x"), _phase_cell(nb, "pytorch")
+    probe = nbformat.v4.new_code_cell("print(len(bench.results), sorted(set(bench.results['strategy'])))")
+    cells = [parameters, setup, t5x, t5x, pytorch, probe]
+
+    client = NotebookClient(nb, kernel_name="python3", timeout=TIMEOUT, resources={"metadata": {"path": str(tmp_path)}})
+    printed = []
+    with client.setup_kernel():
+        for index, cell in enumerate(cells):
+            cell.outputs = []
+            client.execute_cell(cell, index)
+            printed.append("".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream"))
+
+    assert "skipped pytorch: not in STRATEGIES = 't5x'" in printed[4]
+    assert printed[5].strip() == "1 ['t5x']"
+    results = pd.read_csv(out / "results.csv")
+    assert results["strategy"].tolist() == ["t5x", "t5x"]
+    assert results["run_id"].nunique() == 1
+    assert results["verified"].all()
+
+
+def test_the_committed_notebook_is_clean_and_parameterised():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert all(cell.outputs == [] and cell.execution_count is None for cell in code)
+    assert code[0].metadata.get("tags") == ["parameters"]
+    names = {line.split("=")[0].strip() for line in code[0].source.splitlines()}
+    assert names == {"PRESET", "STRATEGIES", "REPEATS", "OUT", "KEEP_CHECKPOINTS", "PROGRESS"}
+    assert len(_tagged(nb, "phase")) == len(EIGHT_WAY)
+    assert nb.metadata.kernelspec.name == "python3"

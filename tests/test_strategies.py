@@ -1,0 +1,258 @@
+"""The eight strategies: exact round trips, on-disk layout and sizes, the chunk rules, the space estimate."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import ckptbench
+from ckptbench import BASELINE, EIGHT_WAY, STRATEGIES, TensorStore, TensorStoreOptions, TorchSave, UnknownChoiceError
+from ckptbench.model import ROTARY_BUFFER
+from ckptbench.strategies import MiB, divisor_chunks, get_strategy, parse_strategies
+from ckptbench.verify import verify
+
+
+def _ignore(nbytes: int) -> None:
+    pass
+
+
+def test_the_eight_way_set_is_registered_in_the_study_order():
+    assert len(EIGHT_WAY) == 8
+    assert len(set(EIGHT_WAY)) == 8
+    assert set(EIGHT_WAY) <= set(STRATEGIES)
+    assert EIGHT_WAY[0] == "pytorch"
+    assert BASELINE in EIGHT_WAY
+    for name in EIGHT_WAY:
+        assert get_strategy(name).name == name
+    assert isinstance(get_strategy("pytorch"), TorchSave)
+    assert all(isinstance(get_strategy(name), TensorStore) for name in EIGHT_WAY if name != "pytorch")
+
+
+def test_each_ablation_differs_from_the_baseline_in_the_field_it_names():
+    baseline = get_strategy(BASELINE).options
+    assert baseline == TensorStoreOptions()
+    changed = {
+        name: {k for k, v in vars(get_strategy(name).options).items() if v != getattr(baseline, k)}
+        for name in EIGHT_WAY
+        if name.startswith("ts+")
+    }
+    assert changed == {
+        "ts+concurrency": {"concurrency"},
+        "ts+chunks": {"chunk_bytes"},
+        "ts+compression": {"compression"},
+        "ts+float16": {"dtype"},
+        "ts+ocdbt": {"driver"},
+    }
+
+
+@pytest.mark.parametrize("name", EIGHT_WAY)
+def test_round_trip_is_bit_exact(name, tiny, saved):
+    strategy = get_strategy(name)
+    assert saved[name].progress_bytes == tiny.nbytes
+    read: list[int] = []
+    loaded = strategy.load(saved[name].path, read.append)
+    assert sum(read) == tiny.nbytes
+    verify(loaded, tiny.tensors, name)
+    assert len(loaded) == 238
+    assert list(loaded) == list(tiny.tensors)
+    for tensor_name, want in tiny.tensors.items():
+        got = loaded[tensor_name]
+        assert got.dtype == want.dtype, tensor_name
+        assert got.shape == want.shape, tensor_name
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), tensor_name
+    assert loaded[ROTARY_BUFFER].dtype == torch.float32
+
+
+def _zarray(saved, name: str, tensor: str) -> dict:
+    return json.loads((saved[name].path / tensor / ".zarray").read_text())
+
+
+def test_on_disk_dtypes_float32_baseline_and_float16_keeps_inv_freq_float32(tiny, saved):
+    for tensor in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", ROTARY_BUFFER):
+        assert _zarray(saved, BASELINE, tensor)["dtype"] == "<f4"
+    assert _zarray(saved, "ts+float16", "model.embed_tokens.weight")["dtype"] == "<f2"
+    assert _zarray(saved, "ts+float16", ROTARY_BUFFER)["dtype"] == "<f4"
+    assert _zarray(saved, "ts+compression", "lm_head.weight")["compressor"]["id"] == "gzip"
+    assert _zarray(saved, BASELINE, "lm_head.weight")["compressor"] is None
+
+
+@pytest.mark.parametrize("name", [n for n in EIGHT_WAY if n not in ("pytorch", "ts+ocdbt")])
+def test_on_disk_chunks_follow_the_strategys_rule(name, tiny, saved):
+    options = get_strategy(name).options
+    for tensor_name, tensor in tiny.tensors.items():
+        meta = _zarray(saved, name, tensor_name)
+        itemsize = options.disk_dtype(tensor.dtype).itemsize
+        if options.chunk_bytes is None:
+            assert meta["chunks"] == [min(64, d) for d in tensor.shape], tensor_name
+        else:
+            assert meta["chunks"] == divisor_chunks(tuple(tensor.shape), options.chunk_bytes // itemsize), tensor_name
+
+
+def _expected_files(name: str, tiny) -> int:
+    """zarr v2 on plain files: one file per chunk, one .zarray per tensor, plus the manifest."""
+    options = get_strategy(name).options
+    chunks = 0
+    for tensor in tiny.tensors.values():
+        shape = tuple(tensor.shape)
+        chunk = options.chunk_shape(shape, options.disk_dtype(tensor.dtype).itemsize)
+        chunks += math.prod(math.ceil(d / c) for d, c in zip(shape, chunk, strict=True))
+    return chunks + len(tiny.tensors) + 1
+
+
+@pytest.mark.parametrize("name", [n for n in EIGHT_WAY if n not in ("pytorch", "ts+ocdbt")])
+def test_file_count_is_one_per_chunk(name, tiny, saved):
+    assert saved[name].usage.files == _expected_files(name, tiny)
+
+
+def test_pytorch_is_one_file_about_the_model_size(tiny, saved):
+    usage = saved["pytorch"].usage
+    assert usage.files == 1
+    assert tiny.nbytes <= usage.bytes < tiny.nbytes * 1.05
+
+
+def test_float16_is_about_half_of_the_baseline(saved):
+    ratio = saved["ts+float16"].usage.bytes / saved[BASELINE].usage.bytes
+    assert 0.4 < ratio < 0.6
+
+
+def test_gzip_is_smaller_than_the_baseline(saved):
+    assert saved["ts+compression"].usage.bytes < saved[BASELINE].usage.bytes
+    assert saved["ts+compression"].usage.bytes_allocated < saved[BASELINE].usage.bytes_allocated
+    assert saved["ts+compression"].usage.files == saved[BASELINE].usage.files
+
+
+def test_ocdbt_packs_chunks_into_far_fewer_files(saved):
+    assert saved["ts+ocdbt"].usage.files < saved[BASELINE].usage.files / 2
+
+
+def test_t5x_writes_fewer_files_than_the_baseline(saved):
+    assert saved["t5x"].usage.files < saved[BASELINE].usage.files
+    assert saved["t5x"].usage.bytes < saved[BASELINE].usage.bytes  # gzip
+
+
+def test_concurrency_changes_no_bytes_on_disk(saved):
+    assert saved["ts+concurrency"].usage.files == saved[BASELINE].usage.files
+    # manifest.json records the options, so only its few bytes may differ
+    assert abs(saved["ts+concurrency"].usage.bytes - saved[BASELINE].usage.bytes) < 100
+
+
+@pytest.mark.parametrize("name", EIGHT_WAY)
+def test_estimate_bytes_is_an_upper_bound(name, tiny, saved):
+    estimate = get_strategy(name).estimate_bytes(tiny.tensors)
+    usage = saved[name].usage
+    assert usage.bytes_allocated <= estimate
+    assert usage.bytes <= estimate
+
+
+SHAPES = [
+    (1,),
+    (7,),
+    (97,),
+    (136,),
+    (2000, 136),
+    (136, 136),
+    (360, 136),
+    (136, 360),
+    (97, 89),
+    (3200, 8640),
+    (32000, 3200),
+    (2, 3, 5, 7),
+    (64, 1, 128),
+    (),
+]
+TARGETS = [1, 2, 64, 1000, 4096, 1 << 18, (64 * MiB) // 4, 1 << 40]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_divisor_chunks_divide_the_shape_and_fit_the_target(shape):
+    for target in TARGETS:
+        chunks = divisor_chunks(shape, target)
+        assert len(chunks) == len(shape)
+        assert all(1 <= c <= d and d % c == 0 for c, d in zip(chunks, shape, strict=True)), (shape, target, chunks)
+        assert math.prod(chunks) <= target, (shape, target, chunks)
+        if math.prod(shape) <= target:
+            assert chunks == list(shape), (shape, target, chunks)
+
+
+def test_divisor_chunks_grow_with_the_target():
+    shape = (3200, 8640)
+    sizes = [math.prod(divisor_chunks(shape, target)) for target in TARGETS]
+    assert sizes == sorted(sizes)
+    assert divisor_chunks((97,), 10) == [1]  # a prime larger than the target can only be split into ones
+    assert divisor_chunks((97,), 97) == [97]
+
+
+def test_baseline_chunks_are_64_per_dimension():
+    options = TensorStoreOptions()
+    for shape in SHAPES:
+        for itemsize in (2, 4):
+            assert options.chunk_shape(shape, itemsize) == [min(64, d) for d in shape]
+
+
+def test_chunk_bytes_option_uses_the_divisor_rule_per_itemsize():
+    options = TensorStoreOptions(chunk_bytes=1 * MiB)
+    for shape in SHAPES:
+        for itemsize in (2, 4):
+            assert options.chunk_shape(shape, itemsize) == divisor_chunks(shape, MiB // itemsize)
+
+
+def test_float16_option_narrows_only_what_it_holds_exactly():
+    options = TensorStoreOptions(dtype="float16")
+    assert options.disk_dtype(torch.float16) == torch.float16
+    assert options.disk_dtype(torch.float32) == torch.float32
+    assert options.disk_dtype(torch.bfloat16) == torch.bfloat16
+    baseline = TensorStoreOptions()
+    assert baseline.disk_dtype(torch.float16) == torch.float32
+    assert baseline.disk_dtype(torch.bfloat16) == torch.float32
+    assert baseline.disk_dtype(torch.float64) == torch.float64
+
+
+@pytest.mark.parametrize("name", ["tensorstore", "ts+float16", "ts+ocdbt", "pytorch"])
+def test_bfloat16_and_float32_tensors_round_trip(name, tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    tensors = {
+        "a": torch.randn(70, 65, generator=generator).to(torch.bfloat16),
+        "b": torch.randn(130, generator=generator),
+        "c": torch.tensor([-0.0, 0.0, float("inf"), float("nan")], dtype=torch.float16),
+    }
+    strategy = get_strategy(name)
+    (tmp_path / "ckpt").mkdir()
+    strategy.save(tensors, tmp_path / "ckpt", _ignore)
+    verify(strategy.load(tmp_path / "ckpt", _ignore), tensors, name)
+
+
+def test_get_strategy_unknown_names_the_valid_choices():
+    with pytest.raises(UnknownChoiceError) as info:
+        get_strategy("ts+magic")
+    assert info.value.kind == "strategy"
+    assert info.value.name == "ts+magic"
+    assert info.value.valid == list(STRATEGIES)
+    for name in STRATEGIES:
+        assert name in str(info.value)
+
+
+def test_parse_strategies():
+    assert parse_strategies("all") == list(EIGHT_WAY)
+    assert parse_strategies(" all ") == list(EIGHT_WAY)
+    assert parse_strategies("pytorch, ts+chunks") == ["pytorch", "ts+chunks"]
+    assert parse_strategies("ts+ocdbt,") == ["ts+ocdbt"]
+
+
+@pytest.mark.parametrize("spec", ["pytorch,ts+magic", "nope", "", " , ", "all,pytorch"])
+def test_parse_strategies_rejects_unknown_or_empty(spec):
+    with pytest.raises(UnknownChoiceError) as info:
+        parse_strategies(spec)
+    assert info.value.valid == list(STRATEGIES)
+    assert "valid choices: " + ", ".join(STRATEGIES) in str(info.value)
+
+
+def test_knobs_describe_every_strategy():
+    for name, strategy in ckptbench.STRATEGIES.items():
+        knobs = strategy.knobs()
+        assert knobs, name
+        assert all(isinstance(v, str) for v in knobs.values()), name
+    assert get_strategy("ts+ocdbt").knobs()["kvstore"] == "ocdbt"
+    assert get_strategy("t5x").knobs()["compression"] == "gzip"

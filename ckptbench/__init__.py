@@ -1,5 +1,6 @@
 """ckptbench: how fast, how large and how exact LLM checkpoints are, eight ways and more."""
 
+from . import disk, model, plot, report, strategies, sweep, targets, verdict
 from .benchmark import Benchmark
 from .errors import (
     CheckpointError,
@@ -16,6 +17,8 @@ from .strategies import (
     BASELINE,
     EIGHT_WAY,
     STRATEGIES,
+    DistributedCheckpoint,
+    SafeTensors,
     Strategy,
     TensorStore,
     TensorStoreOptions,
@@ -32,10 +35,12 @@ __all__ = [
     "CheckpointError",
     "CkptbenchError",
     "CompositionError",
+    "DistributedCheckpoint",
     "InsufficientDiskSpaceError",
     "ModelCheckpoint",
     "ModelSourceError",
     "ResultsStore",
+    "SafeTensors",
     "Strategy",
     "TensorStore",
     "TensorStoreOptions",
@@ -43,7 +48,15 @@ __all__ = [
     "UnknownChoiceError",
     "VerificationError",
     "build",
+    "disk",
     "get_strategy",
     "load_local",
+    "model",
+    "plot",
+    "report",
+    "strategies",
     "summarize",
+    "sweep",
+    "targets",
+    "verdict",
 ]

@@ -58,21 +58,25 @@ class Benchmark:
     run_id: str = field(default_factory=lambda: f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}")
     checkpoint: model_lib.ModelCheckpoint | None = field(default=None, repr=False)
     limits: disk.DiskLimits | None = None
+    results_file: str = "results.csv"
+    prepare_s: float = 0.0
+    """Untimed set-up so far: building or loading the model, cleaning leftovers, probing the disk."""
     log: Callable[[str], None] = field(default=tqdm.write, repr=False)
     _rows: dict[str, list[Row]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        if self.model_path is None:
+        if self.model_path is None and self.checkpoint is None:
             model_lib.get_preset(self.preset)
-        else:
+        elif self.model_path is not None:
             self.preset = f"local:{Path(self.model_path).name}"
         if self.repeats < 1:
             raise ValueError(f"repeats must be at least 1, got {self.repeats}")
-        self.store = ResultsStore(self.out)
+        self.store = ResultsStore(self.out, self.results_file)
 
     def prepare(self) -> model_lib.ModelCheckpoint:
         """Build (or load) the model, clean stale partial saves, measure the disk, record the environment."""
+        started = time.perf_counter()
         if self.checkpoint is None:
             if self.model_path is None:
                 self.checkpoint = model_lib.build(self.preset, self.seed)
@@ -84,6 +88,7 @@ class Benchmark:
         if self.limits is None:
             size = min(max(self.checkpoint.nbytes, _PROBE_MIN), _PROBE_MAX)
             self.limits = disk.probe(self.out, size)
+        self.prepare_s += time.perf_counter() - started
         if not self.store.environment_path(self.run_id).exists():
             self.store.write_environment(self.run_id, self.environment())
         return self.checkpoint
@@ -99,6 +104,7 @@ class Benchmark:
             "model_bytes": None if checkpoint is None else checkpoint.nbytes,
             "repeats": self.repeats,
             "disk_limits": None if self.limits is None else asdict(self.limits),
+            "prepare_s": self.prepare_s,
             **environment.collect(self.out),
         }
 
@@ -132,7 +138,7 @@ class Benchmark:
         finally:
             disk.remove(final)
 
-    def _repeat(self, strategy: Strategy, repeat: int) -> Row:
+    def _repeat(self, strategy: Strategy, repeat: int, started: float) -> Row:
         checkpoint = self.checkpoint
         tensors = checkpoint.tensors
         final = self.out / strategy.name
@@ -165,12 +171,18 @@ class Benchmark:
             verified=cold_ok and warm_ok,
             disk_write_gbps=self.limits.write_gbps,
             disk_read_gbps=self.limits.read_gbps,
+            overhead_s=time.perf_counter() - started - saved.seconds - cold.seconds - warm.seconds,
         )
 
-    def run_phase(self, name: str) -> pd.DataFrame:
-        """Measure one strategy ``repeats`` times; raise after recording if any load did not verify."""
-        strategy = get_strategy(name)
+    def run_phase(self, strategy: str | Strategy) -> pd.DataFrame:
+        """Measure one strategy ``repeats`` times; raise after recording if any load did not verify.
+
+        ``strategy`` is a registry name or any ``Strategy`` (a sweep's ad-hoc configurations).
+        """
+        strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+        name = strategy.name
         checkpoint = self.prepare()
+        started = time.perf_counter()
         if (self.out / name).exists():
             self.log(f"replacing the checkpoint kept by an earlier run: {self.out / name}")
             disk.remove(self.out / name)
@@ -178,7 +190,8 @@ class Benchmark:
             self._warm_up(strategy, checkpoint.tensors)
         rows = []
         for repeat in range(self.repeats):
-            row = self._repeat(strategy, repeat)
+            row = self._repeat(strategy, repeat, started)
+            started = time.perf_counter()
             rows.append(row)
             self.store.append([row])
             self.log(
@@ -200,6 +213,7 @@ class Benchmark:
     def results(self) -> pd.DataFrame:
         """This session's rows, one phase's latest measurements per strategy, in registry order."""
         ordered = [name for name in STRATEGIES if name in self._rows]
+        ordered += [name for name in self._rows if name not in STRATEGIES]
         return frame(row for name in ordered for row in self._rows[name])
 
     def summary(self) -> pd.DataFrame:

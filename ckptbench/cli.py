@@ -4,35 +4,52 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
-from . import model, report
+from . import model, plot, report, sweep, targets
 from .benchmark import Benchmark
 from .errors import CkptbenchError, UnknownChoiceError, VerificationError
-from .strategies import EIGHT_WAY, STRATEGIES, parse_strategies
+from .strategies import EIGHT_WAY, STRATEGIES, Strategy, parse_strategies
+from .sweep import KNOBS
 
 DEFAULT_OUT = Path("saved_models")
+BENCH_STRATEGIES = ("pytorch", "safetensors", "ts+best")
+BENCH_FILE = "bench.csv"
+
+
+def _session_options() -> argparse.ArgumentParser:
+    """Options shared by every command that measures: the model, the repeats, the output folder."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--preset", default=model.DEFAULT_PRESET, choices=list(model.PRESETS))
+    options.add_argument("--model-path", type=Path, help="local Hugging Face Llama directory (config + safetensors)")
+    options.add_argument("--repeats", type=int, default=1)
+    options.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results, figures and summaries go here")
+    options.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up")
+    options.add_argument("--seed", type=int, default=0)
+    return options
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ckptbench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="save and load the model with each strategy, timed and verified")
-    run.add_argument("--preset", default=model.DEFAULT_PRESET, choices=list(model.PRESETS))
-    run.add_argument("--model-path", type=Path, help="local Hugging Face Llama directory (config + safetensors)")
+    session = _session_options()
+    run = commands.add_parser("run", parents=[session], help="save and load the model each way, timed and verified")
     run.add_argument(
         "--strategies",
         default="all",
-        help=f"'all' (the eight) or a comma list of: {', '.join(STRATEGIES)}",
+        help=f"'all' (the eight), 'every' (all {len(STRATEGIES)}) or a comma list of: {', '.join(STRATEGIES)}",
     )
-    run.add_argument("--repeats", type=int, default=1)
-    run.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results, figure and summary go here")
     run.add_argument("--keep-checkpoints", action="store_true", help="keep each strategy's last checkpoint on disk")
-    run.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up per strategy")
-    run.add_argument("--seed", type=int, default=0)
+    sweep_cmd = commands.add_parser("sweep", parents=[session], help="the TensorStore writer over a grid of knobs")
+    sweep_cmd.add_argument(
+        "--knob", action="append", required=True, metavar="NAME=V1,V2", help=f"repeatable; NAME: {', '.join(KNOBS)}"
+    )
+    bench_cmd = commands.add_parser("bench", parents=[session], help="ts+best against its peers and the disk")
+    bench_cmd.add_argument("--strategies", default=",".join(BENCH_STRATEGIES), help="comma list of strategies")
     plot = commands.add_parser("plot", help="draw one run's comparison figure and summary from a results CSV")
     plot.add_argument("--results", type=Path, default=DEFAULT_OUT / "results.csv")
     plot.add_argument("--out", type=Path, help="where the figure and summary.csv go (default: the CSV's folder)")
@@ -47,11 +64,7 @@ def _list() -> None:
     print(table.to_string())
 
 
-def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    try:
-        names = parse_strategies(args.strategies)
-    except UnknownChoiceError as err:
-        parser.error(str(err))
+def _session(args: argparse.Namespace, parser: argparse.ArgumentParser, **extra) -> Benchmark:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     bench = Benchmark(
@@ -59,9 +72,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         model_path=args.model_path,
         out=args.out,
         repeats=args.repeats,
-        keep_checkpoints=args.keep_checkpoints,
         warmup=args.warmup,
         seed=args.seed,
+        **extra,
     )
     checkpoint = bench.prepare()
     print(
@@ -69,23 +82,77 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         f"{checkpoint.nbytes / 1e9:.2f} GB; disk: {bench.limits.write_gbps:.2f} GB/s durable write, "
         f"{bench.limits.read_gbps:.2f} GB/s cold read"
     )
+    return bench
+
+
+def _measure(bench: Benchmark, strategies: Sequence[str | Strategy]) -> list[str]:
+    """Run every phase, reporting (not stopping at) one that fails verification; return those."""
     failed = []
-    for name in names:
+    for strategy in strategies:
         try:
-            bench.run_phase(name)
+            bench.run_phase(strategy)
         except VerificationError as err:
-            failed.append(name)
+            failed.append(strategy if isinstance(strategy, str) else strategy.name)
             print(f"error: {err}", file=sys.stderr)
-    summary = bench.summary()
+    return failed
+
+
+def _print_summary(summary: pd.DataFrame) -> None:
     shown = summary[list(report.SUMMARY_COLUMNS)].rename(columns=report.SUMMARY_COLUMNS)
     print(shown.to_string(float_format="{:.3f}".format))
+
+
+def _finish(bench: Benchmark, failed: list[str]) -> int:
     print(f"results: {bench.store.csv}\nenvironment: {bench.store.environment_path(bench.run_id)}")
-    if not bench.results.empty:
-        _print_paths(report.export_report(bench.results, args.out))
     if failed:
         print(f"error: not verified: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _strategies(spec: str, parser: argparse.ArgumentParser) -> list[str]:
+    try:
+        return parse_strategies(spec)
+    except UnknownChoiceError as err:
+        parser.error(str(err))
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    names = _strategies(args.strategies, parser)
+    bench = _session(args, parser, keep_checkpoints=args.keep_checkpoints)
+    failed = _measure(bench, names)
+    _print_summary(bench.summary())
+    if not bench.results.empty:
+        _print_paths(report.export_report(bench.results, args.out))
+    return _finish(bench, failed)
+
+
+def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        knobs = dict(sweep.parse_knob(spec) for spec in args.knob)
+    except CkptbenchError as err:
+        parser.error(str(err))
+    print(f"{len(sweep.grid(knobs))} configurations of {', '.join(knobs)}")
+    bench = _session(args, parser, results_file=sweep.RESULTS_FILE)
+    summary, failed = sweep.run(bench, knobs)
+    _print_summary(summary)
+    best = sweep.best(summary)
+    print(f"best (lowest median save + cold load): {best}")
+    _print_paths(plot.export(sweep.figure(bench, knobs), args.out, stem=sweep.FIGURE_STEM))
+    summary.to_csv(args.out / sweep.SUMMARY_FILE, index_label="strategy")
+    _print_paths([args.out / sweep.SUMMARY_FILE])
+    return _finish(bench, failed)
+
+
+def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    names = _strategies(args.strategies, parser)
+    started = time.perf_counter()
+    bench = _session(args, parser, results_file=BENCH_FILE)
+    failed = _measure(bench, names)
+    wall = time.perf_counter() - started
+    _print_summary(bench.summary())
+    print(targets.ratios(bench.results, wall).to_string(index=False))
+    return _finish(bench, failed)
 
 
 def _print_paths(paths: list[Path]) -> None:
@@ -107,7 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _list()
         return 0
     try:
-        return _plot(args) if args.command == "plot" else _run(args, parser)
+        commands = {
+            "plot": lambda: _plot(args),
+            "run": lambda: _run(args, parser),
+            "sweep": lambda: _sweep(args, parser),
+            "bench": lambda: _bench(args, parser),
+        }
+        return commands[args.command]()
     except CkptbenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

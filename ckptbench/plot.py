@@ -121,7 +121,7 @@ def comparison_figure(results: pd.DataFrame, *, baseline: str = BASELINE, title:
     colors = [BASELINE_BAR if name == baseline else BAR for name in order]
     x = np.arange(len(order))
 
-    fig = Figure(figsize=(16, 6.4))
+    fig = Figure(figsize=(max(16.0, 2.0 * len(order)), 6.4))
     fig.subplots_adjust(left=0.05, right=0.99, top=0.82, bottom=0.24, wspace=0.22)
     fig.suptitle(title or "Checkpoint I/O: the 8-way comparison", fontsize=15, fontweight="bold", y=0.975)
     fig.text(0.5, 0.905, _subtitle(results, missing), ha="center", va="center", fontsize=10, color="#333333")
@@ -185,3 +185,41 @@ def export(fig: Figure, out_dir: str | Path, stem: str = "8way_performance_compa
     fig.savefig(paths[0], dpi=PNG_DPI)
     fig.savefig(paths[1])
     return paths
+
+
+def sweep_figure(rows: pd.DataFrame, knobs: list[str]) -> Figure:
+    """Each knob's effect: median save and cold-load time over every configuration with that value.
+
+    ``rows`` are sweep results with one column per knob (``sweep.knob_columns``); whiskers span the
+    medians of the configurations sharing the value, so a flat line means the knob does not matter here.
+    """
+    if rows.empty:
+        raise ValueError("no sweep results to draw")
+    per_config = rows.groupby([*knobs, "strategy"], sort=False)[["save_s", "load_cold_s"]].median().reset_index()
+    fig = Figure(figsize=(max(6.0, 4.5 * len(knobs)), 4.8))
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.8, bottom=0.16, wspace=0.3)
+    fig.suptitle("TensorStore knob sweep: the effect of each knob", fontsize=14, fontweight="bold")
+    fig.text(
+        0.5,
+        0.885,
+        f"preset {rows['preset'].iloc[0]} · {per_config['strategy'].nunique()} configurations · "
+        "line at the median over configurations with that value, band min-max",
+        ha="center",
+        fontsize=9,
+        color="#333333",
+    )
+    axes = np.atleast_1d(fig.subplots(1, len(knobs)))
+    for ax, knob in zip(axes, knobs, strict=True):
+        values = list(dict.fromkeys(per_config[knob]))
+        x = np.arange(len(values))
+        for column, color, label in (("save_s", BAR, "save"), ("load_cold_s", DISK, "cold load")):
+            stats = per_config.groupby(knob, sort=False)[column].agg(["median", "min", "max"]).reindex(values)
+            ax.plot(x, stats["median"], marker="o", color=color, label=label)
+            ax.fill_between(x, stats["min"], stats["max"], color=color, alpha=0.15)
+        ax.set_xticks(x, values)
+        ax.set_xlabel(knob)
+        ax.set_ylabel("time (s)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=9)
+    return fig

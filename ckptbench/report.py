@@ -31,6 +31,7 @@ SUMMARY_COLUMNS = {
 }
 """The summary columns shown to people (medians), with their display names."""
 SUMMARY_CSV = "summary.csv"
+EXTENDED_STEM = "extended_comparison"
 
 
 def describe(bench: Benchmark) -> pd.DataFrame:
@@ -68,14 +69,20 @@ class Phases:
     selected: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.selected = parse_strategies(self.strategies)
+        self.selected = parse_strategies(self.strategies) if self.strategies.strip() else []
 
     def __call__(self, name: str) -> pd.DataFrame | None:
         get_strategy(name)
         if name not in self.selected:
-            print(f"skipped {name}: not in STRATEGIES = {self.strategies!r}")
+            print(f"skipped {name}: not in {self.strategies!r}")
             return None
         return self.bench.run_phase(name)
+
+    def run_all(self) -> pd.DataFrame:
+        """Every selected phase in turn; the rows of this session so far."""
+        for name in self.selected:
+            self.bench.run_phase(name)
+        return self.bench.results
 
 
 def missing_note(results: pd.DataFrame) -> str:
@@ -136,8 +143,12 @@ def select_run(results: pd.DataFrame, run_id: str | None = None) -> pd.DataFrame
 
 
 def export_report(results: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """The comparison figure (PNG, SVG) and the per-strategy summary CSV, into ``out_dir``."""
-    paths = plot.export(plot.comparison_figure(results), out_dir)
+    """The 8-way figure (PNG, SVG), an extended one when other strategies ran, and the summary CSV."""
+    eight = results[results["strategy"].isin(EIGHT_WAY)]
+    paths = [] if eight.empty else plot.export(plot.comparison_figure(eight), out_dir)
+    if len(eight) < len(results):
+        title = "Checkpoint I/O: every strategy measured"
+        paths += plot.export(plot.comparison_figure(results, title=title), out_dir, stem=EXTENDED_STEM)
     summary = Path(out_dir) / SUMMARY_CSV
     summarize(results, order=plot.ordered(results["strategy"])).to_csv(summary, index_label="strategy")
     return [*paths, summary]

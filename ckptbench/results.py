@@ -34,6 +34,8 @@ class Row:
     verified: bool
     disk_write_gbps: float
     disk_read_gbps: float
+    overhead_s: float
+    """Harness time around this repeat's timed regions: eviction, accounting, verification, deletion, warm-up."""
 
 
 COLUMNS: list[str] = [f.name for f in fields(Row)]
@@ -47,9 +49,9 @@ def frame(rows: Iterable[Row]) -> pd.DataFrame:
 class ResultsStore:
     """``results.csv`` plus one environment JSON per run, in the output folder."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, filename: str = "results.csv") -> None:
         self.directory = Path(directory)
-        self.csv = self.directory / "results.csv"
+        self.csv = self.directory / filename
         self.runs = self.directory / "runs"
 
     def _set_aside_other_schema(self) -> Path | None:
@@ -63,7 +65,9 @@ class ResultsStore:
         kept = next(
             path
             for n in itertools.count()
-            if not (path := self.csv.with_name(f"results.{stamp}{f'-{n}' if n else ''}.other-schema.csv")).exists()
+            if not (
+                path := self.csv.with_name(f"{self.csv.stem}.{stamp}{f'-{n}' if n else ''}.other-schema.csv")
+            ).exists()
         )
         self.csv.rename(kept)
         warnings.warn(f"{self.csv} has another schema; kept it as {kept.name} and started a new one", stacklevel=3)

@@ -7,19 +7,23 @@ directory they are given and never sync: the harness makes every save durable th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from abc import ABC, abstractmethod
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.torch
 import tensorstore as ts
 import torch
+import torch.distributed.checkpoint as dcp
 
 from .errors import CheckpointError, UnknownChoiceError
 
@@ -30,6 +34,8 @@ Progress = Callable[[int], None]
 MiB = 1 << 20
 _BLOCK = 4096
 _OCDBT_COMMIT_BYTES = 256 << 10
+_SHARD_INDEX_ENTRY = 16
+_ORDER = "ckptbench.order"
 _MANIFEST = "manifest.json"
 _MANIFEST_FORMAT = "ckptbench-tensorstore/1"
 _ZARR_DTYPES = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "bfloat16", torch.float64: "<f8"}
@@ -65,10 +71,13 @@ class TorchSave(Strategy):
     """``torch.save`` of the whole mapping to one file; ``torch.load(weights_only=True)``."""
 
     name: str
+    mmap: bool = False
+    """Map the file and copy each tensor out of it: the copy is what makes the load's I/O count."""
     filename: str = "model.pt"
 
     def knobs(self) -> dict[str, str]:
-        return {"format": "torch.save zip, one file", "dtype": "model's", "load": "torch.load(weights_only=True)"}
+        load = "torch.load(weights_only=True, mmap=True) + copy" if self.mmap else "torch.load(weights_only=True)"
+        return {"format": "torch.save zip, one file", "dtype": "model's", "load": load}
 
     def save(self, tensors: Tensors, directory: Path, progress: Progress) -> None:
         torch.save(OrderedDict(tensors), directory / self.filename)
@@ -79,14 +88,84 @@ class TorchSave(Strategy):
         if not path.is_file():
             raise CheckpointError(f"{directory}: no {self.filename}; not a complete {self.name} checkpoint")
         try:
-            tensors = torch.load(path, weights_only=True)
+            tensors = torch.load(path, weights_only=True, mmap=self.mmap)
         except Exception as err:  # torch raises bare RuntimeError/EOFError/pickle errors for damaged files
             raise CheckpointError(f"{path}: unreadable torch checkpoint: {err}") from err
+        if self.mmap:
+            tensors = OrderedDict((name, tensor.clone()) for name, tensor in tensors.items())
         progress(sum(_nbytes(t) for t in tensors.values()))
         return tensors
 
     def estimate_bytes(self, tensors: Tensors) -> int:
         return sum(_nbytes(t) for t in tensors.values()) + MiB
+
+
+@dataclass(frozen=True)
+class SafeTensors(Strategy):
+    """``safetensors`` ``save_file``; ``load_file`` with the pread backend, which materialises every tensor.
+
+    The default mmap backend returns before reading anything, so timing it would measure nothing.
+    """
+
+    name: str
+    filename: str = "model.safetensors"
+
+    def knobs(self) -> dict[str, str]:
+        return {"format": "safetensors, one file", "dtype": "model's", "load": "load_file(backend='pread')"}
+
+    def save(self, tensors: Tensors, directory: Path, progress: Progress) -> None:
+        # safetensors orders tensors its own way; the mapping's order travels in the header.
+        order = json.dumps(list(tensors))
+        safetensors.torch.save_file(dict(tensors), directory / self.filename, metadata={_ORDER: order})
+        progress(sum(_nbytes(t) for t in tensors.values()))
+
+    def load(self, directory: Path, progress: Progress) -> OrderedDict[str, torch.Tensor]:
+        path = directory / self.filename
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: no {self.filename}; not a complete {self.name} checkpoint")
+        try:
+            with safetensors.safe_open(path, framework="pt", backend="pread") as f:
+                tensors = OrderedDict((name, f.get_tensor(name)) for name in json.loads(f.metadata()[_ORDER]))
+        except Exception as err:  # safetensors raises its own SafetensorError, not an OSError
+            raise CheckpointError(f"{path}: unreadable safetensors file: {err}") from err
+        progress(sum(_nbytes(t) for t in tensors.values()))
+        return tensors
+
+    def estimate_bytes(self, tensors: Tensors) -> int:
+        return sum(_nbytes(t) for t in tensors.values()) + MiB
+
+
+@dataclass(frozen=True)
+class DistributedCheckpoint(Strategy):
+    """``torch.distributed.checkpoint`` in one process: a FileSystemWriter with several threads, one file each."""
+
+    name: str
+    threads: int = 4
+
+    def knobs(self) -> dict[str, str]:
+        return {
+            "format": f"torch.distributed.checkpoint, {self.threads} files",
+            "dtype": "model's",
+            "load": "dcp.load into tensors allocated from its metadata",
+        }
+
+    def save(self, tensors: Tensors, directory: Path, progress: Progress) -> None:
+        dcp.save(dict(tensors), storage_writer=dcp.FileSystemWriter(directory, thread_count=self.threads))
+        progress(sum(_nbytes(t) for t in tensors.values()))
+
+    def load(self, directory: Path, progress: Progress) -> OrderedDict[str, torch.Tensor]:
+        try:
+            reader = dcp.FileSystemReader(directory)
+            metadata = reader.read_metadata().state_dict_metadata
+            tensors = OrderedDict((k, torch.empty(m.size, dtype=m.properties.dtype)) for k, m in metadata.items())
+            dcp.load(tensors, storage_reader=reader)
+        except Exception as err:  # dcp wraps failures in CheckpointException, missing files in FileNotFoundError
+            raise CheckpointError(f"{directory}: unreadable distributed checkpoint: {err}") from err
+        progress(sum(_nbytes(t) for t in tensors.values()))
+        return tensors
+
+    def estimate_bytes(self, tensors: Tensors) -> int:
+        return sum(_nbytes(t) for t in tensors.values()) + len(tensors) * 4096 + MiB
 
 
 @dataclass(frozen=True)
@@ -99,10 +178,16 @@ class TensorStoreOptions:
     """Chunk size target (T5X's divisor rule); None is the study's 64 elements per dimension."""
     concurrency: int | None = None
     """``file_io_concurrency`` limit; None keeps TensorStore's default (cores, at least 4)."""
-    compression: Literal["gzip"] | None = None
-    """zarr v2 compressor id; None writes raw chunks (TensorStore would otherwise use blosc)."""
+    compression: Literal["gzip", "zstd"] | None = None
+    """Chunk compressor; None writes raw chunks (TensorStore's zarr v2 would otherwise use blosc)."""
     driver: Literal["file", "ocdbt"] = "file"
     """The kvstore under zarr: plain files, or OCDBT packing chunks into a few data files."""
+    format: Literal["zarr", "zarr3"] = "zarr"
+    """zarr v2 (a file per chunk) or zarr v3 sharded (a file per tensor: its chunks plus a crc32c'd index)."""
+    sync: bool = True
+    """TensorStore's fsync of every file it writes (``file_io_sync``); the harness's final sync applies either way."""
+    inflight_bytes: int = 0
+    """Bytes of tensors being written or read at once; 0 is one tensor after another, as the study did."""
 
     def disk_dtype(self, dtype: torch.dtype) -> torch.dtype:
         wanted = getattr(torch, self.dtype)
@@ -114,8 +199,31 @@ class TensorStoreOptions:
         return divisor_chunks(shape, max(1, self.chunk_bytes // itemsize))
 
     def context(self) -> ts.Context:
-        spec = {} if self.concurrency is None else {"file_io_concurrency": {"limit": self.concurrency}}
+        spec: dict = {} if self.concurrency is None else {"file_io_concurrency": {"limit": self.concurrency}}
+        if not self.sync:
+            spec["file_io_sync"] = False
         return ts.Context(spec)
+
+    def metadata(self, shape: list[int], disk: torch.dtype) -> dict:
+        chunks = self.chunk_shape(tuple(shape), disk.itemsize)
+        if self.format == "zarr":
+            compressor = None if self.compression is None else {"id": self.compression}
+            return {"shape": shape, "chunks": chunks, "dtype": _ZARR_DTYPES[disk], "compressor": compressor}
+        inner = [{"name": "bytes", "configuration": {"endian": "little"}}]
+        if self.compression is not None:
+            inner.append({"name": self.compression})
+        shard = [-(-max(1, d) // c) * c for d, c in zip(shape, chunks, strict=True)]
+        sharding = {
+            "chunk_shape": chunks,
+            "codecs": inner,
+            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+        }
+        return {
+            "shape": shape,
+            "data_type": str(disk).removeprefix("torch."),
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shard}},
+            "codecs": [{"name": "sharding_indexed", "configuration": sharding}],
+        }
 
     def kvstore(self, directory: Path, key: str) -> dict:
         root = directory.resolve()
@@ -126,12 +234,14 @@ class TensorStoreOptions:
     def describe(self) -> dict[str, str]:
         chunks = "64 per dim" if self.chunk_bytes is None else f"<= {self.chunk_bytes / MiB:g} MiB (T5X rule)"
         return {
-            "format": "zarr v2, one array per tensor",
+            "format": "zarr v2, one array per tensor" if self.format == "zarr" else "zarr v3, one shard per tensor",
             "dtype": self.dtype if self.dtype == "float32" else f"{self.dtype} (wider tensors keep theirs)",
             "chunks": chunks,
             "file_io_concurrency": "default" if self.concurrency is None else str(self.concurrency),
             "compression": self.compression or "none",
             "kvstore": self.driver,
+            "file_io_sync": "on" if self.sync else "off",
+            "in flight": "one tensor" if not self.inflight_bytes else f"<= {self.inflight_bytes / MiB:g} MiB",
         }
 
 
@@ -182,29 +292,60 @@ class TensorStore(Strategy):
     def knobs(self) -> dict[str, str]:
         return self.options.describe()
 
-    def _array_spec(self, directory: Path, name: str, tensor: torch.Tensor) -> dict:
-        disk = self.options.disk_dtype(tensor.dtype)
-        shape = list(tensor.shape)
-        return {
-            "driver": "zarr",
-            "kvstore": self.options.kvstore(directory, name),
-            "metadata": {
-                "shape": shape,
-                "chunks": self.options.chunk_shape(tuple(shape), disk.itemsize),
-                "dtype": _ZARR_DTYPES[disk],
-                "compressor": None if self.options.compression is None else {"id": self.options.compression},
-            },
-        }
+    def _spec(self, directory: Path, name: str) -> dict:
+        return {"driver": self.options.format, "kvstore": self.options.kvstore(directory, name)}
+
+    def _pipeline(
+        self, directory: Path, jobs: Iterable[tuple[str, int, Callable[[], Any]]], progress: Progress
+    ) -> list:
+        """Start each job while at most ``inflight_bytes`` are outstanding (always at least one); results in order."""
+        results: list = []
+        pending: deque[tuple[str, int, Any]] = deque()
+        outstanding = 0
+
+        def finish() -> None:
+            nonlocal outstanding
+            name, nbytes, future = pending.popleft()
+            try:
+                results.append(future.result())
+            except ValueError as err:
+                raise CheckpointError(f"{directory}: tensor {name}: {err}") from err
+            outstanding -= nbytes
+            progress(nbytes)
+
+        try:
+            for name, nbytes, start in jobs:
+                while pending and outstanding + nbytes > self.options.inflight_bytes:
+                    finish()
+                try:
+                    pending.append((name, nbytes, start()))
+                except ValueError as err:
+                    raise CheckpointError(f"{directory}: tensor {name}: {err}") from err
+                outstanding += nbytes
+            while pending:
+                finish()
+        except BaseException:
+            # Whoever handles the failure may delete the directory: nothing may still be writing into it.
+            for _, _, future in pending:
+                with contextlib.suppress(Exception):
+                    future.result()
+            raise
+        return results
 
     def save(self, tensors: Tensors, directory: Path, progress: Progress) -> None:
         context = self.options.context()
-        entries = []
-        for name, tensor in tensors.items():
-            spec = self._array_spec(directory, name, tensor)
-            array = ts.open(spec, create=True, context=context).result()
-            array.write(_to_numpy(tensor)).result()
-            entries.append({"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype)})
-            progress(_nbytes(tensor))
+
+        def write(name: str, tensor: torch.Tensor) -> Callable[[], Any]:
+            def start() -> Any:
+                metadata = self.options.metadata(list(tensor.shape), self.options.disk_dtype(tensor.dtype))
+                spec = {**self._spec(directory, name), "metadata": metadata}
+                return ts.open(spec, create=True, context=context).result().write(_to_numpy(tensor))
+
+            return start
+
+        jobs = ((name, _nbytes(tensor), write(name, tensor)) for name, tensor in tensors.items())
+        self._pipeline(directory, jobs, progress)
+        entries = [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype)} for n, t in tensors.items()]
         manifest = {"format": _MANIFEST_FORMAT, "strategy": self.name, "options": asdict(self.options)}
         (directory / _MANIFEST).write_text(json.dumps({**manifest, "tensors": entries}, indent=1))
 
@@ -214,7 +355,11 @@ class TensorStore(Strategy):
             raise CheckpointError(f"{directory}: no {_MANIFEST}; not a complete TensorStore checkpoint")
         try:
             manifest = json.loads(path.read_text())
-            if manifest["format"] != _MANIFEST_FORMAT or manifest["options"]["driver"] != self.options.driver:
+            written = manifest["options"]
+            if manifest["format"] != _MANIFEST_FORMAT or (written["driver"], written.get("format", "zarr")) != (
+                self.options.driver,
+                self.options.format,
+            ):
                 raise CheckpointError(f"{path}: written as {manifest['format']} by {manifest['strategy']}")
             return manifest["tensors"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -222,23 +367,23 @@ class TensorStore(Strategy):
 
     def load(self, directory: Path, progress: Progress) -> OrderedDict[str, torch.Tensor]:
         context = self.options.context()
-        tensors: OrderedDict[str, torch.Tensor] = OrderedDict()
-        for entry in self._manifest(directory):
-            try:
-                name, dtype, shape = entry["name"], _TORCH_DTYPES[entry["dtype"]], entry["shape"]
-            except (KeyError, TypeError) as err:
-                raise CheckpointError(f"{directory}: malformed manifest entry {entry!r}") from err
-            spec = {"driver": "zarr", "kvstore": self.options.kvstore(directory, name), "open": True}
-            try:
-                array = ts.open(spec, context=context).result()
+        try:
+            entries = [(e["name"], _TORCH_DTYPES[e["dtype"]], list(e["shape"])) for e in self._manifest(directory)]
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(f"{directory}: malformed manifest entry: {err!r}") from err
+
+        def read(name: str, dtype: torch.dtype, shape: list[int]) -> Callable[[], Any]:
+            def start() -> Any:
+                array = ts.open({**self._spec(directory, name), "open": True}, context=context).result()
                 if list(array.shape) != shape:
                     raise CheckpointError(f"{directory}: tensor {name} has shape {array.shape}, expected {shape}")
-                tensor = _from_numpy(ts.cast(array, _ts_dtype(dtype)).read().result())
-            except ValueError as err:
-                raise CheckpointError(f"{directory}: tensor {name}: {err}") from err
-            tensors[name] = tensor
-            progress(_nbytes(tensor))
-        return tensors
+                return ts.cast(array, _ts_dtype(dtype)).read()
+
+            return start
+
+        jobs = ((n, math.prod(s) * d.itemsize, read(n, d, s)) for n, d, s in entries)
+        arrays = self._pipeline(directory, jobs, progress)
+        return OrderedDict((name, _from_numpy(a)) for (name, _, _), a in zip(entries, arrays, strict=True))
 
     def estimate_bytes(self, tensors: Tensors) -> int:
         total = 0
@@ -247,16 +392,25 @@ class TensorStore(Strategy):
             chunks = self.options.chunk_shape(tuple(tensor.shape), itemsize)
             count = math.prod(math.ceil(d / c) for d, c in zip(tensor.shape, chunks, strict=True))
             chunk_nbytes = math.prod(chunks) * itemsize
-            if self.options.driver == "file":
-                chunk_nbytes = -(-chunk_nbytes // _BLOCK) * _BLOCK
-            total += count * chunk_nbytes
+            if self.options.format == "zarr3":
+                total += _round_up(count * (chunk_nbytes + _SHARD_INDEX_ENTRY) + _BLOCK)
+            elif self.options.driver == "file":
+                total += count * _round_up(chunk_nbytes)
+            else:
+                total += count * chunk_nbytes
         if self.options.driver == "ocdbt":
             # Each tensor is its own OCDBT commit, which adds B-tree and version nodes never collected.
             total = total * 5 // 4 + len(tensors) * _OCDBT_COMMIT_BYTES
         return int(total * 1.02) + MiB
 
 
+def _round_up(nbytes: int) -> int:
+    return -(-nbytes // _BLOCK) * _BLOCK
+
+
 _STUDY = TensorStoreOptions()
+BEST = TensorStoreOptions(dtype="float16", chunk_bytes=64 * MiB, concurrency=32, sync=False, inflight_bytes=1 << 30)
+"""The fastest lossless configuration ``python -m ckptbench sweep`` found on this project's machine."""
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
@@ -268,6 +422,13 @@ STRATEGIES: dict[str, Strategy] = {
         TensorStore("ts+compression", replace(_STUDY, compression="gzip")),
         TensorStore("ts+float16", replace(_STUDY, dtype="float16")),
         TensorStore("ts+ocdbt", replace(_STUDY, driver="ocdbt")),
+        TorchSave("pytorch+mmap", mmap=True),
+        SafeTensors("safetensors"),
+        DistributedCheckpoint("dcp"),
+        TensorStore("ts+zarr3", replace(_STUDY, format="zarr3")),
+        TensorStore("ts+zstd", replace(_STUDY, compression="zstd")),
+        TensorStore("ts+nosync", replace(_STUDY, sync=False)),
+        TensorStore("ts+best", BEST),
     )
 }
 EIGHT_WAY: tuple[str, ...] = (
@@ -292,9 +453,11 @@ def get_strategy(name: str) -> Strategy:
 
 
 def parse_strategies(spec: str) -> list[str]:
-    """``all`` (the eight), or a comma-separated list of registry names, validated up front."""
+    """``all`` (the eight), ``every`` (the whole registry) or a comma list of names, validated up front."""
     if spec.strip() == "all":
         return list(EIGHT_WAY)
+    if spec.strip() == "every":
+        return list(STRATEGIES)
     names = [part.strip() for part in spec.split(",") if part.strip()]
     for name in names:
         get_strategy(name)

@@ -14,7 +14,9 @@ from nbclient import NotebookClient
 from PIL import Image
 
 import ckptbench
-from ckptbench import EIGHT_WAY
+from ckptbench import EIGHT_WAY, STRATEGIES
+from ckptbench.report import EXTENDED_STEM
+from ckptbench.sweep import RESULTS_FILE
 
 PACKAGE_ROOT = Path(ckptbench.__file__).resolve().parents[1]
 NOTEBOOK = PACKAGE_ROOT / "main.ipynb"
@@ -39,7 +41,7 @@ def executed(kernel_env, tmp_path_factory: pytest.TempPathFactory) -> tuple[nbfo
     papermill.execute_notebook(
         str(NOTEBOOK),
         str(work / "executed.ipynb"),
-        parameters={"PRESET": "tiny", "OUT": str(out), "PROGRESS": False},
+        parameters={"PRESET": "tiny", "SWEEP_PRESET": "tiny", "OUT": str(out), "PROGRESS": False},
         kernel_name="python3",
         cwd=str(work),
         progress_bar=False,
@@ -72,14 +74,19 @@ def test_the_whole_notebook_runs_headless(executed):
     assert errors == []
     assert [_phase_cell(nb, name).source for name in EIGHT_WAY] == [f'run_phase("{name}")' for name in EIGHT_WAY]
 
+    extra = [name for name in STRATEGIES if name not in EIGHT_WAY]
     results = pd.read_csv(out / "results.csv")
-    assert results["strategy"].tolist() == list(EIGHT_WAY)
+    assert results["strategy"].tolist() == [*EIGHT_WAY, *extra]
     assert results["verified"].all()
     assert (results["tensors"] == 238).all()
     assert results["run_id"].nunique() == 1
     _png_and_svg_are_valid(out)
+    assert (out / f"{EXTENDED_STEM}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = pd.read_csv(out / "summary.csv", index_col="strategy")
-    assert summary.index.tolist() == list(EIGHT_WAY)
+    assert summary.index.tolist() == [*EIGHT_WAY, *extra]
+    swept = pd.read_csv(out / RESULTS_FILE)
+    assert swept["strategy"].nunique() == 8  # 2 chunk sizes x sync on/off x 2 dtypes
+    assert swept["verified"].all()
 
 
 def test_the_comparison_and_verdict_cells_show_their_tables_and_the_figure(executed):
@@ -113,7 +120,7 @@ def test_one_phase_cell_runs_alone_and_replaces_its_rows(kernel_env, tmp_path):
             client.execute_cell(cell, index)
             printed.append("".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream"))
 
-    assert "skipped pytorch: not in STRATEGIES = 't5x'" in printed[4]
+    assert "skipped pytorch: not in 't5x'" in printed[4]
     assert printed[5].strip() == "1 ['t5x']"
     results = pd.read_csv(out / "results.csv")
     assert results["strategy"].tolist() == ["t5x", "t5x"]
@@ -128,6 +135,16 @@ def test_the_committed_notebook_is_clean_and_parameterised():
     assert all(cell.outputs == [] and cell.execution_count is None for cell in code)
     assert code[0].metadata.get("tags") == ["parameters"]
     names = {line.split("=")[0].strip() for line in code[0].source.splitlines()}
-    assert names == {"PRESET", "STRATEGIES", "REPEATS", "OUT", "KEEP_CHECKPOINTS", "PROGRESS"}
+    assert names == {
+        "PRESET",
+        "STRATEGIES",
+        "REPEATS",
+        "OUT",
+        "KEEP_CHECKPOINTS",
+        "PROGRESS",
+        "EXTRA",
+        "SWEEP_PRESET",
+        "SWEEP_KNOBS",
+    }
     assert len(_tagged(nb, "phase")) == len(EIGHT_WAY)
     assert nb.metadata.kernelspec.name == "python3"

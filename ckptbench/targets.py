@@ -1,0 +1,97 @@
+"""The performance targets: how the best TensorStore configuration compares with its peers and the disk.
+
+Every figure is a ratio of medians measured in the same run, next to its target, so a miss is
+reported as measured rather than hidden by moving the goalposts.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .measure import measure
+from .results import TIMES, summarize
+
+BEST, TORCH, SAFETENSORS = "ts+best", "pytorch", "safetensors"
+SAVE_VS_TORCH = 1.0
+"""ts+best's save time over torch.save's must not exceed this."""
+LOAD_VS_SAFETENSORS = 1.0
+"""ts+best's cold-load time over safetensors' must not exceed this."""
+DISK_FRACTION = 0.8
+"""ts+best's throughput as a fraction of the disk's measured limit must reach this."""
+OVERHEAD_FRACTION = 0.15
+"""Wall time outside the timed regions over the run's wall time must not exceed this."""
+HARNESS_FRACTION = 0.05
+"""What the harness adds inside a timed region, over the shortest median timed region, must not exceed this."""
+
+
+def harness_cost(tensors: int, repeats: int = 5) -> float:
+    """Seconds the harness adds inside one timed region: timer, memory sampler, one progress update per tensor."""
+    costs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with tqdm(total=tensors, file=io.StringIO()) as bar, measure():
+            for _ in range(tensors):
+                bar.update(1)
+        costs.append(time.perf_counter() - start)
+    return statistics.median(costs)
+
+
+def _row(metric: str, value: float, target: str = "", met: bool | None = None) -> dict:
+    """``met`` is None for figures shown for context, which have no target."""
+    return {
+        "metric": metric,
+        "measured": round(value, 3),
+        "target": target,
+        "met": {True: "yes", False: "NO"}.get(met, ""),
+    }
+
+
+def ratios(results: pd.DataFrame, wall_s: float) -> pd.DataFrame:
+    """The target ratios the measured strategies allow, each strategy's share of the disk, and the overhead.
+
+    ``results`` are one run's rows; ``wall_s`` is that run's wall time from start to end.
+    """
+    summary = summarize(results)
+    disk_write_gbps, disk_read_gbps = results["disk_write_gbps"].median(), results["disk_read_gbps"].median()
+    rows = []
+    if {BEST, TORCH} <= set(summary.index):
+        value = summary.loc[BEST, "save_s_median"] / summary.loc[TORCH, "save_s_median"]
+        rows.append(_row(f"{BEST} save / {TORCH} save", value, f"<= {SAVE_VS_TORCH}", value <= SAVE_VS_TORCH))
+    if {BEST, SAFETENSORS} <= set(summary.index):
+        value = summary.loc[BEST, "load_cold_s_median"] / summary.loc[SAFETENSORS, "load_cold_s_median"]
+        met = value <= LOAD_VS_SAFETENSORS
+        rows.append(_row(f"{BEST} cold load / {SAFETENSORS} cold load", value, f"<= {LOAD_VS_SAFETENSORS}", met))
+    for name, s in summary.iterrows():
+        write = s["bytes"] / s["save_s_median"] / 1e9 / disk_write_gbps
+        read = s["bytes"] / s["load_cold_s_median"] / 1e9 / disk_read_gbps
+        targeted = name == BEST
+        target = f">= {DISK_FRACTION}" if targeted else ""
+        share = {"written": (write, "durable write"), "read": (read, "cold read")}
+        for verb, (value, limit) in share.items():
+            met = value >= DISK_FRACTION if targeted else None
+            rows.append(_row(f"{name}: bytes {verb} / s as a share of the disk's {limit}", value, target, met))
+    shortest = summary[[f"{t}_median" for t in TIMES]].to_numpy().min()
+    cost = harness_cost(int(results["tensors"].max()))
+    rows.append(
+        _row(
+            "harness cost inside a timed region / shortest timed region",
+            cost / shortest,
+            f"<= {HARNESS_FRACTION}",
+            cost / shortest <= HARNESS_FRACTION,
+        )
+    )
+    overhead = 1 - results[list(TIMES)].to_numpy().sum() / wall_s
+    rows.append(
+        _row(
+            "wall time outside timed regions / run wall time",
+            overhead,
+            f"<= {OVERHEAD_FRACTION}",
+            overhead <= OVERHEAD_FRACTION,
+        )
+    )
+    return pd.DataFrame(rows)

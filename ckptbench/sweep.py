@@ -68,7 +68,7 @@ def parse_knob(spec: str) -> tuple[str, list[Any]]:
 
 def _format(knob: str, value: Any) -> str:
     if value is None:
-        return "none"
+        return "none" if knob == "compression" else "default"
     if isinstance(value, bool):
         return "on" if value else "off"
     if knob in _BYTE_KNOBS:

@@ -124,7 +124,7 @@ def test_memory_stays_within_one_loaded_copy(strategy, mem_model, tmp_path):
 
 
 def test_parse_knob_understands_sizes_choices_and_switches():
-    assert sweep.parse_knob("chunk_bytes=64K,1M,none") == ("chunk_bytes", [65536, 1 << 20, None])
+    assert sweep.parse_knob("chunk_bytes=64K,1M,default") == ("chunk_bytes", [65536, 1 << 20, None])
     assert sweep.parse_knob("concurrency=4,128") == ("concurrency", [4, 128])
     assert sweep.parse_knob("sync=on,off") == ("sync", [True, False])
     assert sweep.parse_knob("dtype=float32,float16") == ("dtype", ["float32", "float16"])

@@ -1,4 +1,4 @@
-"""``python -m ckptbench``: run the benchmark headless, redraw a run's figure, or list the strategies."""
+"""``python -m ckptbench``: run, sweep or bench headless, redraw a run's figures, or list the strategies."""
 
 from __future__ import annotations
 

@@ -67,8 +67,38 @@ class Strategy(ABC):
         """An upper bound of the disk space a save needs, checked before writing."""
 
 
+class SingleFile(Strategy):
+    """A library that writes the whole mapping into one file; subclasses say how it is written and read."""
+
+    filename: str
+
+    @abstractmethod
+    def write(self, tensors: Tensors, path: Path) -> None: ...
+
+    @abstractmethod
+    def read(self, path: Path) -> OrderedDict[str, torch.Tensor]: ...
+
+    def save(self, tensors: Tensors, directory: Path, progress: Progress) -> None:
+        self.write(tensors, directory / self.filename)
+        progress(sum(_nbytes(t) for t in tensors.values()))
+
+    def load(self, directory: Path, progress: Progress) -> OrderedDict[str, torch.Tensor]:
+        path = directory / self.filename
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: no {self.filename}; not a complete {self.name} checkpoint")
+        try:
+            tensors = self.read(path)
+        except Exception as err:  # the libraries raise their own errors (pickle, zip, SafetensorError) for damage
+            raise CheckpointError(f"{path}: unreadable {self.name} checkpoint: {err}") from err
+        progress(sum(_nbytes(t) for t in tensors.values()))
+        return tensors
+
+    def estimate_bytes(self, tensors: Tensors) -> int:
+        return sum(_nbytes(t) for t in tensors.values()) + MiB
+
+
 @dataclass(frozen=True)
-class TorchSave(Strategy):
+class TorchSave(SingleFile):
     """``torch.save`` of the whole mapping to one file; ``torch.load(weights_only=True)``."""
 
     name: str
@@ -80,29 +110,18 @@ class TorchSave(Strategy):
         load = "torch.load(weights_only=True, mmap=True) + copy" if self.mmap else "torch.load(weights_only=True)"
         return {"format": "torch.save zip, one file", "dtype": "model's", "load": load}
 
-    def save(self, tensors: Tensors, directory: Path, progress: Progress) -> None:
-        torch.save(OrderedDict(tensors), directory / self.filename)
-        progress(sum(_nbytes(t) for t in tensors.values()))
+    def write(self, tensors: Tensors, path: Path) -> None:
+        torch.save(OrderedDict(tensors), path)
 
-    def load(self, directory: Path, progress: Progress) -> OrderedDict[str, torch.Tensor]:
-        path = directory / self.filename
-        if not path.is_file():
-            raise CheckpointError(f"{directory}: no {self.filename}; not a complete {self.name} checkpoint")
-        try:
-            tensors = torch.load(path, weights_only=True, mmap=self.mmap)
-        except Exception as err:  # torch raises bare RuntimeError/EOFError/pickle errors for damaged files
-            raise CheckpointError(f"{path}: unreadable torch checkpoint: {err}") from err
+    def read(self, path: Path) -> OrderedDict[str, torch.Tensor]:
+        tensors = torch.load(path, weights_only=True, mmap=self.mmap)
         if self.mmap:
             tensors = OrderedDict((name, tensor.clone()) for name, tensor in tensors.items())
-        progress(sum(_nbytes(t) for t in tensors.values()))
         return tensors
-
-    def estimate_bytes(self, tensors: Tensors) -> int:
-        return sum(_nbytes(t) for t in tensors.values()) + MiB
 
 
 @dataclass(frozen=True)
-class SafeTensors(Strategy):
+class SafeTensors(SingleFile):
     """``safetensors`` ``save_file``; ``load_file`` with the pread backend, which materialises every tensor.
 
     The default mmap backend returns before reading anything, so timing it would measure nothing.
@@ -114,26 +133,13 @@ class SafeTensors(Strategy):
     def knobs(self) -> dict[str, str]:
         return {"format": "safetensors, one file", "dtype": "model's", "load": "load_file(backend='pread')"}
 
-    def save(self, tensors: Tensors, directory: Path, progress: Progress) -> None:
+    def write(self, tensors: Tensors, path: Path) -> None:
         # safetensors orders tensors its own way; the mapping's order travels in the header.
-        order = json.dumps(list(tensors))
-        safetensors.torch.save_file(dict(tensors), directory / self.filename, metadata={_ORDER: order})
-        progress(sum(_nbytes(t) for t in tensors.values()))
+        safetensors.torch.save_file(dict(tensors), path, metadata={_ORDER: json.dumps(list(tensors))})
 
-    def load(self, directory: Path, progress: Progress) -> OrderedDict[str, torch.Tensor]:
-        path = directory / self.filename
-        if not path.is_file():
-            raise CheckpointError(f"{directory}: no {self.filename}; not a complete {self.name} checkpoint")
-        try:
-            with safetensors.safe_open(path, framework="pt", backend="pread") as f:
-                tensors = OrderedDict((name, f.get_tensor(name)) for name in json.loads(f.metadata()[_ORDER]))
-        except Exception as err:  # safetensors raises its own SafetensorError, not an OSError
-            raise CheckpointError(f"{path}: unreadable safetensors file: {err}") from err
-        progress(sum(_nbytes(t) for t in tensors.values()))
-        return tensors
-
-    def estimate_bytes(self, tensors: Tensors) -> int:
-        return sum(_nbytes(t) for t in tensors.values()) + MiB
+    def read(self, path: Path) -> OrderedDict[str, torch.Tensor]:
+        with safetensors.safe_open(path, framework="pt", backend="pread") as f:
+            return OrderedDict((name, f.get_tensor(name)) for name in json.loads(f.metadata()[_ORDER]))
 
 
 @contextlib.contextmanager

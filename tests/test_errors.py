@@ -85,7 +85,7 @@ def test_truncated_torch_file(saved, tmp_path):
     file = path / "model.pt"
     data = file.read_bytes()
     file.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="unreadable torch checkpoint"):
+    with pytest.raises(CheckpointError, match="unreadable pytorch checkpoint"):
         get_strategy("pytorch").load(path, _ignore)
 
 

@@ -22,7 +22,7 @@ from . import model as model_lib
 from .errors import VerificationError
 from .measure import Measurement, measure
 from .results import ResultsStore, Row, frame, summarize
-from .strategies import STRATEGIES, Strategy, Tensors, get_strategy
+from .strategies import STRATEGIES, Strategy, Tensors, get_strategy, nbytes, total_bytes
 from .verify import verify
 
 WARMUP_BYTES = 64 << 20
@@ -33,9 +33,9 @@ def _warmup_subset(tensors: Tensors) -> OrderedDict[str, torch.Tensor]:
     """A few tensors (<= WARMUP_BYTES) that exercise a strategy's code paths without a full save."""
     subset, total = OrderedDict(), 0
     for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if total + nbytes <= WARMUP_BYTES:
-            subset[name], total = tensor, total + nbytes
+        size = nbytes(tensor)
+        if total + size <= WARMUP_BYTES:
+            subset[name], total = tensor, total + size
     return subset
 
 
@@ -113,14 +113,16 @@ class Benchmark:
 
     def _timed_save(self, strategy: Strategy, tensors: Tensors, final: Path, label: str) -> Measurement:
         disk.ensure_free(self.out, strategy.estimate_bytes(tensors))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        with self._bar(f"{label} save", total) as bar, measure() as timing, disk.staged(final) as partial:
+        with (
+            self._bar(f"{label} save", total_bytes(tensors)) as bar,
+            measure() as timing,
+            disk.staged(final) as partial,
+        ):
             strategy.save(tensors, partial, bar.update)
         return timing
 
     def _timed_load(self, strategy: Strategy, tensors: Tensors, final: Path, label: str) -> tuple[Measurement, bool]:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        with self._bar(f"{label} load", total) as bar, measure() as timing:
+        with self._bar(f"{label} load", total_bytes(tensors)) as bar, measure() as timing:
             loaded = strategy.load(final, bar.update)
         try:
             verify(loaded, tensors, f"{strategy.name} checkpoint {final}")
@@ -132,9 +134,10 @@ class Benchmark:
     def _warm_up(self, strategy: Strategy, tensors: Tensors) -> None:
         final = self.out / f".warmup-{strategy.name}"
         disk.remove(final)
+        subset = _warmup_subset(tensors)
         try:
-            self._timed_save(strategy, _warmup_subset(tensors), final, f"{strategy.name} warm-up")
-            self._timed_load(strategy, _warmup_subset(tensors), final, f"{strategy.name} warm-up")
+            self._timed_save(strategy, subset, final, f"{strategy.name} warm-up")
+            self._timed_load(strategy, subset, final, f"{strategy.name} warm-up")
         finally:
             disk.remove(final)
 

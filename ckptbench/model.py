@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .errors import CompositionError, ModelSourceError, UnknownChoiceError
+from .strategies import total_bytes
 
 ROTARY_BUFFER = "model.rotary_emb.inv_freq"
 _LAYER_TENSORS = (
@@ -83,7 +84,7 @@ class ModelCheckpoint:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return total_bytes(self.tensors)
 
 
 def get_preset(name: str) -> Preset:

@@ -43,8 +43,13 @@ _ZARR_DTYPES = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "bfl
 _TORCH_DTYPES = {str(dtype): dtype for dtype in _ZARR_DTYPES}
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
+def nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def total_bytes(tensors: Tensors) -> int:
+    """Bytes of model data in a mapping: what progress counts and what throughput is measured against."""
+    return sum(nbytes(t) for t in tensors.values())
 
 
 class Strategy(ABC):
@@ -80,7 +85,7 @@ class SingleFile(Strategy):
 
     def save(self, tensors: Tensors, directory: Path, progress: Progress) -> None:
         self.write(tensors, directory / self.filename)
-        progress(sum(_nbytes(t) for t in tensors.values()))
+        progress(total_bytes(tensors))
 
     def load(self, directory: Path, progress: Progress) -> OrderedDict[str, torch.Tensor]:
         path = directory / self.filename
@@ -90,11 +95,11 @@ class SingleFile(Strategy):
             tensors = self.read(path)
         except Exception as err:  # the libraries raise their own errors (pickle, zip, SafetensorError) for damage
             raise CheckpointError(f"{path}: unreadable {self.name} checkpoint: {err}") from err
-        progress(sum(_nbytes(t) for t in tensors.values()))
+        progress(total_bytes(tensors))
         return tensors
 
     def estimate_bytes(self, tensors: Tensors) -> int:
-        return sum(_nbytes(t) for t in tensors.values()) + MiB
+        return total_bytes(tensors) + MiB
 
 
 @dataclass(frozen=True)
@@ -167,7 +172,7 @@ class DistributedCheckpoint(Strategy):
     def save(self, tensors: Tensors, directory: Path, progress: Progress) -> None:
         with _single_process():
             dcp.save(dict(tensors), storage_writer=dcp.FileSystemWriter(directory, thread_count=self.threads))
-        progress(sum(_nbytes(t) for t in tensors.values()))
+        progress(total_bytes(tensors))
 
     def load(self, directory: Path, progress: Progress) -> OrderedDict[str, torch.Tensor]:
         try:
@@ -178,11 +183,11 @@ class DistributedCheckpoint(Strategy):
                 dcp.load(tensors, storage_reader=reader)
         except Exception as err:  # dcp wraps failures in CheckpointException, missing files in FileNotFoundError
             raise CheckpointError(f"{directory}: unreadable distributed checkpoint: {err}") from err
-        progress(sum(_nbytes(t) for t in tensors.values()))
+        progress(total_bytes(tensors))
         return tensors
 
     def estimate_bytes(self, tensors: Tensors) -> int:
-        return sum(_nbytes(t) for t in tensors.values()) + len(tensors) * 4096 + MiB
+        return total_bytes(tensors) + len(tensors) * 4096 + MiB
 
 
 @dataclass(frozen=True)
@@ -322,23 +327,23 @@ class TensorStore(Strategy):
 
         def finish() -> None:
             nonlocal outstanding
-            name, nbytes, future = pending.popleft()
+            name, size, future = pending.popleft()
             try:
                 results.append(future.result())
             except ValueError as err:
                 raise CheckpointError(f"{directory}: tensor {name}: {err}") from err
-            outstanding -= nbytes
-            progress(nbytes)
+            outstanding -= size
+            progress(size)
 
         try:
-            for name, nbytes, start in jobs:
-                while pending and outstanding + nbytes > self.options.inflight_bytes:
+            for name, size, start in jobs:
+                while pending and outstanding + size > self.options.inflight_bytes:
                     finish()
                 try:
-                    pending.append((name, nbytes, start()))
+                    pending.append((name, size, start()))
                 except ValueError as err:
                     raise CheckpointError(f"{directory}: tensor {name}: {err}") from err
-                outstanding += nbytes
+                outstanding += size
             while pending:
                 finish()
         except BaseException:
@@ -360,7 +365,7 @@ class TensorStore(Strategy):
 
             return start
 
-        jobs = ((name, _nbytes(tensor), write(name, tensor)) for name, tensor in tensors.items())
+        jobs = ((name, nbytes(tensor), write(name, tensor)) for name, tensor in tensors.items())
         self._pipeline(directory, jobs, progress)
         entries = [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype)} for n, t in tensors.items()]
         manifest = {"format": _MANIFEST_FORMAT, "strategy": self.name, "options": asdict(self.options)}
@@ -421,8 +426,8 @@ class TensorStore(Strategy):
         return int(total * 1.02) + MiB
 
 
-def _round_up(nbytes: int) -> int:
-    return -(-nbytes // _BLOCK) * _BLOCK
+def _round_up(size: int) -> int:
+    return -(-size // _BLOCK) * _BLOCK
 
 
 _STUDY = TensorStoreOptions()

@@ -10,6 +10,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -121,15 +122,18 @@ class Benchmark:
             strategy.save(tensors, partial, bar.update)
         return timing
 
-    def _timed_load(self, strategy: Strategy, tensors: Tensors, final: Path, label: str) -> tuple[Measurement, bool]:
+    def _timed_load(self, strategy: Strategy, tensors: Tensors, final: Path, label: str) -> tuple[Measurement, Tensors]:
         with self._bar(f"{label} load", total_bytes(tensors)) as bar, measure() as timing:
             loaded = strategy.load(final, bar.update)
+        return timing, loaded
+
+    def _verified(self, strategy: Strategy, loaded: Tensors, tensors: Tensors, final: Path) -> bool:
         try:
             verify(loaded, tensors, f"{strategy.name} checkpoint {final}")
         except VerificationError as err:
             self.log(f"VERIFICATION FAILED: {err}")
-            return timing, False
-        return timing, True
+            return False
+        return True
 
     def _warm_up(self, strategy: Strategy, tensors: Tensors) -> None:
         final = self.out / f".warmup-{strategy.name}"
@@ -146,13 +150,23 @@ class Benchmark:
         tensors = checkpoint.tensors
         final = self.out / strategy.name
         label = f"{strategy.name} [{repeat + 1}/{self.repeats}]"
+        keep = self.keep_checkpoints and repeat == self.repeats - 1
         try:
             saved = self._timed_save(strategy, tensors, final, label)
             usage = disk.evict(final)
-            cold, cold_ok = self._timed_load(strategy, tensors, final, f"{label} cold")
-            warm, warm_ok = self._timed_load(strategy, tensors, final, f"{label} warm")
+            cold, loaded = self._timed_load(strategy, tensors, final, f"{label} cold")
+            cold_ok = self._verified(strategy, loaded, tensors, final)
+            del loaded
+            warm, loaded = self._timed_load(strategy, tensors, final, f"{label} warm")
+            # Nothing is timed now: delete the checkpoint while the CPU compares the last load.
+            with ThreadPoolExecutor(1) as pool:
+                removal = None if keep else pool.submit(disk.remove, final)
+                warm_ok = self._verified(strategy, loaded, tensors, final)
+                del loaded
+            if removal is not None:
+                removal.result()
         finally:
-            if not (self.keep_checkpoints and repeat == self.repeats - 1):
+            if not keep:
                 disk.remove(final)
         return Row(
             run_id=self.run_id,

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import disk, environment
+from . import limits as limits_lib
 from . import model as model_lib
 from .errors import VerificationError
 from .measure import Measurement, measure
@@ -58,10 +59,12 @@ class Benchmark:
     progress: bool = True
     run_id: str = field(default_factory=lambda: f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}")
     checkpoint: model_lib.ModelCheckpoint | None = field(default=None, repr=False)
-    limits: disk.DiskLimits | None = None
+    limits: limits_lib.Limits | None = None
     results_file: str = "results.csv"
     prepare_s: float = 0.0
-    """Untimed set-up so far: building or loading the model, cleaning leftovers, probing the disk."""
+    """Set-up so far: building or loading the model, cleaning leftovers, probing the limits.
+
+    ``limits.probe_s`` of it is the probe's own timed I/O."""
     log: Callable[[str], None] = field(default=tqdm.write, repr=False)
     _rows: dict[str, list[Row]] = field(default_factory=dict, repr=False)
 
@@ -76,7 +79,7 @@ class Benchmark:
         self.store = ResultsStore(self.out, self.results_file)
 
     def prepare(self) -> model_lib.ModelCheckpoint:
-        """Build (or load) the model, clean stale partial saves, measure the disk, record the environment."""
+        """Build (or load) the model, clean stale partial saves, measure the limits, record the environment."""
         started = time.perf_counter()
         if self.checkpoint is None:
             if self.model_path is None:
@@ -88,7 +91,7 @@ class Benchmark:
             self.log(f"removed the leftovers of an interrupted save: {stale}")
         if self.limits is None:
             size = min(max(self.checkpoint.nbytes, _PROBE_MIN), _PROBE_MAX)
-            self.limits = disk.probe(self.out, size)
+            self.limits = limits_lib.probe(self.out, size)
         self.prepare_s += time.perf_counter() - started
         if not self.store.environment_path(self.run_id).exists():
             self.store.write_environment(self.run_id, self.environment())
@@ -104,7 +107,7 @@ class Benchmark:
             "params": None if checkpoint is None else checkpoint.params,
             "model_bytes": None if checkpoint is None else checkpoint.nbytes,
             "repeats": self.repeats,
-            "disk_limits": None if self.limits is None else asdict(self.limits),
+            "limits": None if self.limits is None else asdict(self.limits),
             "prepare_s": self.prepare_s,
             **environment.collect(self.out),
         }
@@ -188,6 +191,7 @@ class Benchmark:
             verified=cold_ok and warm_ok,
             disk_write_gbps=self.limits.write_gbps,
             disk_read_gbps=self.limits.read_gbps,
+            memory_gbps=self.limits.memory_gbps,
             overhead_s=time.perf_counter() - started - saved.seconds - cold.seconds - warm.seconds,
         )
 

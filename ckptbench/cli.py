@@ -80,7 +80,7 @@ def _session(args: argparse.Namespace, parser: argparse.ArgumentParser, **extra)
     print(
         f"{checkpoint.source}: {len(checkpoint.tensors)} tensors, {checkpoint.params:,} parameters, "
         f"{checkpoint.nbytes / 1e9:.2f} GB; disk: {bench.limits.write_gbps:.2f} GB/s durable write, "
-        f"{bench.limits.read_gbps:.2f} GB/s cold read"
+        f"{bench.limits.read_gbps:.2f} GB/s cold read; fresh memory: {bench.limits.memory_gbps:.2f} GB/s"
     )
     return bench
 
@@ -151,7 +151,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     failed = _measure(bench, names)
     wall = time.perf_counter() - started
     _print_summary(bench.summary())
-    print(targets.ratios(bench.results, wall).to_string(index=False))
+    table = targets.ratios(bench.results, wall, bench.prepare_s, bench.limits.probe_s)
+    print(table.to_string(index=False))
     return _finish(bench, failed)
 
 

@@ -1,4 +1,4 @@
-"""Filesystem work around a checkpoint: durability, cache eviction, accounting, staging, probing.
+"""Filesystem work around a checkpoint: durability, cache eviction, accounting, staging.
 
 The study's 64-element chunks make ~840,000 files per float32 checkpoint of the 3B model, so the
 walks here run one thread per top-level entry and touch each file once.
@@ -9,9 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
-import statistics
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +20,7 @@ import psutil
 from .errors import InsufficientDiskSpaceError
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_PARTIAL = ".partial-"
+PARTIAL = ".partial-"
 _WORKERS = 8
 
 
@@ -118,7 +116,7 @@ def staged(final: Path) -> Iterator[Path]:
     The temporary name carries the writer's pid, so an interrupted save is never mistaken for a
     complete checkpoint and a later run can tell a dead writer's leftovers from a live one's.
     """
-    partial = final.with_name(f".{final.name}{_PARTIAL}{os.getpid()}")
+    partial = final.with_name(f".{final.name}{PARTIAL}{os.getpid()}")
     remove(partial)
     partial.mkdir(parents=True)
     try:
@@ -136,55 +134,8 @@ def clean_stale(directory: Path) -> list[Path]:
     stale = []
     if directory.is_dir():
         for entry in directory.iterdir():
-            pid = entry.name.rpartition(_PARTIAL)[2]
-            if _PARTIAL in entry.name and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            pid = entry.name.rpartition(PARTIAL)[2]
+            if PARTIAL in entry.name and pid.isdigit() and not psutil.pid_exists(int(pid)):
                 remove(entry)
                 stale.append(entry)
     return stale
-
-
-@dataclass(frozen=True)
-class DiskLimits:
-    """What the disk itself allows, measured with large sequential files in the same run."""
-
-    write_gbps: float
-    """Durable sequential write (write + fsync)."""
-    read_gbps: float
-    """Sequential read after evicting the file from the page cache."""
-    probe_bytes: int
-
-
-def _timed(action: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    action()
-    return time.perf_counter() - start
-
-
-def probe(directory: Path, size: int, repeats: int = 3, block: int = 64 << 20) -> DiskLimits:
-    """Median of ``repeats`` durable writes and cold reads of a ``size``-byte file of random bytes."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ensure_free(directory, size)
-    data = os.urandom(min(block, size))
-    path = directory / f".disk-probe{_PARTIAL}{os.getpid()}"
-    buffer = bytearray(len(data))
-
-    def write() -> None:
-        with open(path, "wb", buffering=0) as f:
-            for offset in range(0, size, len(data)):
-                f.write(data[: size - offset])
-            os.fsync(f.fileno())
-
-    def read() -> None:
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(buffer):
-                pass
-
-    writes, reads = [], []
-    try:
-        for _ in range(repeats):
-            writes.append(_timed(write))
-            evict(path)
-            reads.append(_timed(read))
-    finally:
-        path.unlink(missing_ok=True)
-    return DiskLimits(size / statistics.median(writes) / 1e9, size / statistics.median(reads) / 1e9, size)

@@ -14,7 +14,7 @@ from pandas.io.formats.style import Styler
 from . import plot
 from .benchmark import Benchmark
 from .errors import CkptbenchError
-from .results import COLUMNS, summarize
+from .results import ADDED_COLUMNS, COLUMNS, summarize
 from .strategies import BASELINE, EIGHT_WAY, get_strategy, parse_strategies
 from .verdict import HELD, NOT_HELD
 
@@ -37,16 +37,17 @@ EXTENDED_STEM = "extended_comparison"
 def describe(bench: Benchmark) -> pd.DataFrame:
     """The model and everything its numbers depend on (versions, CPU, RAM, disk), one row per item."""
     env = bench.environment()
-    limits = env["disk_limits"]
+    limits = env["limits"]
     items = {
         "run id": env["run_id"],
         "model": env["model"],
         "tensors": env["tensors"],
         "parameters": None if env["params"] is None else f"{env['params']:,}",
         "size in memory": None if env["model_bytes"] is None else f"{env['model_bytes'] / 1e9:.3f} GB",
-        "disk limits": None
+        "limits": None
         if limits is None
-        else f"{limits['write_gbps']:.2f} GB/s durable write, {limits['read_gbps']:.2f} GB/s cold read",
+        else f"disk {limits['write_gbps']:.2f} GB/s durable write, {limits['read_gbps']:.2f} GB/s cold read; "
+        f"fresh memory {limits['memory_gbps']:.2f} GB/s",
         "output folder": str(bench.out.resolve()),
         "filesystem": env["filesystem"],
         "free disk": f"{env['disk_free_bytes'] / 1e9:.1f} GB of {env['disk_total_bytes'] / 1e9:.1f} GB",
@@ -118,9 +119,9 @@ def read_results(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise CkptbenchError(f"results file {path} does not exist (write one with `python -m ckptbench run`)")
     results = pd.read_csv(path)
-    if list(results.columns) != COLUMNS:
+    if [c for c in COLUMNS if c in results.columns or c not in ADDED_COLUMNS] != list(results.columns):
         raise CkptbenchError(f"{path} is not a ckptbench results file (its columns differ)")
-    return results
+    return results.reindex(columns=COLUMNS)
 
 
 def select_run(results: pd.DataFrame, run_id: str | None = None) -> pd.DataFrame:

@@ -16,6 +16,7 @@ except ModuleNotFoundError:  # plain `pytest` from elsewhere: the package sits n
     import ckptbench
 
 from ckptbench import disk
+from ckptbench.limits import Limits
 from ckptbench.model import ModelCheckpoint
 
 
@@ -50,15 +51,13 @@ def saved(tiny: ModelCheckpoint, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 @pytest.fixture
-def fake_limits() -> disk.DiskLimits:
-    """Disk limits given up front, so a Benchmark skips the (slower) disk probe."""
-    return disk.DiskLimits(write_gbps=1.0, read_gbps=2.0, probe_bytes=0)
+def fake_limits() -> Limits:
+    """Limits given up front, so a Benchmark skips the (slower) probe."""
+    return Limits(write_gbps=1.0, read_gbps=2.0, memory_gbps=1.5, probe_bytes=0)
 
 
 @pytest.fixture
-def make_bench(
-    tiny: ModelCheckpoint, tmp_path: Path, fake_limits: disk.DiskLimits
-) -> Callable[..., ckptbench.Benchmark]:
+def make_bench(tiny: ModelCheckpoint, tmp_path: Path, fake_limits: Limits) -> Callable[..., ckptbench.Benchmark]:
     """A quiet, fast Benchmark on the shared tiny model in ``tmp_path/out``; keywords override the defaults."""
 
     def make(**overrides) -> ckptbench.Benchmark:

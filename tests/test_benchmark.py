@@ -79,10 +79,12 @@ def test_environment_is_recorded(finished, tiny):
     assert environment["run_id"] == bench.run_id
     assert environment["tensors"] == 238
     assert environment["model_bytes"] == tiny.nbytes
-    limits = environment["disk_limits"]
+    limits = environment["limits"]
     assert limits["write_gbps"] > 0
     assert limits["read_gbps"] > 0
+    assert limits["memory_gbps"] > 0
     assert limits["probe_bytes"] > 0
+    assert 0 < limits["probe_s"] <= environment["prepare_s"]
     assert environment["packages"]["torch"] == torch.__version__
     assert environment["packages"]["tensorstore"]
 

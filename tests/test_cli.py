@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from ckptbench import PRESETS, STRATEGIES, Benchmark, disk
+from ckptbench import PRESETS, STRATEGIES, Benchmark, limits
 from ckptbench.cli import main
 from ckptbench.results import COLUMNS
 
@@ -97,7 +97,7 @@ def test_missing_model_path_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_ctrl_c_exits_130(tmp_path, capsys, monkeypatch, fake_limits):
-    monkeypatch.setattr(disk, "probe", lambda directory, size: fake_limits)
+    monkeypatch.setattr(limits, "probe", lambda directory, size: fake_limits)
 
     def interrupted(self, name):
         raise KeyboardInterrupt
@@ -111,7 +111,7 @@ def test_ctrl_c_exits_130(tmp_path, capsys, monkeypatch, fake_limits):
 def test_a_phase_that_does_not_verify_exits_1(tmp_path, capsys, monkeypatch, fake_limits):
     from ckptbench import VerificationError
 
-    monkeypatch.setattr(disk, "probe", lambda directory, size: fake_limits)
+    monkeypatch.setattr(limits, "probe", lambda directory, size: fake_limits)
     real = Benchmark.run_phase
 
     def failing(self, name):

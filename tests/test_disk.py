@@ -280,11 +280,3 @@ def test_remove_trees_files_and_absent_paths(tmp_path):
     disk.remove(tmp_path / "file")
     disk.remove(tmp_path / "absent")
     assert _leftovers(tmp_path) == []
-
-
-def test_probe_measures_and_cleans_up(tmp_path):
-    limits = disk.probe(tmp_path, 4 << 20, repeats=1, block=1 << 20)
-    assert limits.write_gbps > 0
-    assert limits.read_gbps > 0
-    assert limits.probe_bytes == 4 << 20
-    assert _leftovers(tmp_path) == []

@@ -14,6 +14,7 @@ import ckptbench
 from ckptbench import EIGHT_WAY, STRATEGIES, Benchmark, TensorStore, TensorStoreOptions, disk, model, sweep, targets
 from ckptbench.cli import main
 from ckptbench.errors import CkptbenchError
+from ckptbench.limits import Limits
 from ckptbench.measure import measure
 from ckptbench.results import COLUMNS
 from ckptbench.verify import verify
@@ -115,7 +116,7 @@ def test_memory_stays_within_one_loaded_copy(strategy, mem_model, tmp_path):
         out=tmp_path,
         progress=False,
         warmup=False,
-        limits=disk.DiskLimits(1.0, 1.0, 0),
+        limits=Limits(1.0, 1.0, 1.0, 0),
         log=lambda m: None,
     )
     row = bench.run_phase(strategy).iloc[0]
@@ -206,6 +207,8 @@ def _results(**save_s: float) -> pd.DataFrame:
                 "verified": True,
                 "disk_write_gbps": 1.0,
                 "disk_read_gbps": 1.0,
+                "memory_gbps": 0.5,
+                "overhead_s": 0.1,
                 "tensors": 238,
             }
         )
@@ -214,7 +217,8 @@ def _results(**save_s: float) -> pd.DataFrame:
 
 def test_targets_compare_ts_best_with_its_peers_and_the_disk():
     results = _results(pytorch=2.0, safetensors=1.0, **{"ts+best": 1.25})
-    table = targets.ratios(results, wall_s=results[["save_s", "load_cold_s", "load_warm_s"]].to_numpy().sum() / 0.9)
+    timed = results[["save_s", "load_cold_s", "load_warm_s"]].to_numpy().sum()
+    table = targets.ratios(results, wall_s=(timed + 1.0) / 0.9, prepare_s=3.0, probe_s=1.0)
     by_metric = table.set_index("metric")
     assert by_metric.loc["ts+best save / pytorch save", "measured"] == pytest.approx(0.625)
     assert by_metric.loc["ts+best save / pytorch save", "met"] == "yes"
@@ -223,7 +227,16 @@ def test_targets_compare_ts_best_with_its_peers_and_the_disk():
     assert share["measured"] == pytest.approx(0.8)
     assert share["met"] == "yes"
     assert by_metric.loc["pytorch: bytes written / s as a share of the disk's durable write", "met"] == ""
-    assert by_metric.loc["wall time outside timed regions / run wall time", "measured"] == pytest.approx(0.1)
+    overhead = "wall time outside timed regions (strategies' and the limits probe's) / run wall time"
+    assert by_metric.loc[overhead, "measured"] == pytest.approx(0.1)
+    assert by_metric.loc[overhead, "met"] == "yes"
+    wall = (timed + 1.0) / 0.9
+    set_up = by_metric.loc["  of which set-up (model build, cleanup) / run wall time", "measured"]
+    assert set_up == pytest.approx(2.0 / wall, abs=1e-3)
+    memory = "fresh-memory copy rate / disk cold read (below 1: memory, not the disk, bounds a load)"
+    assert by_metric.loc[memory, "measured"] == pytest.approx(0.5)
+    ceiling = by_metric.loc["ts+best: bytes read / s as a share of the slower of disk and fresh memory", "measured"]
+    assert ceiling == pytest.approx(1.6)
     assert by_metric.loc["harness cost inside a timed region / shortest timed region", "met"] == "yes"
 
 
@@ -232,7 +245,8 @@ def test_bench_command_prints_the_ratios(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ts+best save / pytorch save" in printed
     assert "ts+best cold load / safetensors cold load" in printed
-    assert "wall time outside timed regions / run wall time" in printed
+    assert "wall time outside timed regions" in printed
+    assert "fresh-memory copy rate" in printed
     assert set(pd.read_csv(tmp_path / "bench.csv")["strategy"]) == {"pytorch", "safetensors", "ts+best"}
 
 

@@ -14,7 +14,7 @@ import ckptbench
 from ckptbench import EIGHT_WAY, plot, report
 from ckptbench.cli import main
 from ckptbench.model import ModelCheckpoint
-from ckptbench.results import COLUMNS
+from ckptbench.results import ADDED_COLUMNS, COLUMNS
 
 RUN = ("pytorch", "tensorstore", "ts+chunks")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -146,6 +146,14 @@ def test_cli_plot_draws_the_latest_run(measured, tmp_path, capsys):
     assert main(["plot", "--results", str(csv), "--run-id", "older", "--out", str(tmp_path / "older")]) == 0
     assert "(other)" in capsys.readouterr().out
     assert (tmp_path / "older" / "summary.csv").is_file()
+
+
+def test_cli_plot_reads_a_results_file_from_an_older_version(measured, tmp_path, capsys):
+    csv = tmp_path / "results.csv"
+    measured.drop(columns=list(ADDED_COLUMNS)).to_csv(csv, index=False)
+    assert main(["plot", "--results", str(csv)]) == 0
+    _assert_png(tmp_path / "8way_performance_comparison.png")
+    assert pd.read_csv(tmp_path / "summary.csv")["strategy"].tolist() == list(RUN)
 
 
 def test_cli_run_ends_by_exporting_the_figure_and_summary(tmp_path, capsys):

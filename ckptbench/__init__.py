@@ -1,6 +1,6 @@
 """ckptbench: how fast, how large and how exact LLM checkpoints are, eight ways and more."""
 
-from . import disk, model, plot, report, strategies, sweep, targets, verdict
+from . import disk, limits, model, plot, report, strategies, sweep, targets, verdict
 from .benchmark import Benchmark
 from .errors import (
     CheckpointError,
@@ -50,6 +50,7 @@ __all__ = [
     "build",
     "disk",
     "get_strategy",
+    "limits",
     "load_local",
     "model",
     "plot",

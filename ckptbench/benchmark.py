@@ -191,7 +191,6 @@ class Benchmark:
             verified=cold_ok and warm_ok,
             disk_write_gbps=self.limits.write_gbps,
             disk_read_gbps=self.limits.read_gbps,
-            memory_gbps=self.limits.memory_gbps,
             overhead_s=time.perf_counter() - started - saved.seconds - cold.seconds - warm.seconds,
         )
 

@@ -80,7 +80,7 @@ def _session(args: argparse.Namespace, parser: argparse.ArgumentParser, **extra)
     print(
         f"{checkpoint.source}: {len(checkpoint.tensors)} tensors, {checkpoint.params:,} parameters, "
         f"{checkpoint.nbytes / 1e9:.2f} GB; disk: {bench.limits.write_gbps:.2f} GB/s durable write, "
-        f"{bench.limits.read_gbps:.2f} GB/s cold read; fresh memory: {bench.limits.memory_gbps:.2f} GB/s"
+        f"{bench.limits.read_gbps:.2f} GB/s cold read"
     )
     return bench
 

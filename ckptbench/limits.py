@@ -1,9 +1,4 @@
-"""What the machine allows, measured in the same run as the strategies they are compared with.
-
-A load ends with every tensor in freshly allocated memory, so it is bounded by the disk's cold
-read *and* by how fast the kernel hands out new pages: on a VM each 4 KiB page fault can cost
-microseconds, which makes filling fresh memory slower than the disk. Both are measured.
-"""
+"""What the disk allows, measured in the same run as the strategies it is compared with."""
 
 from __future__ import annotations
 
@@ -14,26 +9,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .disk import PARTIAL, ensure_free, evict
 
 
 @dataclass(frozen=True)
 class Limits:
     write_gbps: float
-    """Durable sequential write of one large file (write + fsync)."""
+    """Durable sequential write of one large file (write + fsync): one stream, so parallel writers may beat it."""
     read_gbps: float
     """Sequential read of that file after evicting it from the page cache."""
-    memory_gbps: float
-    """Copying into freshly allocated memory, page faults included: what materialising a load costs."""
     probe_bytes: int
     probe_s: float = 0.0
     """Seconds spent inside the probe's own timed regions."""
-
-    def load_gbps(self) -> float:
-        """The binding ceiling for a cold load: the slower of the disk and fresh memory."""
-        return min(self.read_gbps, self.memory_gbps)
 
 
 def _timed(action: Callable[[], object]) -> float:
@@ -43,7 +30,7 @@ def _timed(action: Callable[[], object]) -> float:
 
 
 def probe(directory: Path, size: int, repeats: int = 3, block: int = 64 << 20) -> Limits:
-    """Medians of ``repeats`` durable writes, cold reads and fresh-memory copies of ``size`` bytes."""
+    """Medians of ``repeats`` durable writes and cold reads of one ``size``-byte file of random bytes."""
     directory.mkdir(parents=True, exist_ok=True)
     ensure_free(directory, size)
     data = os.urandom(min(block, size))
@@ -69,12 +56,9 @@ def probe(directory: Path, size: int, repeats: int = 3, block: int = 64 << 20) -
             reads.append(_timed(read))
     finally:
         path.unlink(missing_ok=True)
-    source = torch.ones(size, dtype=torch.uint8)
-    fills = [_timed(lambda: torch.empty_like(source).copy_(source)) for _ in range(repeats)]
     return Limits(
         write_gbps=size / statistics.median(writes) / 1e9,
         read_gbps=size / statistics.median(reads) / 1e9,
-        memory_gbps=size / statistics.median(fills) / 1e9,
         probe_bytes=size,
-        probe_s=sum(writes) + sum(reads) + sum(fills),
+        probe_s=sum(writes) + sum(reads),
     )

@@ -22,7 +22,6 @@ BAR = "#4c72b0"
 BASELINE_BAR = "#dd8452"
 DISK = "#c44e52"
 MODEL = "#55a868"
-MEMORY = "#8172b3"
 WARM_ALPHA = 0.45
 PNG_DPI = 200
 
@@ -138,9 +137,6 @@ def comparison_figure(results: pd.DataFrame, *, baseline: str = BASELINE, title:
     _bars(size_ax, x, size, colors, 0.7)
     _line(save_ax, model_gb / write_gbps, DISK, ":", "disk limit")
     _line(load_ax, model_gb / read_gbps, DISK, ":", "disk limit (cold read)")
-    memory_gbps = results["memory_gbps"].median()
-    if not np.isnan(memory_gbps):
-        _line(load_ax, model_gb / memory_gbps, MEMORY, "-.", "fresh-memory limit")
     _line(size_ax, model_gb, MODEL, ":", "model in memory")
     if baseline in order:
         for ax, stats in ((save_ax, save), (load_ax, cold), (size_ax, size)):
@@ -177,10 +173,6 @@ def comparison_figure(results: pd.DataFrame, *, baseline: str = BASELINE, title:
         ),
         Line2D([], [], color=MODEL, linestyle=":", label=f"model in memory ({model_gb:.3g} GB)"),
     ]
-    if not np.isnan(memory_gbps):
-        handles.append(
-            Line2D([], [], color=MEMORY, linestyle="-.", label=f"fresh-memory limit: {memory_gbps:.2f} GB/s")
-        )
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
     return fig
 

@@ -44,10 +44,9 @@ def describe(bench: Benchmark) -> pd.DataFrame:
         "tensors": env["tensors"],
         "parameters": None if env["params"] is None else f"{env['params']:,}",
         "size in memory": None if env["model_bytes"] is None else f"{env['model_bytes'] / 1e9:.3f} GB",
-        "limits": None
+        "disk limits": None
         if limits is None
-        else f"disk {limits['write_gbps']:.2f} GB/s durable write, {limits['read_gbps']:.2f} GB/s cold read; "
-        f"fresh memory {limits['memory_gbps']:.2f} GB/s",
+        else f"{limits['write_gbps']:.2f} GB/s durable write, {limits['read_gbps']:.2f} GB/s cold read",
         "output folder": str(bench.out.resolve()),
         "filesystem": env["filesystem"],
         "free disk": f"{env['disk_free_bytes'] / 1e9:.1f} GB of {env['disk_total_bytes'] / 1e9:.1f} GB",

@@ -34,13 +34,12 @@ class Row:
     verified: bool
     disk_write_gbps: float
     disk_read_gbps: float
-    memory_gbps: float
     overhead_s: float
     """Harness time around this repeat's timed regions: eviction, accounting, verification, deletion, warm-up."""
 
 
 COLUMNS: list[str] = [f.name for f in fields(Row)]
-ADDED_COLUMNS = ("overhead_s", "memory_gbps")
+ADDED_COLUMNS = ("overhead_s",)
 """Columns later versions added; a file from an older run lacks them and still reads (as NaN)."""
 TIMES = ("save_s", "load_cold_s", "load_warm_s")
 

@@ -52,8 +52,8 @@ def saved(tiny: ModelCheckpoint, tmp_path_factory: pytest.TempPathFactory) -> di
 
 @pytest.fixture
 def fake_limits() -> Limits:
-    """Limits given up front, so a Benchmark skips the (slower) probe."""
-    return Limits(write_gbps=1.0, read_gbps=2.0, memory_gbps=1.5, probe_bytes=0)
+    """Disk limits given up front, so a Benchmark skips the (slower) probe."""
+    return Limits(write_gbps=1.0, read_gbps=2.0, probe_bytes=0)
 
 
 @pytest.fixture

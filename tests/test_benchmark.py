@@ -82,7 +82,6 @@ def test_environment_is_recorded(finished, tiny):
     limits = environment["limits"]
     assert limits["write_gbps"] > 0
     assert limits["read_gbps"] > 0
-    assert limits["memory_gbps"] > 0
     assert limits["probe_bytes"] > 0
     assert 0 < limits["probe_s"] <= environment["prepare_s"]
     assert environment["packages"]["torch"] == torch.__version__

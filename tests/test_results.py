@@ -32,7 +32,6 @@ def make_row(strategy: str = "pytorch", repeat: int = 0, **values) -> Row:
         "verified": True,
         "disk_write_gbps": 1.5,
         "disk_read_gbps": 2.5,
-        "memory_gbps": 1.2,
         "overhead_s": 0.1,
     }
     return Row(**{**defaults, **values})

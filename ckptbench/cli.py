@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import model, plot, report, sweep, targets
+from . import limits, model, plot, report, sweep, targets
 from .benchmark import Benchmark
 from .errors import CkptbenchError, UnknownChoiceError, VerificationError
 from .strategies import EIGHT_WAY, STRATEGIES, Strategy, parse_strategies
@@ -149,9 +149,10 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     started = time.perf_counter()
     bench = _session(args, parser, results_file=BENCH_FILE)
     failed = _measure(bench, names)
+    end = limits.probe(bench.out, bench.limits.probe_bytes)
     wall = time.perf_counter() - started
     _print_summary(bench.summary())
-    table = targets.ratios(bench.results, wall, bench.prepare_s, bench.limits.probe_s)
+    table = targets.ratios(bench.results, wall, bench.prepare_s, bench.limits.probe_s + end.probe_s, end)
     print(table.to_string(index=False))
     return _finish(bench, failed)
 

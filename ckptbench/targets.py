@@ -13,6 +13,7 @@ import time
 import pandas as pd
 from tqdm.auto import tqdm
 
+from .limits import Limits
 from .measure import measure
 from .results import TIMES, summarize
 
@@ -51,15 +52,28 @@ def _row(metric: str, value: float, target: str = "", met: bool | None = None) -
     }
 
 
-def ratios(results: pd.DataFrame, wall_s: float, prepare_s: float = 0.0, probe_s: float = 0.0) -> pd.DataFrame:
+def ratios(
+    results: pd.DataFrame,
+    wall_s: float,
+    prepare_s: float = 0.0,
+    probe_s: float = 0.0,
+    end_limits: Limits | None = None,
+) -> pd.DataFrame:
     """The target ratios the measured strategies allow, each strategy's share of the disk, and the overhead.
 
     ``results`` are one run's rows; ``wall_s`` is that run's wall time from start to end, of which
-    ``prepare_s`` went to set-up and ``probe_s`` (part of it) to the limits probe's timed regions.
+    ``prepare_s`` went to set-up and ``probe_s`` to the disk probes' timed regions. ``end_limits``, the
+    disk probed again after the strategies, shows whether the disk the shares divide by held still.
     """
     summary = summarize(results)
     disk_write_gbps, disk_read_gbps = results["disk_write_gbps"].median(), results["disk_read_gbps"].median()
     rows = []
+    if end_limits is not None:
+        for limit, start, end in (
+            ("durable write", disk_write_gbps, end_limits.write_gbps),
+            ("cold read", disk_read_gbps, end_limits.read_gbps),
+        ):
+            rows.append(_row(f"disk's {limit} probed after the strategies / before them (1: steady)", end / start))
     if {BEST, TORCH} <= set(summary.index):
         value = summary.loc[BEST, "save_s_median"] / summary.loc[TORCH, "save_s_median"]
         rows.append(_row(f"{BEST} save / {TORCH} save", value, f"<= {SAVE_VS_TORCH}", value <= SAVE_VS_TORCH))

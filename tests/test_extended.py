@@ -239,6 +239,15 @@ def test_targets_compare_ts_best_with_its_peers_and_the_disk():
     assert by_metric.loc["harness cost inside a timed region / shortest timed region", "met"] == "yes"
 
 
+def test_targets_show_whether_the_disk_held_still():
+    results = _results(pytorch=2.0, safetensors=1.0, **{"ts+best": 1.25})
+    table = targets.ratios(results, wall_s=100.0, end_limits=Limits(write_gbps=0.5, read_gbps=1.0, probe_bytes=1))
+    by_metric = table.set_index("metric")["measured"]
+    assert by_metric["disk's durable write probed after the strategies / before them (1: steady)"] == 0.5
+    assert by_metric["disk's cold read probed after the strategies / before them (1: steady)"] == 1.0
+    assert not any("probed after" in metric for metric in targets.ratios(results, wall_s=100.0)["metric"])
+
+
 def test_bench_command_prints_the_ratios(tmp_path, capsys):
     assert main(["bench", "--preset", "tiny", "--out", str(tmp_path), "--no-warmup"]) == 0
     printed = capsys.readouterr().out
@@ -246,6 +255,7 @@ def test_bench_command_prints_the_ratios(tmp_path, capsys):
     assert "ts+best cold load / safetensors cold load" in printed
     assert "wall time outside timed regions" in printed
     assert "warm (no disk" in printed
+    assert "probed after the strategies / before them" in printed
     assert set(pd.read_csv(tmp_path / "bench.csv")["strategy"]) == {"pytorch", "safetensors", "ts+best"}
 
 

@@ -152,7 +152,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     end = limits.probe(bench.out, bench.limits.probe_bytes)
     wall = time.perf_counter() - started
     _print_summary(bench.summary())
-    table = targets.ratios(bench.results, wall, bench.prepare_s, bench.limits.probe_s + end.probe_s, end)
+    table = targets.ratios(bench.results, wall, bench.prepare_s, bench.limits, end)
     print(table.to_string(index=False))
     return _finish(bench, failed)
 

@@ -56,15 +56,19 @@ def ratios(
     results: pd.DataFrame,
     wall_s: float,
     prepare_s: float = 0.0,
-    probe_s: float = 0.0,
+    start_limits: Limits | None = None,
     end_limits: Limits | None = None,
 ) -> pd.DataFrame:
     """The target ratios the measured strategies allow, each strategy's share of the disk, and the overhead.
 
     ``results`` are one run's rows; ``wall_s`` is that run's wall time from start to end, of which
-    ``prepare_s`` went to set-up and ``probe_s`` to the disk probes' timed regions. ``end_limits``, the
-    disk probed again after the strategies, shows whether the disk the shares divide by held still.
+    ``prepare_s`` went to set-up, including the disk probe ``start_limits``. ``end_limits``, the disk
+    probed again after the strategies, shows whether the disk the shares divide by held still.
+    Both probes' timed I/O counts as measurement.
     """
+    probes = [limits for limits in (start_limits, end_limits) if limits is not None]
+    probe_s = sum(limits.probe_s for limits in probes)
+    set_up_s = prepare_s - (start_limits.probe_s if start_limits is not None else 0.0)
     summary = summarize(results)
     disk_write_gbps, disk_read_gbps = results["disk_write_gbps"].median(), results["disk_read_gbps"].median()
     rows = []
@@ -119,7 +123,7 @@ def ratios(
             overhead <= OVERHEAD_FRACTION,
         )
     )
-    rows.append(_row("  of which set-up (model build, cleanup) / run wall time", (prepare_s - probe_s) / wall_s))
+    rows.append(_row("  of which set-up (model build, cleanup) / run wall time", set_up_s / wall_s))
     rows.append(
         _row(
             "  of which per repeat (eviction, verification, deletion, warm-up) / run wall time",

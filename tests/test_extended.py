@@ -217,7 +217,8 @@ def _results(**save_s: float) -> pd.DataFrame:
 def test_targets_compare_ts_best_with_its_peers_and_the_disk():
     results = _results(pytorch=2.0, safetensors=1.0, **{"ts+best": 1.25})
     timed = results[["save_s", "load_cold_s", "load_warm_s"]].to_numpy().sum()
-    table = targets.ratios(results, wall_s=(timed + 1.0) / 0.9, prepare_s=3.0, probe_s=1.0)
+    start = Limits(write_gbps=1.0, read_gbps=1.0, probe_bytes=1, probe_s=1.0)
+    table = targets.ratios(results, wall_s=(timed + 1.0) / 0.9, prepare_s=3.0, start_limits=start)
     by_metric = table.set_index("metric")
     assert by_metric.loc["ts+best save / pytorch save", "measured"] == pytest.approx(0.625)
     assert by_metric.loc["ts+best save / pytorch save", "met"] == "yes"

@@ -192,6 +192,9 @@ class Benchmark:
             disk_write_gbps=self.limits.write_gbps,
             disk_read_gbps=self.limits.read_gbps,
             overhead_s=time.perf_counter() - started - saved.seconds - cold.seconds - warm.seconds,
+            cpu_save_s=saved.cpu_s,
+            cpu_load_cold_s=cold.cpu_s,
+            cpu_load_warm_s=warm.cpu_s,
         )
 
     def run_phase(self, strategy: str | Strategy) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""The timed region: wall time and peak resident memory above the region's starting point."""
+"""The timed region: wall time, CPU time, and peak resident memory above the region's starting point."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ class Measurement:
     seconds: float = float("nan")
     peak_rss: int = 0
     """Bytes of resident memory above the level at the start of the region."""
+    cpu_s: float = float("nan")
+    """User + system CPU seconds of this process, all threads: near wall x cores means CPU-bound."""
 
 
 def _reset_high_water_mark() -> bool:
@@ -62,16 +64,20 @@ class _Sampler(threading.Thread):
 def measure(interval: float = 0.01) -> Iterator[Measurement]:
     """Time the block; the result is filled in when it exits without error."""
     result = Measurement()
-    start_rss = psutil.Process().memory_info().rss
+    process = psutil.Process()
+    start_rss = process.memory_info().rss
     kernel_hwm = _reset_high_water_mark()
     sampler = _Sampler(interval)
     sampler.start()
+    start_cpu = process.cpu_times()
     start = time.perf_counter()
     try:
         yield result
     finally:
         seconds = time.perf_counter() - start
+        end_cpu = process.cpu_times()
         peak = sampler.stop()
     if kernel_hwm:
         peak = max(peak, _high_water_mark())
     result.seconds, result.peak_rss = seconds, max(0, peak - start_rss)
+    result.cpu_s = (end_cpu.user - start_cpu.user) + (end_cpu.system - start_cpu.system)

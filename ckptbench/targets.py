@@ -11,6 +11,7 @@ import statistics
 import time
 
 import pandas as pd
+import psutil
 from tqdm.auto import tqdm
 
 from .limits import Limits
@@ -70,6 +71,8 @@ def ratios(
     probe_s = sum(limits.probe_s for limits in probes)
     set_up_s = prepare_s - (start_limits.probe_s if start_limits is not None else 0.0)
     summary = summarize(results)
+    cores = psutil.cpu_count() or 1
+    busy = (results["cpu_load_cold_s"] / results["load_cold_s"] / cores).groupby(results["strategy"]).median()
     disk_write_gbps, disk_read_gbps = results["disk_write_gbps"].median(), results["disk_read_gbps"].median()
     rows = []
     if end_limits is not None:
@@ -104,6 +107,7 @@ def ratios(
                 cached / disk_read_gbps,
             )
         )
+        rows.append(_row(f"{name}: CPU time during the cold load / (its wall time x {cores} cores)", busy[name]))
     shortest = summary[[f"{t}_median" for t in TIMES]].to_numpy().min()
     cost = harness_cost(int(results["tensors"].max()))
     rows.append(

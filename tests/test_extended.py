@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import torch
 
@@ -208,6 +209,7 @@ def _results(**save_s: float) -> pd.DataFrame:
                 "disk_write_gbps": 1.0,
                 "disk_read_gbps": 1.0,
                 "overhead_s": 0.1,
+                "cpu_load_cold_s": seconds,
                 "tensors": 238,
             }
         )
@@ -237,6 +239,9 @@ def test_targets_compare_ts_best_with_its_peers_and_the_disk():
         "ts+best: bytes read / s warm (no disk, the load's own work) as a share of the disk's cold read", "measured"
     ]
     assert warm == pytest.approx(1.6)
+    cores = psutil.cpu_count()
+    busy = by_metric.loc[f"ts+best: CPU time during the cold load / (its wall time x {cores} cores)", "measured"]
+    assert busy == pytest.approx(1 / cores, abs=1e-3)
     assert by_metric.loc["harness cost inside a timed region / shortest timed region", "met"] == "yes"
 
 

@@ -1,4 +1,4 @@
-"""measure(): wall time of the block and the resident memory it added at its peak."""
+"""measure(): wall time of the block, its CPU time, and the resident memory it added at its peak."""
 
 from __future__ import annotations
 
@@ -47,3 +47,20 @@ def test_a_failing_block_fills_in_nothing():
         raise RuntimeError("boom")
     assert math.isnan(timing.seconds)
     assert timing.peak_rss == 0
+
+
+def test_cpu_time_tells_waiting_from_working():
+    with measure() as waiting:
+        time.sleep(0.3)
+    with measure() as working:
+        deadline = time.perf_counter() + 0.3
+        while time.perf_counter() < deadline:
+            pass
+    assert waiting.cpu_s < 0.1
+    assert working.cpu_s > 0.2
+
+
+def test_a_failing_block_records_no_cpu_time():
+    with pytest.raises(RuntimeError, match="boom"), measure() as timing:
+        raise RuntimeError("boom")
+    assert math.isnan(timing.cpu_s)

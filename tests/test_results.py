@@ -33,6 +33,9 @@ def make_row(strategy: str = "pytorch", repeat: int = 0, **values) -> Row:
         "disk_write_gbps": 1.5,
         "disk_read_gbps": 2.5,
         "overhead_s": 0.1,
+        "cpu_save_s": 1.5,
+        "cpu_load_cold_s": 0.6,
+        "cpu_load_warm_s": 0.4,
     }
     return Row(**{**defaults, **values})
 

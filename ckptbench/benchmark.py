@@ -162,12 +162,12 @@ class Benchmark:
             del loaded
             warm, loaded = self._timed_load(strategy, tensors, final, f"{label} warm")
             # Nothing is timed now: delete the checkpoint while the CPU compares the last load.
+            # A deletion that failed there is retried, and raises, below.
             with ThreadPoolExecutor(1) as pool:
-                removal = None if keep else pool.submit(disk.remove, final)
+                if not keep:
+                    pool.submit(disk.remove, final)
                 warm_ok = self._verified(strategy, loaded, tensors, final)
                 del loaded
-            if removal is not None:
-                removal.result()
         finally:
             if not keep:
                 disk.remove(final)

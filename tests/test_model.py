@@ -108,3 +108,9 @@ def test_unknown_preset_names_the_valid_ones():
     for name in PRESETS:
         assert name in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_build_does_not_depend_on_the_number_of_cores(tiny, monkeypatch):
+    monkeypatch.setattr(model.os, "cpu_count", lambda: 1)
+    serial = model.build("tiny", seed=0)
+    assert all(_bits_equal(serial.tensors[n], t) for n, t in tiny.tensors.items())

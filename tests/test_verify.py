@@ -86,3 +86,13 @@ def test_the_source_is_named(tiny, copy):
     del copy[TENSOR]
     with pytest.raises(VerificationError, match=r"^somewhere/ckpt: "):
         verify(copy, tiny.tensors, "somewhere/ckpt")
+
+
+def test_a_flipped_bit_past_the_first_block_of_a_large_tensor():
+    """Tensors over 64 MiB are compared in blocks; the last byte of the last block counts too."""
+    want = torch.arange(40_000_000, dtype=torch.int32).view(torch.float32)
+    got = want.clone()
+    got.view(torch.int32)[-1] ^= 1 << 31
+    verify({"w": want.clone()}, {"w": want}, "large")
+    with pytest.raises(VerificationError, match="w differs from what was saved in 1 elements"):
+        verify({"w": got}, {"w": want}, "large")

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -154,6 +155,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _print_summary(bench.summary())
     table = targets.ratios(bench.results, wall, bench.prepare_s, bench.limits, end)
     print(table.to_string(index=False))
+    record = {**bench.environment(), "limits_end": asdict(end), "wall_s": wall}
+    bench.store.write_environment(bench.run_id, record)
     return _finish(bench, failed)
 
 

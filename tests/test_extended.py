@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
@@ -232,6 +233,8 @@ def test_targets_compare_ts_best_with_its_peers_and_the_disk():
     overhead = "wall time outside timed regions (strategies' and the limits probe's) / run wall time"
     assert by_metric.loc[overhead, "measured"] == pytest.approx(0.1)
     assert by_metric.loc[overhead, "met"] == "yes"
+    with_probes = by_metric.loc["  the same, counting the disk probes' I/O as overhead too", "measured"]
+    assert with_probes == pytest.approx(0.1 + 1.0 / ((timed + 1.0) / 0.9), abs=1e-3)
     wall = (timed + 1.0) / 0.9
     set_up = by_metric.loc["  of which set-up (model build, cleanup) / run wall time", "measured"]
     assert set_up == pytest.approx(2.0 / wall, abs=1e-3)
@@ -263,6 +266,10 @@ def test_bench_command_prints_the_ratios(tmp_path, capsys):
     assert "warm (no disk" in printed
     assert "probed after the strategies / before them" in printed
     assert set(pd.read_csv(tmp_path / "bench.csv")["strategy"]) == {"pytorch", "safetensors", "ts+best"}
+    (environment,) = (tmp_path / "runs").glob("*.json")
+    recorded = json.loads(environment.read_text())
+    assert recorded["limits_end"]["read_gbps"] > 0
+    assert recorded["wall_s"] > recorded["prepare_s"]
 
 
 def test_overhead_is_recorded_per_repeat(make_bench):

@@ -230,7 +230,7 @@ def test_targets_compare_ts_best_with_its_peers_and_the_disk():
     assert share["measured"] == pytest.approx(0.8)
     assert share["met"] == "yes"
     assert by_metric.loc["pytorch: bytes written / s as a share of the disk's durable write", "met"] == ""
-    overhead = "wall time outside timed regions (strategies' and the limits probe's) / run wall time"
+    overhead = "wall time outside timed regions (the strategies' and the disk probes') / run wall time"
     assert by_metric.loc[overhead, "measured"] == pytest.approx(0.1)
     assert by_metric.loc[overhead, "met"] == "yes"
     with_probes = by_metric.loc["  the same, counting the disk probes' I/O as overhead too", "measured"]

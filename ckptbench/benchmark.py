@@ -232,6 +232,17 @@ class Benchmark:
             self.run_phase(name)
         return self.results
 
+    def run_each(self, strategies: Iterable[str | Strategy]) -> list[str]:
+        """Every phase in turn, recording (not stopping at) one that fails verification; the names of those."""
+        failed = []
+        for strategy in strategies:
+            try:
+                self.run_phase(strategy)
+            except VerificationError as err:
+                failed.append(strategy if isinstance(strategy, str) else strategy.name)
+                self.log(f"error: {err}")
+        return failed
+
     @property
     def results(self) -> pd.DataFrame:
         """This session's rows, one phase's latest measurements per strategy, in registry order."""

@@ -13,8 +13,8 @@ import pandas as pd
 
 from . import limits, model, plot, report, sweep, targets
 from .benchmark import Benchmark
-from .errors import CkptbenchError, UnknownChoiceError, VerificationError
-from .strategies import EIGHT_WAY, STRATEGIES, Strategy, parse_strategies
+from .errors import CkptbenchError, UnknownChoiceError
+from .strategies import EIGHT_WAY, STRATEGIES, parse_strategies
 from .sweep import KNOBS
 
 DEFAULT_OUT = Path("saved_models")
@@ -86,18 +86,6 @@ def _session(args: argparse.Namespace, parser: argparse.ArgumentParser, **extra)
     return bench
 
 
-def _measure(bench: Benchmark, strategies: Sequence[str | Strategy]) -> list[str]:
-    """Run every phase, reporting (not stopping at) one that fails verification; return those."""
-    failed = []
-    for strategy in strategies:
-        try:
-            bench.run_phase(strategy)
-        except VerificationError as err:
-            failed.append(strategy if isinstance(strategy, str) else strategy.name)
-            print(f"error: {err}", file=sys.stderr)
-    return failed
-
-
 def _print_summary(summary: pd.DataFrame) -> None:
     shown = summary[list(report.SUMMARY_COLUMNS)].rename(columns=report.SUMMARY_COLUMNS)
     print(shown.to_string(float_format="{:.3f}".format))
@@ -121,7 +109,7 @@ def _strategies(spec: str, parser: argparse.ArgumentParser) -> list[str]:
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     names = _strategies(args.strategies, parser)
     bench = _session(args, parser, keep_checkpoints=args.keep_checkpoints)
-    failed = _measure(bench, names)
+    failed = bench.run_each(names)
     _print_summary(bench.summary())
     if not bench.results.empty:
         _print_paths(report.export_report(bench.results, args.out))
@@ -149,7 +137,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     names = _strategies(args.strategies, parser)
     started = time.perf_counter()
     bench = _session(args, parser, results_file=BENCH_FILE)
-    failed = _measure(bench, names)
+    failed = bench.run_each(names)
     end = limits.probe(bench.out, bench.limits.probe_bytes)
     wall = time.perf_counter() - started
     _print_summary(bench.summary())

@@ -80,9 +80,7 @@ class Phases:
 
     def run_all(self) -> pd.DataFrame:
         """Every selected phase in turn; the rows of this session so far."""
-        for name in self.selected:
-            self.bench.run_phase(name)
-        return self.bench.results
+        return self.bench.run(self.selected)
 
 
 def missing_note(results: pd.DataFrame) -> str:

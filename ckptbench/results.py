@@ -35,11 +35,11 @@ class Row:
     disk_write_gbps: float
     disk_read_gbps: float
     overhead_s: float
+    """Harness time around this repeat's timed regions: eviction, accounting, verification, deletion, warm-up."""
     cpu_save_s: float
     """CPU seconds (user + system, all threads) inside the timed save; likewise for the loads."""
     cpu_load_cold_s: float
     cpu_load_warm_s: float
-    """Harness time around this repeat's timed regions: eviction, accounting, verification, deletion, warm-up."""
 
 
 COLUMNS: list[str] = [f.name for f in fields(Row)]

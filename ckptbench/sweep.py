@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from . import plot
 from .benchmark import Benchmark
-from .errors import CkptbenchError, VerificationError
+from .errors import CkptbenchError
 from .strategies import TensorStore, TensorStoreOptions
 
 _SIZES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -108,12 +108,7 @@ def knob_columns(results: pd.DataFrame) -> pd.DataFrame:
 
 def run(bench: Benchmark, knobs: dict[str, list[Any]]) -> tuple[pd.DataFrame, list[str]]:
     """Measure every configuration of the grid; the summary (fastest save first) and those that did not verify."""
-    failed = []
-    for strategy in grid(knobs):
-        try:
-            bench.run_phase(strategy)
-        except VerificationError:
-            failed.append(strategy.name)
+    failed = bench.run_each(grid(knobs))
     return bench.summary().sort_values("save_s_median"), failed
 
 

@@ -157,7 +157,7 @@ def test_warmup_survives_a_leftover_from_a_killed_warmup(make_bench, tmp_path):
     assert bench.results["verified"].all()
 
 
-def test_a_load_that_does_not_verify_is_recorded_then_raised(make_bench, monkeypatch):
+def _corrupt_torch_loads(monkeypatch) -> None:
     real_load = TorchSave.load
 
     def corrupting_load(self, directory, progress):
@@ -169,6 +169,10 @@ def test_a_load_that_does_not_verify_is_recorded_then_raised(make_bench, monkeyp
         return flipped
 
     monkeypatch.setattr(TorchSave, "load", corrupting_load)
+
+
+def test_a_load_that_does_not_verify_is_recorded_then_raised(make_bench, monkeypatch):
+    _corrupt_torch_loads(monkeypatch)
     messages: list[str] = []
     bench = make_bench(log=messages.append)
     with pytest.raises(VerificationError, match="pytorch"):
@@ -213,3 +217,12 @@ def test_a_local_model_path_names_the_preset(tmp_path):
     with pytest.raises(ckptbench.ModelSourceError):
         bench.prepare()
     assert not (tmp_path / "out").exists()
+
+
+def test_run_each_goes_on_past_a_phase_that_does_not_verify(make_bench, monkeypatch):
+    _corrupt_torch_loads(monkeypatch)
+    messages: list[str] = []
+    bench = make_bench(log=messages.append)
+    assert bench.run_each(["pytorch", "ts+chunks"]) == ["pytorch"]
+    assert bench.results.groupby("strategy")["verified"].all().to_dict() == {"pytorch": False, "ts+chunks": True}
+    assert any(m.startswith("error: pytorch") for m in messages)

@@ -1,21 +1,22 @@
 """ckptbench: how fast, how large and how exact LLM checkpoints are, eight ways and more."""
 
-from . import disk, limits, model, plot, report, strategies, sweep, targets, verdict
-from .benchmark import Benchmark
+from . import checkpoint, disk, docs, limits, manifest, model, plot, report, strategies, study, sweep, targets, verdict
+from .benchmark import Benchmark, PhaseResult, RunConfig
 from .errors import (
     CheckpointError,
     CkptbenchError,
     CompositionError,
+    DiskFullError,
     InsufficientDiskSpaceError,
     ModelSourceError,
+    ResultsFileError,
     UnknownChoiceError,
+    UsageError,
     VerificationError,
 )
 from .model import PRESETS, ModelCheckpoint, build, load_local
-from .results import ResultsStore, summarize
+from .results import ResultsStore, read_results, summarize
 from .strategies import (
-    BASELINE,
-    EIGHT_WAY,
     STRATEGIES,
     DistributedCheckpoint,
     SafeTensors,
@@ -25,9 +26,11 @@ from .strategies import (
     TorchSave,
     get_strategy,
 )
+from .study import BASELINE, BEST, EIGHT_WAY, parse_strategies
 
 __all__ = [
     "BASELINE",
+    "BEST",
     "EIGHT_WAY",
     "PRESETS",
     "STRATEGIES",
@@ -35,27 +38,38 @@ __all__ = [
     "CheckpointError",
     "CkptbenchError",
     "CompositionError",
+    "DiskFullError",
     "DistributedCheckpoint",
     "InsufficientDiskSpaceError",
     "ModelCheckpoint",
     "ModelSourceError",
+    "PhaseResult",
+    "ResultsFileError",
     "ResultsStore",
+    "RunConfig",
     "SafeTensors",
     "Strategy",
     "TensorStore",
     "TensorStoreOptions",
     "TorchSave",
     "UnknownChoiceError",
+    "UsageError",
     "VerificationError",
     "build",
+    "checkpoint",
     "disk",
+    "docs",
     "get_strategy",
     "limits",
     "load_local",
+    "manifest",
     "model",
+    "parse_strategies",
     "plot",
+    "read_results",
     "report",
     "strategies",
+    "study",
     "summarize",
     "sweep",
     "targets",

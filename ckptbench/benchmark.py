@@ -1,34 +1,42 @@
-"""The harness: each phase saves, evicts, loads cold, loads warm and verifies one strategy.
+"""The harness: each repeat saves, evicts, loads cold, loads warm and verifies one strategy.
 
-Only the I/O a user would wait for is timed. Building the model, verification, cache eviction,
-size accounting and deletion all happen between the timed regions.
+Only the I/O a user would wait for is timed. Building the model, digests, verification, cache
+eviction, size accounting and deletion all happen between the timed regions. A run's settings are
+a frozen ``RunConfig``; a ``Benchmark`` holds what one session has measured. Every phase returns a
+``PhaseResult``; a failure becomes a recorded row and the run goes on.
 """
 
 from __future__ import annotations
 
+import random
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import disk, environment
+from . import checkpoint, disk, environment, manifest
 from . import limits as limits_lib
 from . import model as model_lib
-from .errors import VerificationError
+from .errors import UsageError, VerificationError
 from .measure import Measurement, measure
-from .results import ResultsStore, Row, frame, summarize
-from .strategies import STRATEGIES, Strategy, Tensors, get_strategy, nbytes, total_bytes
+from .results import ResultsStore, Row, config_json, frame, summarize
+from .strategies import Strategy, Tensors, get_strategy, nbytes, total_bytes
+from .study import ordered
 from .verify import verify
 
 WARMUP_BYTES = 64 << 20
 _PROBE_MIN, _PROBE_MAX = 64 << 20, 1 << 30
+_DRIFT_MIN, _DRIFT_MAX = 32 << 20, 256 << 20
+Order = Literal["interleaved", "shuffled", "sequential"]
+ORDERS: tuple[str, ...] = get_args(Order)
 
 
 def _warmup_subset(tensors: Tensors) -> OrderedDict[str, torch.Tensor]:
@@ -41,7 +49,80 @@ def _warmup_subset(tensors: Tensors) -> OrderedDict[str, torch.Tensor]:
     return subset
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """What a run measures and how; validated when made, so a bad setting fails before anything is written."""
+
+    preset: str = model_lib.DEFAULT_PRESET
+    model_path: Path | None = None
+    """A local Hugging Face Llama directory; replaces the preset."""
+    out: Path = Path("saved_models")
+    repeats: int = 1
+    order: Order = "interleaved"
+    """interleaved: repeat 1 of every strategy, then repeat 2, ...; shuffled: the same, each round in a
+    seeded random order; sequential: every repeat of one strategy before the next."""
+    keep_checkpoints: bool = False
+    warmup: bool = True
+    drift: bool = True
+    """Probe the disk briefly before every repeat, so each row says how fast the disk was at the time."""
+    seed: int = 0
+    results_file: str = "results.csv"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        if self.model_path is not None:
+            object.__setattr__(self, "model_path", Path(self.model_path))
+        else:
+            model_lib.get_preset(self.preset)
+        if self.repeats < 1:
+            raise UsageError(f"repeats must be at least 1, got {self.repeats}")
+        if self.seed < 0:
+            raise UsageError(f"seed must be 0 or more, got {self.seed}")
+        if self.order not in ORDERS:
+            raise UsageError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"--out {self.out} is a file, not a folder")
+
+    @property
+    def label(self) -> str:
+        """The model as results name it: the preset, or ``local:DIR`` for real weights."""
+        return self.preset if self.model_path is None else f"local:{self.model_path.name}"
+
+
 @dataclass
+class PhaseResult:
+    """One strategy's rows from one phase; ``error`` says why it stopped early, if it did."""
+
+    strategy: str
+    rows: list[Row]
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.rows) and all(r.verified for r in self.rows)
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        return frame(self.rows)
+
+    def _repr_html_(self) -> str:
+        from .report import phase_table
+
+        return phase_table(self).to_html()
+
+    def __repr__(self) -> str:
+        from .report import phase_table
+
+        return phase_table(self).to_string()
+
+
+@dataclass
+class _Drift:
+    write_gbps: float | None = None
+    read_gbps: float | None = None
+
+
 class Benchmark:
     """One benchmark session: a model, an output folder, and the rows measured so far.
 
@@ -49,49 +130,59 @@ class Benchmark:
     ``results`` (this session's view) and appends to the results store (the history).
     """
 
-    preset: str = model_lib.DEFAULT_PRESET
-    model_path: str | Path | None = None
-    out: Path = Path("saved_models")
-    repeats: int = 1
-    keep_checkpoints: bool = False
-    warmup: bool = True
-    seed: int = 0
-    progress: bool = True
-    run_id: str = field(default_factory=lambda: f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}")
-    checkpoint: model_lib.ModelCheckpoint | None = field(default=None, repr=False)
-    limits: limits_lib.Limits | None = None
-    results_file: str = "results.csv"
-    prepare_s: float = 0.0
-    """Set-up so far: building or loading the model, cleaning leftovers, probing the limits.
+    def __init__(
+        self,
+        config: RunConfig | None = None,
+        *,
+        checkpoint: model_lib.ModelCheckpoint | None = None,
+        limits: limits_lib.Limits | None = None,
+        log: Callable[[str], None] = tqdm.write,
+        run_id: str | None = None,
+    ) -> None:
+        self.config = config or RunConfig()
+        self.checkpoint = checkpoint
+        self.limits = limits
+        self.log = log
+        self.run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        self.store = ResultsStore(self.config.out, self.config.results_file)
+        self.prepare_s = 0.0
+        """Set-up so far: building or loading the model, cleaning leftovers, probing the limits."""
+        self.probe_s = 0.0
+        """Seconds inside the disk probes' own timed I/O (start probe and drift probes): measurement, not overhead."""
+        self._rows: dict[str, list[Row]] = {}
+        self._warm: set[str] = set()
+        self._layout: manifest.Layout | None = None
+        self._token = secrets.token_hex(3)
 
-    ``limits.probe_s`` of it is the probe's own timed I/O."""
-    log: Callable[[str], None] = field(default=tqdm.write, repr=False)
-    _rows: dict[str, list[Row]] = field(default_factory=dict, repr=False)
+    @property
+    def out(self) -> Path:
+        return self.config.out
 
-    def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        if self.model_path is None and self.checkpoint is None:
-            model_lib.get_preset(self.preset)
-        elif self.model_path is not None:
-            self.preset = f"local:{Path(self.model_path).name}"
-        if self.repeats < 1:
-            raise ValueError(f"repeats must be at least 1, got {self.repeats}")
-        self.store = ResultsStore(self.out, self.results_file)
+    @property
+    def preset(self) -> str:
+        return self.config.label
 
     def prepare(self) -> model_lib.ModelCheckpoint:
-        """Build (or load) the model, clean stale partial saves, measure the limits, record the environment."""
+        """Build (or load) the model, make the results file safe, clean stale leftovers, measure the limits."""
         started = time.perf_counter()
         if self.checkpoint is None:
-            if self.model_path is None:
-                self.checkpoint = model_lib.build(self.preset, self.seed)
+            if self.config.model_path is None:
+                self.checkpoint = model_lib.build(self.config.preset, self.config.seed)
             else:
-                self.checkpoint = model_lib.load_local(self.model_path)
+                self.checkpoint = model_lib.load_local(self.config.model_path)
+        if self._layout is None:
+            tensors = self.checkpoint.tensors
+            self._layout = manifest.layout(tensors, manifest.digests(tensors))
         self.out.mkdir(parents=True, exist_ok=True)
+        kept = self.store.check()
+        if kept is not None:
+            self.log(f"{self.store.csv} could not be appended to safely; kept it as {kept.name}")
         for stale in disk.clean_stale(self.out):
-            self.log(f"removed the leftovers of an interrupted save: {stale}")
+            self.log(f"removed the leftovers of an interrupted run: {stale}")
         if self.limits is None:
             size = min(max(self.checkpoint.nbytes, _PROBE_MIN), _PROBE_MAX)
             self.limits = limits_lib.probe(self.out, size)
+            self.probe_s += self.limits.probe_s
         self.prepare_s += time.perf_counter() - started
         if not self.store.environment_path(self.run_id).exists():
             self.store.write_environment(self.run_id, self.environment())
@@ -106,81 +197,118 @@ class Benchmark:
             "tensors": None if checkpoint is None else len(checkpoint.tensors),
             "params": None if checkpoint is None else checkpoint.params,
             "model_bytes": None if checkpoint is None else checkpoint.nbytes,
-            "repeats": self.repeats,
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()},
+            "repeats": self.config.repeats,
+            "order": self.config.order,
             "limits": None if self.limits is None else asdict(self.limits),
             "prepare_s": self.prepare_s,
+            "probe_s": self.probe_s,
             **environment.collect(self.out),
         }
 
     def _bar(self, description: str, total: int) -> tqdm:
-        return tqdm(total=total, desc=description, unit="B", unit_scale=True, leave=False, disable=not self.progress)
+        return tqdm(
+            total=total, desc=description, unit="B", unit_scale=True, leave=False, disable=not self.config.progress
+        )
 
-    def _timed_save(self, strategy: Strategy, tensors: Tensors, final: Path, label: str) -> Measurement:
+    def _timed_save(
+        self, strategy: Strategy, tensors: Tensors, layout: manifest.Layout, path: Path, label: str
+    ) -> tuple[Measurement, float | None]:
+        """The save until durable, and for an async save the seconds until the strategy returned (its stall)."""
         disk.ensure_free(self.out, strategy.estimate_bytes(tensors))
         with (
             self._bar(f"{label} save", total_bytes(tensors)) as bar,
             measure() as timing,
-            disk.staged(final) as partial,
+            disk.staged(path) as partial,
         ):
-            strategy.save(tensors, partial, bar.update)
-        return timing
+            blocking = checkpoint.save(strategy, tensors, layout, partial, bar.update)
+        return timing, blocking
 
-    def _timed_load(self, strategy: Strategy, tensors: Tensors, final: Path, label: str) -> tuple[Measurement, Tensors]:
-        with self._bar(f"{label} load", total_bytes(tensors)) as bar, measure() as timing:
-            loaded = strategy.load(final, bar.update)
+    def _timed_load(self, strategy: Strategy, path: Path, label: str) -> tuple[Measurement, Tensors]:
+        with self._bar(f"{label} load", self.checkpoint.nbytes) as bar, measure() as timing:
+            loaded = checkpoint.load(strategy, path, bar.update)
         return timing, loaded
 
-    def _verified(self, strategy: Strategy, loaded: Tensors, tensors: Tensors, final: Path) -> bool:
+    def _verified(self, strategy: Strategy, loaded: Tensors, path: Path) -> bool:
         try:
-            verify(loaded, tensors, f"{strategy.name} checkpoint {final}")
+            verify(loaded, self.checkpoint.tensors, f"{strategy.name} checkpoint {path}")
         except VerificationError as err:
             self.log(f"VERIFICATION FAILED: {err}")
             return False
         return True
 
-    def _warm_up(self, strategy: Strategy, tensors: Tensors) -> None:
-        final = self.out / f".warmup-{strategy.name}"
-        disk.remove(final)
-        subset = _warmup_subset(tensors)
+    def _warm_up(self, strategy: Strategy) -> None:
+        """Save and load a few tensors untimed, so library start-up is not billed to the first repeat."""
+        if not self.config.warmup or strategy.name in self._warm:
+            return
+        subset = _warmup_subset(self.checkpoint.tensors)
+        layout = tuple(e for e in self._layout if e.name in subset)
+        path = disk.working_name(self.out, f"{strategy.name}.warmup", self._token)
         try:
-            self._timed_save(strategy, subset, final, f"{strategy.name} warm-up")
-            self._timed_load(strategy, subset, final, f"{strategy.name} warm-up")
+            self._timed_save(strategy, subset, layout, path, f"{strategy.name} warm-up")
+            self._timed_load(strategy, path, f"{strategy.name} warm-up")
         finally:
-            disk.remove(final)
+            disk.discard(path)
+        self._warm.add(strategy.name)
 
-    def _repeat(self, strategy: Strategy, repeat: int, started: float) -> Row:
+    def _drift(self) -> _Drift:
+        if not self.config.drift:
+            return _Drift()
+        size = min(max(self.checkpoint.nbytes // 16, _DRIFT_MIN), _DRIFT_MAX)
+        probe = limits_lib.probe(self.out, size, repeats=1)
+        self.probe_s += probe.probe_s
+        return _Drift(probe.write_gbps, probe.read_gbps)
+
+    def _row(self, strategy: Strategy, repeat: int, **measured) -> Row:
         checkpoint = self.checkpoint
-        tensors = checkpoint.tensors
-        final = self.out / strategy.name
-        label = f"{strategy.name} [{repeat + 1}/{self.repeats}]"
-        keep = self.keep_checkpoints and repeat == self.repeats - 1
-        try:
-            saved = self._timed_save(strategy, tensors, final, label)
-            usage = disk.evict(final)
-            cold, loaded = self._timed_load(strategy, tensors, final, f"{label} cold")
-            cold_ok = self._verified(strategy, loaded, tensors, final)
-            del loaded
-            warm, loaded = self._timed_load(strategy, tensors, final, f"{label} warm")
-            # Nothing is timed now: delete the checkpoint while the CPU compares the last load.
-            # A deletion that failed there is retried, and raises, below.
-            with ThreadPoolExecutor(1) as pool:
-                if not keep:
-                    pool.submit(disk.remove, final)
-                warm_ok = self._verified(strategy, loaded, tensors, final)
-                del loaded
-        finally:
-            if not keep:
-                disk.remove(final)
         return Row(
             run_id=self.run_id,
             timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             preset=self.preset,
             strategy=strategy.name,
+            config=config_json(strategy.config()),
             repeat=repeat,
-            tensors=len(tensors),
+            tensors=len(checkpoint.tensors),
             params=checkpoint.params,
             model_bytes=checkpoint.nbytes,
+            disk_write_gbps=self.limits.write_gbps,
+            disk_read_gbps=self.limits.read_gbps,
+            **measured,
+        )
+
+    def _repeat(self, strategy: Strategy, repeat: int) -> Row:
+        """One timed save, cold load and warm load, each verified; raises what stopped it."""
+        started = time.perf_counter()
+        self._warm_up(strategy)
+        drift = self._drift()
+        probe_s = self.probe_s
+        path = disk.working_name(self.out, strategy.name, self._token)
+        label = f"{strategy.name} [{repeat + 1}/{self.config.repeats}]"
+        keep = self.config.keep_checkpoints and repeat == self.config.repeats - 1
+        try:
+            saved, blocking_s = self._timed_save(strategy, self.checkpoint.tensors, self._layout, path, label)
+            usage = disk.evict(path)
+            cold, loaded = self._timed_load(strategy, path, f"{label} cold")
+            cold_ok = self._verified(strategy, loaded, path)
+            del loaded
+            warm, loaded = self._timed_load(strategy, path, f"{label} warm")
+            # Nothing is timed now: delete the checkpoint while the CPU compares the last load.
+            with ThreadPoolExecutor(1) as pool:
+                deleted = None if keep else pool.submit(disk.discard, path)
+                warm_ok = self._verified(strategy, loaded, path)
+                del loaded
+            if deleted is not None:
+                deleted.result()
+            if keep:
+                disk.install(path, self.out / strategy.name)
+        finally:
+            disk.discard(path)
+        timed = saved.seconds + cold.seconds + warm.seconds + (self.probe_s - probe_s)
+        return self._row(
+            strategy,
+            repeat,
             save_s=saved.seconds,
+            save_blocking_s=saved.seconds if blocking_s is None else min(blocking_s, saved.seconds),
             load_cold_s=cold.seconds,
             load_warm_s=warm.seconds,
             bytes=usage.bytes,
@@ -189,66 +317,85 @@ class Benchmark:
             peak_rss_save=saved.peak_rss,
             peak_rss_load=max(cold.peak_rss, warm.peak_rss),
             verified=cold_ok and warm_ok,
-            disk_write_gbps=self.limits.write_gbps,
-            disk_read_gbps=self.limits.read_gbps,
-            overhead_s=time.perf_counter() - started - saved.seconds - cold.seconds - warm.seconds,
+            drift_write_gbps=drift.write_gbps,
+            drift_read_gbps=drift.read_gbps,
+            overhead_s=time.perf_counter() - started - timed,
             cpu_save_s=saved.cpu_s,
             cpu_load_cold_s=cold.cpu_s,
             cpu_load_warm_s=warm.cpu_s,
         )
 
-    def run_phase(self, strategy: str | Strategy) -> pd.DataFrame:
-        """Measure one strategy ``repeats`` times; raise after recording if any load did not verify.
+    def _measure(self, strategy: Strategy, repeat: int) -> Row:
+        """One repeat as a row, a failure included: the reason is kept, the run goes on."""
+        try:
+            row = self._repeat(strategy, repeat)
+        except Exception as err:  # kept as a result, as a benchmark should: the run goes on to the next
+            message = " ".join(f"{type(err).__name__}: {err}".split())
+            row = self._row(strategy, repeat, error=message)
+            self.log(f"FAILED {strategy.name} [{repeat + 1}/{self.config.repeats}]: {message}")
+        else:
+            self.log(
+                f"{strategy.name} [{repeat + 1}/{self.config.repeats}]: save {row.save_s:.2f} s, "
+                f"cold load {row.load_cold_s:.2f} s, warm load {row.load_warm_s:.2f} s, "
+                f"{row.bytes / 1e9:.3f} GB in {row.files} files, {'verified' if row.verified else 'NOT VERIFIED'}"
+            )
+        self.store.append([row])
+        return row
+
+    def _resolve(self, strategy: str | Strategy) -> Strategy:
+        return get_strategy(strategy) if isinstance(strategy, str) else strategy
+
+    def run_phase(self, strategy: str | Strategy) -> PhaseResult:
+        """Every repeat of one strategy in a row (a notebook phase cell); replaces its rows in this session.
 
         ``strategy`` is a registry name or any ``Strategy`` (a sweep's ad-hoc configurations).
         """
-        strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
-        name = strategy.name
-        checkpoint = self.prepare()
-        started = time.perf_counter()
-        if (self.out / name).exists():
-            self.log(f"replacing the checkpoint kept by an earlier run: {self.out / name}")
-            disk.remove(self.out / name)
-        if self.warmup:
-            self._warm_up(strategy, checkpoint.tensors)
-        rows = []
-        for repeat in range(self.repeats):
-            row = self._repeat(strategy, repeat, started)
-            started = time.perf_counter()
-            rows.append(row)
-            self.store.append([row])
-            self.log(
-                f"{name} [{repeat + 1}/{self.repeats}]: save {row.save_s:.2f} s, cold load {row.load_cold_s:.2f} s, "
-                f"warm load {row.load_warm_s:.2f} s, {row.bytes / 1e9:.3f} GB in {row.files} files, "
-                f"{'verified' if row.verified else 'NOT VERIFIED'}"
-            )
-        self._rows[name] = rows
-        if not all(r.verified for r in rows):
-            raise VerificationError(f"{name}: a load did not match what was saved (rows recorded in {self.store.csv})")
-        return frame(rows)
+        return self.run([strategy], order="sequential")[0]
 
-    def run(self, names: Iterable[str]) -> pd.DataFrame:
-        for name in names:
-            self.run_phase(name)
-        return self.results
+    def run(self, strategies: Iterable[str | Strategy], order: Order | None = None) -> list[PhaseResult]:
+        """Measure the strategies ``repeats`` times each in ``order`` (the config's by default).
 
-    def run_each(self, strategies: Iterable[str | Strategy]) -> list[str]:
-        """Every phase in turn, recording (not stopping at) one that fails verification; the names of those."""
-        failed = []
-        for strategy in strategies:
-            try:
-                self.run_phase(strategy)
-            except VerificationError as err:
-                failed.append(strategy if isinstance(strategy, str) else strategy.name)
-                self.log(f"error: {err}")
-        return failed
+        Interleaved rounds spread a slow stretch of the machine over every strategy instead of
+        letting it land on one. A strategy that fails stops taking part; the others go on.
+        """
+        resolved = [self._resolve(s) for s in strategies]
+        order = order or self.config.order
+        self.prepare()
+        for strategy in resolved:
+            self._rows[strategy.name] = []
+        failed: dict[str, str] = {}
+        rounds = (
+            [[(s, r) for r in range(self.config.repeats)] for s in resolved]
+            if order == "sequential"
+            else [self._round(resolved, r, order) for r in range(self.config.repeats)]
+        )
+        for batch in rounds:
+            for strategy, repeat in batch:
+                if strategy.name in failed:
+                    continue
+                row = self._measure(strategy, repeat)
+                self._rows[strategy.name].append(row)
+                if row.error:
+                    failed[strategy.name] = row.error
+        results = []
+        for strategy in resolved:
+            rows = self._rows[strategy.name]
+            error = failed.get(strategy.name)
+            if error is None and not all(r.verified for r in rows):
+                error = f"{strategy.name}: a load did not match what was saved (rows recorded in {self.store.csv})"
+            results.append(PhaseResult(strategy.name, rows, error))
+        return results
+
+    def _round(self, strategies: list[Strategy], repeat: int, order: Order) -> list[tuple[Strategy, int]]:
+        batch = list(strategies)
+        if order == "shuffled":
+            random.Random(f"{self.config.seed}-{repeat}").shuffle(batch)
+        return [(s, repeat) for s in batch]
 
     @property
     def results(self) -> pd.DataFrame:
-        """This session's rows, one phase's latest measurements per strategy, in registry order."""
-        ordered = [name for name in STRATEGIES if name in self._rows]
-        ordered += [name for name in self._rows if name not in STRATEGIES]
-        return frame(row for name in ordered for row in self._rows[name])
+        """This session's rows, one phase's latest measurements per strategy, in the study's order."""
+        return frame(row for name in ordered(self._rows) for row in self._rows[name])
 
     def summary(self) -> pd.DataFrame:
-        return summarize(self.results, order=list(STRATEGIES))
+        return summarize(self.results, order=ordered(self._rows))

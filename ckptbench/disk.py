@@ -7,7 +7,9 @@ walks here run one thread per top-level entry and touch each file once.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +23,10 @@ from .errors import InsufficientDiskSpaceError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PARTIAL = ".partial-"
+"""Marks a directory being written or being deleted: never a complete checkpoint."""
+WORKING = ".work-"
+"""Marks a complete checkpoint a live run is measuring; its process id follows, so others leave it alone."""
+_OWNER = re.compile(rf"(?:{re.escape(PARTIAL)}|{re.escape(WORKING)})(\d+)")
 _WORKERS = 8
 
 
@@ -102,11 +108,45 @@ def remove(path: Path) -> None:
     path.rmdir()
 
 
-def ensure_free(directory: Path, needed: int) -> None:
+def ensure_free(directory: Path, needed: int, what: str = "the next checkpoint") -> None:
     """Refuse before writing when ``needed`` bytes will not fit."""
     free = shutil.disk_usage(directory).free
     if needed > free:
-        raise InsufficientDiskSpaceError(str(directory), needed, free)
+        raise InsufficientDiskSpaceError(str(directory), needed, free, what)
+
+
+def working_name(directory: Path, name: str, token: str) -> Path:
+    """Where a run keeps a complete checkpoint while it measures it: its own, whoever else shares the folder."""
+    return directory / f".{name}{WORKING}{os.getpid()}-{token}"
+
+
+def _partial_name(path: Path) -> Path:
+    return next(
+        candidate
+        for n in itertools.count()
+        if not (candidate := path.with_name(f".{path.name.lstrip('.')}{PARTIAL}{os.getpid()}-{n}")).exists()
+    )
+
+
+def discard(path: Path) -> None:
+    """Delete a checkpoint, first renaming it to a partial name: interrupted, it never looks complete."""
+    if not path.exists():
+        return
+    doomed = _partial_name(path)
+    os.replace(path, doomed)
+    remove(doomed)
+
+
+def install(source: Path, final: Path) -> None:
+    """Put the complete checkpoint ``source`` at ``final``, replacing one there; each step leaves no lie."""
+    old = None
+    if final.exists():
+        old = _partial_name(final)
+        os.replace(final, old)
+    os.replace(source, final)
+    fsync_directory(final.parent)
+    if old is not None:
+        remove(old)
 
 
 @contextmanager
@@ -116,8 +156,7 @@ def staged(final: Path) -> Iterator[Path]:
     The temporary name carries the writer's pid, so an interrupted save is never mistaken for a
     complete checkpoint and a later run can tell a dead writer's leftovers from a live one's.
     """
-    partial = final.with_name(f".{final.name}{PARTIAL}{os.getpid()}")
-    remove(partial)
+    partial = _partial_name(final)
     partial.mkdir(parents=True)
     try:
         yield partial
@@ -130,12 +169,12 @@ def staged(final: Path) -> Iterator[Path]:
 
 
 def clean_stale(directory: Path) -> list[Path]:
-    """Remove partial checkpoints left by writers that no longer run."""
+    """Remove partial and working checkpoints left by runs that no longer run; a live run's are left alone."""
     stale = []
     if directory.is_dir():
         for entry in directory.iterdir():
-            pid = entry.name.rpartition(PARTIAL)[2]
-            if PARTIAL in entry.name and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            owner = _OWNER.search(entry.name)
+            if owner and not psutil.pid_exists(int(owner[1])):
                 remove(entry)
                 stale.append(entry)
     return stale

@@ -1,4 +1,8 @@
-"""Errors a user can act on: each names what is wrong and what is valid."""
+"""Errors a user can act on: each names what is wrong and what is valid.
+
+``exit_code`` is what the CLI exits with: 2 for input the user can correct, 1 for the environment
+(disk, files, libraries) or a result that did not hold.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,16 @@ from __future__ import annotations
 class CkptbenchError(Exception):
     """Base class: the CLI turns these into a one-line message and a non-zero exit."""
 
+    exit_code = 1
 
-class UnknownChoiceError(CkptbenchError, ValueError):
+
+class UsageError(CkptbenchError, ValueError):
+    """A setting or argument that cannot work, refused before anything is written."""
+
+    exit_code = 2
+
+
+class UnknownChoiceError(UsageError):
     """An unknown strategy or preset name."""
 
     def __init__(self, kind: str, name: str, valid: list[str]) -> None:
@@ -24,18 +36,25 @@ class CompositionError(CkptbenchError):
 
 
 class CheckpointError(CkptbenchError):
-    """A checkpoint that is missing, incomplete or unreadable."""
+    """A checkpoint that is missing, incomplete, damaged or unreadable."""
+
+
+class ResultsFileError(CkptbenchError):
+    """A results file that does not exist or is not one ckptbench wrote."""
 
 
 class InsufficientDiskSpaceError(CkptbenchError):
-    """Refused before writing: the next checkpoint would not fit."""
+    """Refused before writing: what comes next would not fit."""
 
-    def __init__(self, path: str, needed: int, free: int) -> None:
+    def __init__(self, path: str, needed: int, free: int, what: str = "the next checkpoint") -> None:
         super().__init__(
-            f"not enough free disk under {path}: the next checkpoint needs about "
-            f"{needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free"
+            f"not enough free disk under {path}: {what} needs about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free"
         )
         self.needed, self.free = needed, free
+
+
+class DiskFullError(CkptbenchError):
+    """The disk filled up during a write that the free-space check expected to fit."""
 
 
 class VerificationError(CkptbenchError):

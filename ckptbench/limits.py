@@ -32,7 +32,7 @@ def _timed(action: Callable[[], object]) -> float:
 def probe(directory: Path, size: int, repeats: int = 3, block: int = 64 << 20) -> Limits:
     """Medians of ``repeats`` durable writes and cold reads of one ``size``-byte file of random bytes."""
     directory.mkdir(parents=True, exist_ok=True)
-    ensure_free(directory, size)
+    ensure_free(directory, size, f"the {size / 2**20:.0f} MiB disk probe")
     data = os.urandom(min(block, size))
     path = directory / f".disk-probe{PARTIAL}{os.getpid()}"
     buffer = bytearray(len(data))

@@ -6,7 +6,6 @@ figures; in Jupyter it displays inline when returned once the inline backend is 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from .strategies import BASELINE, EIGHT_WAY
+from .results import succeeded
+from .study import BASELINE, EIGHT_WAY, ordered
 
 BAR = "#4c72b0"
 BASELINE_BAR = "#dd8452"
@@ -26,20 +26,19 @@ WARM_ALPHA = 0.45
 PNG_DPI = 200
 
 
-def ordered(names: Iterable[str]) -> list[str]:
-    """The study's order for the eight, then any other strategy in order of appearance."""
-    present = list(dict.fromkeys(names))
-    return [n for n in EIGHT_WAY if n in present] + [n for n in present if n not in EIGHT_WAY]
-
-
 def missing_phases(results: pd.DataFrame) -> list[str]:
     """Which of the eight approaches have no rows in ``results``, in the study's order."""
     present = set(results["strategy"])
     return [n for n in EIGHT_WAY if n not in present]
 
 
+HORIZONTAL_FROM = 11
+"""From this many strategies on, bars run horizontally so every name stays legible at notebook width."""
+
+
 def _stats(results: pd.DataFrame, column: str, order: list[str], scale: float = 1.0) -> pd.DataFrame:
-    return results.groupby("strategy")[column].agg(["median", "min", "max"]).reindex(order) / scale
+    done = succeeded(results)
+    return done.groupby("strategy")[column].agg(["median", "min", "max"]).reindex(order) / scale
 
 
 def _count(value: float) -> str:
@@ -50,12 +49,13 @@ def _count(value: float) -> str:
 
 
 def _subtitle(results: pd.DataFrame, missing: list[str]) -> str:
-    repeats = results.groupby("strategy").size()
-    spread = f"{repeats.min()}" if repeats.min() == repeats.max() else f"{repeats.min()}-{repeats.max()}"
+    repeats = succeeded(results).groupby("strategy").size()
+    low, high = (repeats.min(), repeats.max()) if len(repeats) else (0, 0)
+    spread = f"{low}" if low == high else f"{low}-{high}"
     text = (
         f"preset {results['preset'].iloc[0]} · {int(results['tensors'].max())} tensors · "
         f"{_count(results['params'].max())} parameters ({results['model_bytes'].max() / 1e9:.3g} GB in memory) · "
-        f"{spread} repeat{'s' if repeats.max() > 1 else ''} per strategy: bars at the median, whiskers min-max"
+        f"{spread} repeat{'s' if high > 1 else ''} per strategy: bars at the median, whiskers min-max"
     )
     return f"{text}\nnot measured: {', '.join(missing)}" if missing else text
 
@@ -66,36 +66,47 @@ def _value(value: float) -> str:
 
 
 def _bars(
-    ax: Axes, x: np.ndarray, stats: pd.DataFrame, colors: list[str], width: float, rotation: int = 0, **style
+    ax: Axes, x: np.ndarray, stats: pd.DataFrame, colors: list[str], width: float, horizontal: bool, **style
 ) -> None:
-    """Median bars with min-max whiskers, each labelled with its median above the whisker."""
-    low = stats["median"] - stats["min"]
-    high = stats["max"] - stats["median"]
-    ax.bar(x, stats["median"], width, color=colors, yerr=[low, high], capsize=3, error_kw={"lw": 1}, **style)
+    """Median bars with min-max whiskers, each labelled with its median beyond the whisker."""
+    spread = [stats["median"] - stats["min"], stats["max"] - stats["median"]]
+    if horizontal:
+        ax.barh(x, stats["median"], width, color=colors, xerr=spread, capsize=2, error_kw={"lw": 1}, **style)
+    else:
+        ax.bar(x, stats["median"], width, color=colors, yerr=spread, capsize=3, error_kw={"lw": 1}, **style)
     for xi, median, top in zip(x, stats["median"], stats["max"], strict=True):
+        if np.isnan(median):
+            continue
+        point, offset = ((top, xi), (2, 0)) if horizontal else ((xi, top), (0, 2))
         ax.annotate(
             _value(median),
-            (xi, top),
-            xytext=(0, 2),
+            point,
+            xytext=offset,
             textcoords="offset points",
-            ha="center",
-            va="bottom",
+            ha="left" if horizontal else "center",
+            va="center" if horizontal else "bottom",
             fontsize=7,
-            rotation=rotation,
+            rotation=0 if horizontal or width > 0.5 else 90,
         )
 
 
-def _line(ax: Axes, y: float, color: str, style: str, label: str) -> None:
-    """A reference line across the panel, named at its right end so the panel reads without the legend."""
-    ax.axhline(y, color=color, linestyle=style, linewidth=1.3, zorder=0.5)
+def _line(ax: Axes, value: float, color: str, style: str, label: str, horizontal: bool) -> None:
+    """A reference line across the panel, named at its end so the panel reads without the legend."""
+    if horizontal:
+        ax.axvline(value, color=color, linestyle=style, linewidth=1.3, zorder=0.5)
+        where, xycoords, offset, ha, va, rotation = (value, 0), ("data", "axes fraction"), (2, 3), "left", "bottom", 90
+    else:
+        ax.axhline(value, color=color, linestyle=style, linewidth=1.3, zorder=0.5)
+        where, xycoords, offset, ha, va, rotation = (1, value), ("axes fraction", "data"), (-3, 2), "right", "bottom", 0
     ax.annotate(
         label,
-        (1, y),
-        xycoords=("axes fraction", "data"),
-        xytext=(-3, 2),
+        where,
+        xycoords=xycoords,
+        xytext=offset,
         textcoords="offset points",
-        ha="right",
-        va="bottom",
+        ha=ha,
+        va=va,
+        rotation=rotation,
         fontsize=8,
         color=color,
         bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 1},
@@ -106,41 +117,55 @@ def comparison_figure(results: pd.DataFrame, *, baseline: str = BASELINE, title:
     """Save time, cold/warm load time and size on disk per strategy, from one model's results rows.
 
     The baseline's bar is highlighted and its median drawn across each panel; the disk limit is the time
-    the disk itself needs for the model's bytes at the measured durable-write / cold-read speed.
+    the disk itself needs for the model's bytes at the measured durable-write / cold-read speed. A strategy
+    that failed or did not verify keeps its place, labelled. With many strategies the bars run horizontally.
     """
     if results.empty:
         raise ValueError("no results to draw")
     if results["preset"].nunique() != 1:
         raise ValueError(f"results mix presets {sorted(results['preset'].unique())}; draw one model at a time")
     order = ordered(results["strategy"])
+    horizontal = len(order) >= HORIZONTAL_FROM
     missing = missing_phases(results)
     model_gb = results["model_bytes"].max() / 1e9
     write_gbps, read_gbps = results["disk_write_gbps"].median(), results["disk_read_gbps"].median()
     verified = results.groupby("strategy")["verified"].all()
-    labels = [name if verified[name] else f"{name}\n(NOT VERIFIED)" for name in order]
+    completed = set(succeeded(results)["strategy"])
+    labels = [
+        name if verified[name] else f"{name} (NOT VERIFIED)" if name in completed else f"{name} (FAILED)"
+        for name in order
+    ]
     colors = [BASELINE_BAR if name == baseline else BAR for name in order]
     x = np.arange(len(order))
 
-    fig = Figure(figsize=(max(16.0, 2.0 * len(order)), 6.4))
-    fig.subplots_adjust(left=0.05, right=0.99, top=0.82, bottom=0.24, wspace=0.22)
-    fig.suptitle(title or "Checkpoint I/O: the 8-way comparison", fontsize=15, fontweight="bold", y=0.975)
-    fig.text(0.5, 0.905, _subtitle(results, missing), ha="center", va="center", fontsize=10, color="#333333")
-    save_ax, load_ax, size_ax = fig.subplots(1, 3)
+    if horizontal:
+        fig = Figure(figsize=(16.0, 3.2 + 0.42 * len(order)))
+        fig.subplots_adjust(left=0.12, right=0.98, top=1 - 1.45 / fig.get_figheight(), bottom=0.9 / fig.get_figheight())
+        fig.subplots_adjust(wspace=0.35)
+    else:
+        fig = Figure(figsize=(max(16.0, 2.0 * len(order)), 6.4))
+        fig.subplots_adjust(left=0.05, right=0.99, top=0.82, bottom=0.24, wspace=0.22)
+    top = fig.subplotpars.top
+    fig.suptitle(
+        title or "Checkpoint I/O: the 8-way comparison", fontsize=15, fontweight="bold", y=top + (1 - top) * 0.8
+    )
+    fig.text(0.5, top + (1 - top) * 0.45, _subtitle(results, missing), ha="center", va="center", fontsize=10)
+    save_ax, load_ax, size_ax = fig.subplots(1, 3, sharey=horizontal)
 
     save = _stats(results, "save_s", order)
     cold = _stats(results, "load_cold_s", order)
     warm = _stats(results, "load_warm_s", order)
     size = _stats(results, "bytes", order, scale=1e9)
-    _bars(save_ax, x, save, colors, 0.7)
-    _bars(load_ax, x - 0.2, cold, colors, 0.4, rotation=90)
-    _bars(load_ax, x + 0.2, warm, colors, 0.4, rotation=90, alpha=WARM_ALPHA, hatch="//")
-    _bars(size_ax, x, size, colors, 0.7)
-    _line(save_ax, model_gb / write_gbps, DISK, ":", "disk limit")
-    _line(load_ax, model_gb / read_gbps, DISK, ":", "disk limit (cold read)")
-    _line(size_ax, model_gb, MODEL, ":", "model in memory")
-    if baseline in order:
+    _bars(save_ax, x, save, colors, 0.7, horizontal)
+    _bars(load_ax, x - 0.2, cold, colors, 0.4, horizontal)
+    _bars(load_ax, x + 0.2, warm, colors, 0.4, horizontal, alpha=WARM_ALPHA, hatch="//")
+    _bars(size_ax, x, size, colors, 0.7, horizontal)
+    _line(save_ax, model_gb / write_gbps, DISK, ":", "disk limit", horizontal)
+    _line(load_ax, model_gb / read_gbps, DISK, ":", "disk limit (cold read)", horizontal)
+    _line(size_ax, model_gb, MODEL, ":", "model in memory", horizontal)
+    if baseline in completed:
         for ax, stats in ((save_ax, save), (load_ax, cold), (size_ax, size)):
-            _line(ax, stats.loc[baseline, "median"], BASELINE_BAR, "--", "baseline")
+            _line(ax, stats.loc[baseline, "median"], BASELINE_BAR, "--", "baseline", horizontal)
 
     panels = (
         (save_ax, "Save (until durable)", "save time (s)"),
@@ -149,12 +174,21 @@ def comparison_figure(results: pd.DataFrame, *, baseline: str = BASELINE, title:
     )
     for ax, heading, unit in panels:
         ax.set_title(heading, fontsize=12)
-        ax.set_ylabel(unit)
-        ax.set_xticks(x, labels, rotation=35, ha="right", rotation_mode="anchor", fontsize=10)
-        ax.margins(y=0.12)
-        ax.set_ylim(bottom=0)
-        ax.grid(axis="y", alpha=0.3)
+        if horizontal:
+            ax.set_xlabel(unit)
+            ax.set_yticks(x, labels, fontsize=10)
+            ax.margins(x=0.15)
+            ax.set_xlim(left=0)
+            ax.grid(axis="x", alpha=0.3)
+        else:
+            ax.set_ylabel(unit)
+            ax.set_xticks(x, labels, rotation=35, ha="right", rotation_mode="anchor", fontsize=10)
+            ax.margins(y=0.12)
+            ax.set_ylim(bottom=0)
+            ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
+    if horizontal:
+        save_ax.invert_yaxis()
 
     handles = [Patch(color=BAR, label="strategy (median)")]
     if baseline in order:
@@ -173,7 +207,7 @@ def comparison_figure(results: pd.DataFrame, *, baseline: str = BASELINE, title:
         ),
         Line2D([], [], color=MODEL, linestyle=":", label=f"model in memory ({model_gb:.3g} GB)"),
     ]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=3 if horizontal else len(handles), fontsize=9, frameon=False)
     return fig
 
 

@@ -1,10 +1,13 @@
-"""What the notebook and the CLI show and write: the session's setting, phase cells, tables and report files.
+"""What people see: the session's setting, phase tables, summaries, verdicts, targets and exported files.
 
-The notebook calls these so that it holds no benchmark logic of its own, and its exports match the CLI's.
+The notebook and the CLI both call these, so they hold no presentation logic of their own and their
+outputs match. Tables show what a reader wants at a glance, in units, with three significant
+digits; the full rows stay in the CSV.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,26 +15,99 @@ import pandas as pd
 from pandas.io.formats.style import Styler
 
 from . import plot
-from .benchmark import Benchmark
+from .benchmark import Benchmark, PhaseResult
 from .errors import CkptbenchError
-from .results import ADDED_COLUMNS, COLUMNS, summarize
-from .strategies import BASELINE, EIGHT_WAY, get_strategy, parse_strategies
-from .verdict import HELD, NOT_HELD
+from .results import summarize
+from .strategies import get_strategy
+from .study import BASELINE, EIGHT_WAY, ordered, parse_strategies
+from .verdict import HELD, INCONCLUSIVE, NOT_HELD
 
-SUMMARY_COLUMNS = {
-    "repeats": "repeats",
-    "save_s_median": "save s",
-    "load_cold_s_median": "cold load s",
-    "load_warm_s_median": "warm load s",
-    "bytes": "bytes",
-    "files": "files",
-    "save_gbps": "save GB/s",
-    "load_cold_gbps": "cold GB/s",
-    "verified": "verified",
-}
-"""The summary columns shown to people (medians), with their display names."""
 SUMMARY_CSV = "summary.csv"
 EXTENDED_STEM = "extended_comparison"
+VERDICT_COLORS = {HELD: "#55a868", NOT_HELD: "#c44e52", INCONCLUSIVE: "#dd8452"}
+
+
+def sig(value: float | None, digits: int = 3) -> str:
+    """Three significant digits without exponents for large values; empty for a missing value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if abs(value) >= 10 ** (digits - 1):
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def _count(value: float | None) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{int(value):,}"
+
+
+def phase_table(phase: PhaseResult) -> pd.DataFrame:
+    """One row per repeat: times in seconds, size in GB, files, verified, and why a repeat failed."""
+    rows = phase.frame
+    table = pd.DataFrame(
+        {
+            "save s": rows["save_s"].map(sig),
+            "cold load s": rows["load_cold_s"].map(sig),
+            "warm load s": rows["load_warm_s"].map(sig),
+            "size GB": (rows["bytes"] / 1e9).map(sig),
+            "files": rows["files"].map(_count),
+            "verified": rows["verified"].map({True: "yes", False: "NO"}),
+        }
+    )
+    table.index = pd.Index([f"{phase.strategy} [{r + 1}]" for r in rows["repeat"]])
+    if (rows["error"] != "").any():
+        table["error"] = rows["error"].str.slice(0, 120)
+    return table
+
+
+def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The medians per strategy, formatted with units; a failed strategy keeps its line with its error."""
+    table = pd.DataFrame(
+        {
+            "repeats": summary["repeats"].map(_count),
+            "save s": summary["save_s_median"].map(sig),
+            "cold load s": summary["load_cold_s_median"].map(sig),
+            "warm load s": summary["load_warm_s_median"].map(sig),
+            "size GB": (summary["bytes"] / 1e9).map(sig),
+            "files": summary["files"].map(_count),
+            "save GB/s": summary["save_gbps"].map(sig),
+            "cold load GB/s": summary["load_cold_gbps"].map(sig),
+            "verified": summary["verified"].map({True: "yes", False: "NO"}),
+        },
+        index=summary.index.rename(None),
+    )
+    if (summary["error"] != "").any():
+        table["error"] = summary["error"].str.slice(0, 80)
+    return table
+
+
+def styled_summary(summary: pd.DataFrame, baseline: str = BASELINE) -> Styler:
+    """The summary table, the baseline's row shaded and unverified strategies in red."""
+    return (
+        summary_table(summary)
+        .style.apply(lambda row: ["background-color: #fbe3d4" if row.name == baseline else ""] * len(row), axis=1)
+        .map(lambda ok: "" if ok == "yes" else "color: #c44e52; font-weight: bold", subset=["verified"])
+    )
+
+
+def styled_verdict(table: pd.DataFrame) -> Styler:
+    return (
+        table.drop(columns=["key"])
+        .style.hide(axis="index")
+        .map(lambda v: f"color: {VERDICT_COLORS.get(v, '#777777')}; font-weight: bold", subset=["verdict"])
+        .set_properties(**{"text-align": "left"})
+    )
+
+
+def targets_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Targets and context figures as people read them: label, value, target, met."""
+    return pd.DataFrame(
+        {
+            "figure": table["label"],
+            "value": table["value"].map(sig),
+            "target": table["target"],
+            "met": table["met"].map({True: "yes", False: "NO"}).fillna(""),
+        }
+    )
 
 
 def describe(bench: Benchmark) -> pd.DataFrame:
@@ -43,10 +119,11 @@ def describe(bench: Benchmark) -> pd.DataFrame:
         "model": env["model"],
         "tensors": env["tensors"],
         "parameters": None if env["params"] is None else f"{env['params']:,}",
-        "size in memory": None if env["model_bytes"] is None else f"{env['model_bytes'] / 1e9:.3f} GB",
+        "size in memory": None if env["model_bytes"] is None else f"{env['model_bytes'] / 1e9:.3g} GB",
         "disk limits": None
         if limits is None
-        else f"{limits['write_gbps']:.2f} GB/s durable write, {limits['read_gbps']:.2f} GB/s cold read",
+        else f"{limits['write_gbps']:.3g} GB/s durable write, {limits['read_gbps']:.3g} GB/s cold read",
+        "repeats": f"{env['repeats']}, {env['order']} order",
         "output folder": str(bench.out.resolve()),
         "filesystem": env["filesystem"],
         "free disk": f"{env['disk_free_bytes'] / 1e9:.1f} GB of {env['disk_total_bytes'] / 1e9:.1f} GB",
@@ -55,32 +132,42 @@ def describe(bench: Benchmark) -> pd.DataFrame:
         "python": f"{env['python']} on {env['platform']}",
         **env["packages"],
         "git commit": env["git_commit"],
-        "repeats": env["repeats"],
     }
     return pd.DataFrame({"value": items}).rename_axis("item")
 
 
 @dataclass
 class Phases:
-    """The notebook's phase cells: ``run_phase(name)`` measures one strategy unless the parameters leave it out."""
+    """The notebook's phases: ``measure_all()`` runs every selected one in the run's order (interleaved by
+    default); each phase cell then shows its phase, and a phase cell re-run on its own measures that
+    phase again (all its repeats in a row)."""
 
     bench: Benchmark
     strategies: str = "all"
     selected: list[str] = field(init=False)
+    _unshown: dict[str, PhaseResult] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.selected = parse_strategies(self.strategies) if self.strategies.strip() else []
 
-    def __call__(self, name: str) -> pd.DataFrame | None:
+    def measure_all(self) -> pd.DataFrame:
+        """Every selected phase, in the run's order; the summary of what they measured."""
+        if not self.selected:
+            print("nothing selected")
+            return summary_table(summarize(self.bench.results))
+        config = self.bench.config
+        print(f"{len(self.selected)} strategies x {config.repeats} repeats, {config.order} order")
+        self._unshown = {p.strategy: p for p in self.bench.run(self.selected)}
+        return summary_table(summarize(self.bench.results[self.bench.results["strategy"].isin(self.selected)]))
+
+    def __call__(self, name: str) -> PhaseResult | None:
         get_strategy(name)
         if name not in self.selected:
             print(f"skipped {name}: not in {self.strategies!r}")
             return None
+        if name in self._unshown:
+            return self._unshown.pop(name)
         return self.bench.run_phase(name)
-
-    def run_all(self) -> pd.DataFrame:
-        """Every selected phase in turn; the rows of this session so far."""
-        return self.bench.run(self.selected)
 
 
 def missing_note(results: pd.DataFrame) -> str:
@@ -88,37 +175,6 @@ def missing_note(results: pd.DataFrame) -> str:
     if not missing:
         return f"all {len(EIGHT_WAY)} approaches measured"
     return f"not measured ({len(missing)} of {len(EIGHT_WAY)}): {', '.join(missing)}"
-
-
-def styled_summary(summary: pd.DataFrame, baseline: str = BASELINE) -> Styler:
-    """The medians per strategy, the baseline row shaded and unverified strategies in red."""
-    table = summary[list(SUMMARY_COLUMNS)].rename(columns=SUMMARY_COLUMNS)
-    seconds = ["save s", "cold load s", "warm load s"]
-    return (
-        table.style.format({**dict.fromkeys(seconds, "{:.3f}"), "save GB/s": "{:.3f}", "cold GB/s": "{:.3f}"})
-        .format({"bytes": "{:,}", "files": "{:,}"})
-        .apply(lambda row: ["background-color: #fbe3d4" if row.name == baseline else ""] * len(row), axis=1)
-        .map(lambda ok: "" if ok else "color: #c44e52; font-weight: bold", subset=["verified"])
-    )
-
-
-def styled_verdict(table: pd.DataFrame) -> Styler:
-    colors = {HELD: "#55a868", NOT_HELD: "#c44e52"}
-    return (
-        table.style.hide(axis="index")
-        .map(lambda v: f"color: {colors.get(v, '#777777')}; font-weight: bold", subset=["verdict"])
-        .set_properties(**{"text-align": "left"})
-    )
-
-
-def read_results(path: str | Path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise CkptbenchError(f"results file {path} does not exist (write one with `python -m ckptbench run`)")
-    results = pd.read_csv(path)
-    if [c for c in COLUMNS if c in results.columns or c not in ADDED_COLUMNS] != list(results.columns):
-        raise CkptbenchError(f"{path} is not a ckptbench results file (its columns differ)")
-    return results.reindex(columns=COLUMNS)
 
 
 def select_run(results: pd.DataFrame, run_id: str | None = None) -> pd.DataFrame:
@@ -148,5 +204,5 @@ def export_report(results: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         title = "Checkpoint I/O: every strategy measured"
         paths += plot.export(plot.comparison_figure(results, title=title), out_dir, stem=EXTENDED_STEM)
     summary = Path(out_dir) / SUMMARY_CSV
-    summarize(results, order=plot.ordered(results["strategy"])).to_csv(summary, index_label="strategy")
+    summarize(results, order=ordered(results["strategy"])).to_csv(summary, index_label="strategy")
     return [*paths, summary]

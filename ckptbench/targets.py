@@ -1,7 +1,8 @@
-"""The performance targets: how the best TensorStore configuration compares with its peers and the disk.
+"""The bench: the best TensorStore configuration against its peers and the disk, and the targets it must meet.
 
-Every figure is a ratio of medians measured in the same run, next to its target, so a miss is
-reported as measured rather than hidden by moving the goalposts.
+Every figure is a ratio of medians measured in the same run, keyed, next to its target
+(``study.TARGETS``), so a miss is reported as measured rather than hidden by moving the goalposts.
+Figures without a target are context: they explain a miss.
 """
 
 from __future__ import annotations
@@ -9,26 +10,22 @@ from __future__ import annotations
 import io
 import statistics
 import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 
 import pandas as pd
-import psutil
 from tqdm.auto import tqdm
 
+from . import limits as limits_lib
+from .benchmark import Benchmark, PhaseResult
 from .limits import Limits
 from .measure import measure
-from .results import TIMES, summarize
+from .results import TIMES, succeeded, summarize
+from .strategies import Strategy
+from .study import BEST, TARGETS_BY_KEY
 
-BEST, TORCH, SAFETENSORS = "ts+best", "pytorch", "safetensors"
-SAVE_VS_TORCH = 1.0
-"""ts+best's save time over torch.save's must not exceed this."""
-LOAD_VS_SAFETENSORS = 1.0
-"""ts+best's cold-load time over safetensors' must not exceed this."""
-DISK_FRACTION = 0.8
-"""ts+best's throughput as a fraction of the disk's measured limit must reach this."""
-OVERHEAD_FRACTION = 0.15
-"""Wall time outside the timed regions over the run's wall time must not exceed this."""
-HARNESS_FRACTION = 0.05
-"""What the harness adds inside a timed region, over the shortest median timed region, must not exceed this."""
+COLUMNS = ["key", "label", "value", "target", "met"]
+TARGETS_FILE = "targets.csv"
 
 
 def harness_cost(tensors: int, repeats: int = 5) -> float:
@@ -43,96 +40,115 @@ def harness_cost(tensors: int, repeats: int = 5) -> float:
     return statistics.median(costs)
 
 
-def _row(metric: str, value: float, target: str = "", met: bool | None = None) -> dict:
-    """``met`` is None for figures shown for context, which have no target."""
+def _row(key: str, value: float, label: str | None = None) -> dict:
+    """A target's row when ``key`` names one, else a context row (no target, ``met`` empty)."""
+    target = TARGETS_BY_KEY.get(key)
     return {
-        "metric": metric,
-        "measured": round(value, 3),
-        "target": target,
-        "met": {True: "yes", False: "NO"}.get(met, ""),
+        "key": key,
+        "label": target.label if target else label,
+        "value": value,
+        "target": f"{target.op} {target.limit:g}" if target else "",
+        "met": None if target is None else bool(target.met(value)),
     }
 
 
-def ratios(
+def evaluate(
     results: pd.DataFrame,
+    *,
     wall_s: float,
+    cores: int,
     prepare_s: float = 0.0,
-    start_limits: Limits | None = None,
-    end_limits: Limits | None = None,
+    probe_s: float = 0.0,
+    start: Limits | None = None,
+    end: Limits | None = None,
 ) -> pd.DataFrame:
-    """The target ratios the measured strategies allow, each strategy's share of the disk, and the overhead.
+    """Targets and context figures from one run's rows.
 
-    ``results`` are one run's rows; ``wall_s`` is that run's wall time from start to end, of which
-    ``prepare_s`` went to set-up, including the disk probe ``start_limits``. ``end_limits``, the disk
-    probed again after the strategies, shows whether the disk the shares divide by held still.
-    Both probes' timed I/O counts as measurement.
+    ``wall_s`` is the run's wall time, of which ``prepare_s`` was set-up and ``probe_s`` the disk probes'
+    own timed I/O (counted as measurement); ``end``, the disk probed after the strategies, shows whether
+    the disk the shares divide by held still. ``cores`` is the run's, not this machine's.
     """
-    probes = [limits for limits in (start_limits, end_limits) if limits is not None]
-    probe_s = sum(limits.probe_s for limits in probes)
-    set_up_s = prepare_s - (start_limits.probe_s if start_limits is not None else 0.0)
-    summary = summarize(results)
-    cores = psutil.cpu_count() or 1
-    busy = (results["cpu_load_cold_s"] / results["load_cold_s"] / cores).groupby(results["strategy"]).median()
-    disk_write_gbps, disk_read_gbps = results["disk_write_gbps"].median(), results["disk_read_gbps"].median()
+    done = succeeded(results)
+    summary = summarize(done)
     rows = []
-    if end_limits is not None:
-        for limit, start, end in (
-            ("durable write", disk_write_gbps, end_limits.write_gbps),
-            ("cold read", disk_read_gbps, end_limits.read_gbps),
-        ):
-            rows.append(_row(f"disk's {limit} probed after the strategies / before them (1: steady)", end / start))
-    if {BEST, TORCH} <= set(summary.index):
-        value = summary.loc[BEST, "save_s_median"] / summary.loc[TORCH, "save_s_median"]
-        rows.append(_row(f"{BEST} save / {TORCH} save", value, f"<= {SAVE_VS_TORCH}", value <= SAVE_VS_TORCH))
-    if {BEST, SAFETENSORS} <= set(summary.index):
-        value = summary.loc[BEST, "load_cold_s_median"] / summary.loc[SAFETENSORS, "load_cold_s_median"]
-        met = value <= LOAD_VS_SAFETENSORS
-        rows.append(_row(f"{BEST} cold load / {SAFETENSORS} cold load", value, f"<= {LOAD_VS_SAFETENSORS}", met))
+    if start is not None and end is not None:
+        rows.append(_row("disk_steady_write", end.write_gbps / start.write_gbps, "disk's durable write after / before"))
+        rows.append(_row("disk_steady_read", end.read_gbps / start.read_gbps, "disk's cold read after / before"))
+    for key, metric, peer in (
+        ("best_save_vs_torch", "save_s", "pytorch"),
+        ("best_load_vs_safetensors", "load_cold_s", "safetensors"),
+    ):
+        if {BEST, peer} <= set(summary.index):
+            rows.append(_row(key, summary.loc[BEST, f"{metric}_median"] / summary.loc[peer, f"{metric}_median"]))
+    write_gbps, read_gbps = done["disk_write_gbps"].median(), done["disk_read_gbps"].median()
+    busy = (done["cpu_load_cold_s"] / done["load_cold_s"] / cores).groupby(done["strategy"]).median()
     for name, s in summary.iterrows():
-        write = s["bytes"] / s["save_s_median"] / 1e9
-        read = s["bytes"] / s["load_cold_s_median"] / 1e9
-        cached = s["bytes"] / s["load_warm_s_median"] / 1e9
-        targeted = name == BEST
-        target = f">= {DISK_FRACTION}" if targeted else ""
-        for verb, value, limit in (
-            ("written", write / disk_write_gbps, "durable write"),
-            ("read", read / disk_read_gbps, "cold read"),
-        ):
-            met = value >= DISK_FRACTION if targeted else None
-            rows.append(_row(f"{name}: bytes {verb} / s as a share of the disk's {limit}", value, target, met))
-        # A warm load does all of a load's work but the disk's: its rate caps what a cold load could reach.
-        rows.append(
+        write = s["bytes"] / s["save_s_median"] / 1e9 / write_gbps
+        read = s["bytes"] / s["load_cold_s_median"] / 1e9 / read_gbps
+        if name == BEST:
+            rows += [_row("best_write_share", write), _row("best_read_share", read)]
+        rows += [
+            _row(f"write_share:{name}", write, f"{name}: bytes written / s, share of the disk's durable write"),
+            _row(f"read_share:{name}", read, f"{name}: bytes read / s cold, share of the disk's cold read"),
+            # A warm load does all of a load's work but the disk's: its rate caps what a cold load could reach.
             _row(
-                f"{name}: bytes read / s warm (no disk, the load's own work) as a share of the disk's cold read",
-                cached / disk_read_gbps,
-            )
-        )
-        rows.append(_row(f"{name}: CPU time during the cold load / (its wall time x {cores} cores)", busy[name]))
-    shortest = summary[[f"{t}_median" for t in TIMES]].to_numpy().min()
-    cost = harness_cost(int(results["tensors"].max()))
-    rows.append(
+                f"warm_share:{name}",
+                s["bytes"] / s["load_warm_s_median"] / 1e9 / read_gbps,
+                f"{name}: bytes read / s warm (no disk: the load's own work), share of the disk's cold read",
+            ),
+            _row(f"cpu_busy:{name}", busy[name], f"{name}: CPU time in the cold load / (wall time x {cores} cores)"),
+        ]
+    if not summary.empty:
+        shortest = summary[[f"{t}_median" for t in TIMES]].to_numpy().min()
+        rows.append(_row("harness_cost", harness_cost(int(done["tensors"].max())) / shortest))
+    timed = done[list(TIMES)].to_numpy().sum()
+    overhead = 1 - (timed + probe_s) / wall_s
+    rows += [
+        _row("overhead", overhead),
         _row(
-            "harness cost inside a timed region / shortest timed region",
-            cost / shortest,
-            f"<= {HARNESS_FRACTION}",
-            cost / shortest <= HARNESS_FRACTION,
-        )
-    )
-    overhead = 1 - (results[list(TIMES)].to_numpy().sum() + probe_s) / wall_s
-    rows.append(
+            "overhead_setup",
+            (prepare_s - (start.probe_s if start else 0.0)) / wall_s,
+            "  of which set-up (model build, digests, cleanup)",
+        ),
         _row(
-            "wall time outside timed regions (the strategies' and the disk probes') / run wall time",
-            overhead,
-            f"<= {OVERHEAD_FRACTION}",
-            overhead <= OVERHEAD_FRACTION,
-        )
-    )
-    rows.append(_row("  of which set-up (model build, cleanup) / run wall time", set_up_s / wall_s))
-    rows.append(
-        _row(
-            "  of which per repeat (eviction, verification, deletion, warm-up) / run wall time",
+            "overhead_repeats",
             results["overhead_s"].sum() / wall_s,
-        )
+            "  of which per repeat (eviction, verification, deletion, warm-up)",
+        ),
+        _row(
+            "overhead_with_probes",
+            overhead + probe_s / wall_s,
+            "  the same, counting the disk probes' I/O as overhead too",
+        ),
+    ]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+@dataclass
+class BenchReport:
+    phases: list[PhaseResult]
+    results: pd.DataFrame
+    targets: pd.DataFrame
+    end: Limits
+    wall_s: float
+
+
+def bench(benchmark: Benchmark, strategies: Iterable[str | Strategy]) -> BenchReport:
+    """Measure ``strategies``, probe the disk again, and evaluate the targets; records the end probe and wall time."""
+    started = time.perf_counter() - benchmark.prepare_s
+    phases = benchmark.run(strategies)
+    end = limits_lib.probe(benchmark.out, benchmark.limits.probe_bytes)
+    wall = time.perf_counter() - started
+    environment = benchmark.environment()
+    table = evaluate(
+        benchmark.results,
+        wall_s=wall,
+        cores=environment["cores"],
+        prepare_s=benchmark.prepare_s,
+        probe_s=benchmark.probe_s + end.probe_s,
+        start=benchmark.limits,
+        end=end,
     )
-    rows.append(_row("  the same, counting the disk probes' I/O as overhead too", overhead + probe_s / wall_s))
-    return pd.DataFrame(rows)
+    benchmark.store.write_environment(benchmark.run_id, {**environment, "limits_end": asdict(end), "wall_s": wall})
+    table.assign(run_id=benchmark.run_id).to_csv(benchmark.out / TARGETS_FILE, index=False)
+    return BenchReport(phases, benchmark.results, table, end, wall)

@@ -15,9 +15,10 @@ except ModuleNotFoundError:  # plain `pytest` from elsewhere: the package sits n
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import ckptbench
 
-from ckptbench import disk
+from ckptbench import checkpoint, disk, manifest
 from ckptbench.limits import Limits
 from ckptbench.model import ModelCheckpoint
+from ckptbench.strategies import Strategy
 
 
 @dataclass(frozen=True)
@@ -36,17 +37,27 @@ def tiny() -> ModelCheckpoint:
     return ckptbench.model.build("tiny")
 
 
+def save_checkpoint(strategy: Strategy, tensors, path: Path, progress=lambda n: None) -> disk.DiskUsage:
+    """A complete checkpoint (files, manifest, sync, rename) as the harness writes it; its size on disk."""
+    layout = manifest.layout(tensors, manifest.digests(tensors))
+    with disk.staged(path) as partial:
+        checkpoint.save(strategy, tensors, layout, partial, progress)
+    return disk.evict(path)
+
+
+def load_checkpoint(strategy: Strategy, path: Path, progress=lambda n: None):
+    return checkpoint.load(strategy, path, progress)
+
+
 @pytest.fixture(scope="session")
 def saved(tiny: ModelCheckpoint, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Saved]:
     """Each of the eight strategies' checkpoints of ``tiny``, made durable and measured with ``disk.evict``."""
     root = tmp_path_factory.mktemp("eight-way")
     result = {}
     for name in ckptbench.EIGHT_WAY:
-        strategy = ckptbench.get_strategy(name)
         progress: list[int] = []
-        with disk.staged(root / name) as partial:
-            strategy.save(tiny.tensors, partial, progress.append)
-        result[name] = Saved(name, root / name, disk.evict(root / name), sum(progress))
+        usage = save_checkpoint(ckptbench.get_strategy(name), tiny.tensors, root / name, progress.append)
+        result[name] = Saved(name, root / name, usage, sum(progress))
     return result
 
 
@@ -58,19 +69,19 @@ def fake_limits() -> Limits:
 
 @pytest.fixture
 def make_bench(tiny: ModelCheckpoint, tmp_path: Path, fake_limits: Limits) -> Callable[..., ckptbench.Benchmark]:
-    """A quiet, fast Benchmark on the shared tiny model in ``tmp_path/out``; keywords override the defaults."""
+    """A quiet, fast Benchmark on the shared tiny model in ``tmp_path/out``; keywords are RunConfig settings."""
 
-    def make(**overrides) -> ckptbench.Benchmark:
-        options = {
-            "preset": "tiny",
-            "out": tmp_path / "out",
-            "checkpoint": tiny,
-            "limits": fake_limits,
-            "progress": False,
-            "warmup": False,
-            "log": lambda message: None,
-        }
-        options.update(overrides)
-        return ckptbench.Benchmark(**options)
+    def make(*, log=lambda message: None, limits=fake_limits, **settings) -> ckptbench.Benchmark:
+        config = ckptbench.RunConfig(
+            **{
+                "preset": "tiny",
+                "out": tmp_path / "out",
+                "progress": False,
+                "warmup": False,
+                "drift": False,
+                **settings,
+            }
+        )
+        return ckptbench.Benchmark(config, checkpoint=tiny, limits=limits, log=log)
 
     return make

@@ -1,4 +1,4 @@
-"""The harness end to end on the tiny model: rows, results store, environment, kept checkpoints, re-runs."""
+"""The harness end to end on the tiny model: rows, order, failures kept as rows, kept checkpoints, re-runs."""
 
 from __future__ import annotations
 
@@ -9,15 +9,12 @@ import pytest
 import torch
 
 import ckptbench
-from ckptbench import Benchmark, TorchSave, UnknownChoiceError, VerificationError, get_strategy
-from ckptbench.results import COLUMNS
+from ckptbench import Benchmark, RunConfig, TorchSave, UnknownChoiceError, UsageError, get_strategy
+from ckptbench.results import COLUMNS, SCHEMA_VERSION
 from ckptbench.verify import verify
+from conftest import load_checkpoint
 
 TWO = ["pytorch", "ts+chunks"]
-
-
-def _ignore(nbytes: int) -> None:
-    pass
 
 
 def _entries(bench: Benchmark) -> list[str]:
@@ -27,50 +24,54 @@ def _entries(bench: Benchmark) -> list[str]:
 
 @pytest.fixture(scope="module")
 def finished(tiny, tmp_path_factory):
-    """Two strategies, two repeats each, with the real disk probe and environment record."""
+    """Two strategies, two interleaved repeats each, with the real disk probe, drift probes and environment."""
     messages: list[str] = []
-    bench = Benchmark(
-        preset="tiny",
-        out=tmp_path_factory.mktemp("bench") / "out",
-        repeats=2,
-        progress=False,
-        warmup=False,
-        checkpoint=tiny,
-        log=messages.append,
+    config = RunConfig(
+        preset="tiny", out=tmp_path_factory.mktemp("bench") / "out", repeats=2, progress=False, warmup=False
     )
-    returned = bench.run(TWO)
-    return bench, returned, messages
+    bench = Benchmark(config, checkpoint=tiny, log=messages.append)
+    phases = bench.run(TWO)
+    return bench, phases, messages
 
 
-def test_results_have_two_verified_rows_per_strategy(finished, tiny):
-    bench, returned, _ = finished
+def test_results_have_two_verified_rows_per_strategy_in_interleaved_order(finished, tiny):
+    bench, phases, _ = finished
+    assert [p.strategy for p in phases] == TWO
+    assert all(p.ok for p in phases)
+    assert [len(p.rows) for p in phases] == [2, 2]
+    stored = bench.store.read()
+    assert stored["strategy"].tolist() == ["pytorch", "ts+chunks", "pytorch", "ts+chunks"]  # round-robin
+    assert stored["repeat"].tolist() == [0, 0, 1, 1]
     results = bench.results
-    assert returned.equals(results)
     assert list(results.columns) == COLUMNS
     assert results["strategy"].tolist() == ["pytorch", "pytorch", "ts+chunks", "ts+chunks"]
-    assert results["repeat"].tolist() == [0, 1, 0, 1]
     assert results["verified"].all()
+    assert (results["error"] == "").all()
+    assert (results["schema_version"] == SCHEMA_VERSION).all()
     assert (results["tensors"] == 238).all()
     assert (results["params"] == tiny.params).all()
     assert (results["model_bytes"] == tiny.nbytes).all()
-    assert (results["preset"] == "tiny").all()
     assert (results["run_id"] == bench.run_id).all()
-    for column in ("save_s", "load_cold_s", "load_warm_s"):
+    for column in ("save_s", "save_blocking_s", "load_cold_s", "load_warm_s"):
         assert (results[column] > 0).all(), column
+    assert (results["save_blocking_s"] == results["save_s"]).all()  # synchronous saves
     assert (results["bytes"] >= tiny.nbytes).all()
     by_strategy = results.groupby("strategy")["files"].max()
-    assert by_strategy["pytorch"] == 1
-    assert by_strategy["ts+chunks"] > 1
+    assert by_strategy["pytorch"] == 2  # model.pt and the manifest
+    assert by_strategy["ts+chunks"] > 2
     assert (results["disk_write_gbps"] == bench.limits.write_gbps).all()
+    assert (results["drift_write_gbps"] > 0).all()
+    assert (results["drift_read_gbps"] > 0).all()
 
 
-def test_results_csv_holds_the_rows(finished):
+def test_every_row_carries_its_configuration(finished):
     bench, _, _ = finished
     stored = bench.store.read()
-    assert len(stored) == 4
-    assert stored["run_id"].tolist() == [bench.run_id] * 4
-    assert stored["strategy"].tolist() == bench.results["strategy"].tolist()
-    assert stored["save_s"].tolist() == pytest.approx(bench.results["save_s"].tolist())
+    for _, row in stored.iterrows():
+        assert json.loads(row["config"]) == get_strategy(row["strategy"]).config()
+    chunks = json.loads(stored.loc[stored["strategy"] == "ts+chunks", "config"].iloc[0])
+    assert chunks["library"] == "tensorstore"
+    assert chunks["chunk_bytes"] == 1 << 20
 
 
 def test_environment_is_recorded(finished, tiny):
@@ -79,19 +80,18 @@ def test_environment_is_recorded(finished, tiny):
     assert environment["run_id"] == bench.run_id
     assert environment["tensors"] == 238
     assert environment["model_bytes"] == tiny.nbytes
+    assert environment["order"] == "interleaved"
+    assert environment["settings"]["repeats"] == 2
     limits = environment["limits"]
     assert limits["write_gbps"] > 0
     assert limits["read_gbps"] > 0
-    assert limits["probe_bytes"] > 0
     assert 0 < limits["probe_s"] <= environment["prepare_s"]
     assert environment["packages"]["torch"] == torch.__version__
-    assert environment["packages"]["tensorstore"]
 
 
 def test_no_checkpoints_or_partials_remain(finished):
     bench, _, _ = finished
     assert _entries(bench) == ["results.csv"]
-    assert (bench.out / "runs" / f"{bench.run_id}.json").is_file()
 
 
 def test_summary_has_one_line_per_strategy(finished):
@@ -102,22 +102,37 @@ def test_summary_has_one_line_per_strategy(finished):
     assert summary["verified"].all()
 
 
+def test_shuffled_order_is_seeded_and_sequential_keeps_phases_together(make_bench):
+    names = ["pytorch", "safetensors", "ts+chunks"]
+    orders = []
+    for _ in range(2):
+        bench = make_bench(repeats=3, order="shuffled", seed=7)
+        bench.run(names)
+        orders.append(bench.store.read()["strategy"].tolist()[-9:])
+    assert orders[0] == orders[1]
+    assert [sorted(orders[0][i : i + 3]) for i in (0, 3, 6)] == [sorted(names)] * 3
+    bench = make_bench(repeats=2, order="sequential")
+    bench.run(names)
+    assert bench.store.read()["strategy"].tolist()[-6:] == [n for n in names for _ in range(2)]
+
+
 def test_keep_checkpoints_keeps_exactly_the_strategy_dirs(make_bench, tiny):
     bench = make_bench(repeats=2, keep_checkpoints=True)
     bench.run(TWO)
     assert _entries(bench) == sorted(["results.csv", *TWO])
     for name in TWO:
-        verify(get_strategy(name).load(bench.out / name, _ignore), tiny.tensors, name)
+        verify(load_checkpoint(get_strategy(name), bench.out / name), tiny.tensors, name)
     assert bench.results["verified"].all()
 
 
-def test_a_kept_checkpoint_is_replaced_by_the_next_run(make_bench):
+def test_a_kept_checkpoint_is_replaced_by_the_next_kept_one_and_left_alone_otherwise(make_bench, tiny):
     make_bench(keep_checkpoints=True).run(["pytorch"])
-    messages: list[str] = []
-    bench = make_bench(log=messages.append)
-    bench.run(["pytorch"])
-    assert _entries(bench) == ["results.csv"]
-    assert any("replacing the checkpoint" in m for m in messages)
+    first = (bench_out := make_bench().out / "pytorch" / "ckptbench.json").read_text()
+    make_bench().run(["pytorch"])
+    assert (bench_out).read_text() == first  # a run that keeps nothing does not touch it
+    make_bench(keep_checkpoints=True, seed=1).run(["pytorch"])
+    assert _entries(make_bench()) == ["pytorch", "results.csv"]
+    verify(load_checkpoint(get_strategy("pytorch"), make_bench().out / "pytorch"), tiny.tensors, "kept")
 
 
 def test_rerunning_a_phase_replaces_its_rows_but_appends_to_the_csv(make_bench):
@@ -127,14 +142,14 @@ def test_rerunning_a_phase_replaces_its_rows_but_appends_to_the_csv(make_bench):
     again = bench.run_phase("pytorch")
     results = bench.results
     assert results["strategy"].tolist() == ["pytorch", "pytorch", "ts+chunks", "ts+chunks"]
-    assert results[results["strategy"] == "pytorch"].reset_index(drop=True).equals(again)
+    assert results[results["strategy"] == "pytorch"].reset_index(drop=True).equals(again.frame)
     assert results[results["strategy"] == "ts+chunks"].equals(first[first["strategy"] == "ts+chunks"])
     stored = bench.store.read()
     assert len(stored) == 6
-    assert stored["strategy"].tolist() == ["pytorch"] * 2 + ["ts+chunks"] * 2 + ["pytorch"] * 2
+    assert stored["strategy"].tolist()[-2:] == ["pytorch"] * 2
 
 
-def test_results_follow_the_registry_order_whatever_the_run_order(make_bench):
+def test_results_follow_the_study_order_whatever_the_run_order(make_bench):
     bench = make_bench()
     bench.run(["ts+chunks", "pytorch"])
     assert bench.results["strategy"].tolist() == ["pytorch", "ts+chunks"]
@@ -148,20 +163,11 @@ def test_warmup_leaves_nothing_behind(make_bench):
     assert bench.results["verified"].all()
 
 
-def test_warmup_survives_a_leftover_from_a_killed_warmup(make_bench, tmp_path):
-    leftover = tmp_path / "out" / ".warmup-pytorch"
-    leftover.mkdir(parents=True)
-    (leftover / "model.pt").write_bytes(b"from a killed run")
-    bench = make_bench(warmup=True)
-    bench.run(["pytorch"])
-    assert bench.results["verified"].all()
-
-
 def _corrupt_torch_loads(monkeypatch) -> None:
     real_load = TorchSave.load
 
-    def corrupting_load(self, directory, progress):
-        tensors = real_load(self, directory, progress)
+    def corrupting_load(self, directory, entries, progress):
+        tensors = real_load(self, directory, entries, progress)
         flipped = OrderedDict(tensors)
         name = "model.layers.0.self_attn.v_proj.weight"
         flipped[name] = tensors[name].clone()
@@ -171,15 +177,38 @@ def _corrupt_torch_loads(monkeypatch) -> None:
     monkeypatch.setattr(TorchSave, "load", corrupting_load)
 
 
-def test_a_load_that_does_not_verify_is_recorded_then_raised(make_bench, monkeypatch):
+def test_a_load_that_does_not_verify_is_recorded_and_reported(make_bench, monkeypatch):
     _corrupt_torch_loads(monkeypatch)
     messages: list[str] = []
     bench = make_bench(log=messages.append)
-    with pytest.raises(VerificationError, match="pytorch"):
-        bench.run_phase("pytorch")
+    phase = bench.run_phase("pytorch")
+    assert not phase.ok
+    assert "did not match" in phase.error
     assert bench.store.read()["verified"].tolist() == [False]
-    assert bench.results["verified"].tolist() == [False]
     assert any("VERIFICATION FAILED" in m and "v_proj" in m for m in messages)
+    assert _entries(bench) == ["results.csv"]
+
+
+def test_a_failing_strategy_is_a_row_and_the_run_goes_on(make_bench, monkeypatch):
+    def broken_save(self, tensors, directory, progress):
+        raise RuntimeError("the library broke")
+
+    monkeypatch.setattr(TorchSave, "save", broken_save)
+    bench = make_bench(repeats=2)
+    phases = bench.run(["pytorch", "ts+chunks"])
+    assert [p.ok for p in phases] == [False, True]
+    assert "the library broke" in phases[0].error
+    stored = bench.store.read()
+    failed = stored[stored["strategy"] == "pytorch"]
+    assert len(failed) == 1  # a failed strategy stops taking part
+    assert "CheckpointError" in failed["error"].iloc[0] and "the library broke" in failed["error"].iloc[0]
+    assert failed["save_s"].isna().all()
+    assert not failed["verified"].any()
+    assert (stored[stored["strategy"] == "ts+chunks"]["error"] == "").all()
+    summary = bench.summary()
+    assert summary.loc["pytorch", "repeats"] == 0
+    assert not summary.loc["pytorch", "verified"]
+    assert "the library broke" in summary.loc["pytorch", "error"]
     assert _entries(bench) == ["results.csv"]
 
 
@@ -198,31 +227,35 @@ def test_an_interrupted_phase_leaves_no_checkpoint_and_no_row(make_bench, monkey
     assert len(calls) == 1
     assert ".partial-" in calls[0].name
     assert _entries(bench) == []
-    assert bench.results.empty
+    assert bench.store.read().empty
 
 
-def test_bad_arguments(tmp_path):
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(UnknownChoiceError, match="tiny"):
-        Benchmark(preset="openllama-70b", out=tmp_path)
-    with pytest.raises(ValueError, match="repeats"):
-        Benchmark(preset="tiny", out=tmp_path, repeats=0)
+        RunConfig(preset="openllama-70b", out=tmp_path)
+    with pytest.raises(UsageError, match="repeats"):
+        RunConfig(preset="tiny", out=tmp_path, repeats=0)
+    with pytest.raises(UsageError, match="seed"):
+        RunConfig(preset="tiny", out=tmp_path, seed=-5)
+    with pytest.raises(UsageError, match="order"):
+        RunConfig(preset="tiny", out=tmp_path, order="random")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UsageError, match="is a file"):
+        RunConfig(preset="tiny", out=tmp_path / "a-file")
     with pytest.raises(UnknownChoiceError, match="ts\\+chunks"):
-        Benchmark(preset="tiny", out=tmp_path, progress=False).run_phase("nope")
-    assert list(tmp_path.iterdir()) == []
+        Benchmark(RunConfig(preset="tiny", out=tmp_path / "out", progress=False)).run_phase("nope")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_run_config_is_frozen():
+    config = RunConfig(preset="tiny")
+    with pytest.raises(AttributeError):
+        config.repeats = 3  # type: ignore[misc]
 
 
 def test_a_local_model_path_names_the_preset(tmp_path):
-    bench = Benchmark(model_path=tmp_path / "my-llama", out=tmp_path / "out")
+    bench = Benchmark(RunConfig(model_path=tmp_path / "my-llama", out=tmp_path / "out"))
     assert bench.preset == "local:my-llama"
     with pytest.raises(ckptbench.ModelSourceError):
         bench.prepare()
     assert not (tmp_path / "out").exists()
-
-
-def test_run_each_goes_on_past_a_phase_that_does_not_verify(make_bench, monkeypatch):
-    _corrupt_torch_loads(monkeypatch)
-    messages: list[str] = []
-    bench = make_bench(log=messages.append)
-    assert bench.run_each(["pytorch", "ts+chunks"]) == ["pytorch"]
-    assert bench.results.groupby("strategy")["verified"].all().to_dict() == {"pytorch": False, "ts+chunks": True}
-    assert any(m.startswith("error: pytorch") for m in messages)

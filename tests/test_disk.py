@@ -17,6 +17,7 @@ import torch
 
 import ckptbench
 from ckptbench import EIGHT_WAY, CheckpointError, InsufficientDiskSpaceError, disk, get_strategy
+from conftest import load_checkpoint
 
 PACKAGE_ROOT = Path(ckptbench.__file__).resolve().parents[1]
 
@@ -75,12 +76,12 @@ def test_interrupted_save_leaves_no_checkpoint_and_no_partial(name, tiny, tmp_pa
 
     with pytest.raises(KeyboardInterrupt):
         _staged(final, save)
-    assert partials == [final.with_name(f".{name}.partial-{os.getpid()}")]
+    assert [p.name for p in partials] == [f".{name}.partial-{os.getpid()}-0"]
     assert written, "the save was interrupted before it wrote anything"
     assert not final.exists()
     assert _leftovers(final.parent) == []
     with pytest.raises(CheckpointError):
-        strategy.load(final, _ignore)
+        load_checkpoint(strategy, final)
 
 
 @pytest.mark.parametrize("name", EIGHT_WAY)
@@ -101,7 +102,7 @@ def test_interrupt_from_progress_after_data_was_written(name, tiny, tmp_path):
     assert seen, "nothing was on disk when the save was interrupted"
     assert _leftovers(tmp_path) == []
     with pytest.raises(CheckpointError):
-        strategy.load(final, _ignore)
+        load_checkpoint(strategy, final)
 
 
 def test_staged_success_renames_into_place(tiny, tmp_path):
@@ -114,34 +115,66 @@ def test_staged_success_renames_into_place(tiny, tmp_path):
     assert (final / "model.pt").is_file()
 
 
-def test_staged_replaces_its_own_earlier_partial(tmp_path):
+def test_staged_never_writes_into_an_existing_partial(tmp_path):
     final = tmp_path / "ckpt"
-    old = tmp_path / f".ckpt.partial-{os.getpid()}"
+    old = tmp_path / f".ckpt.partial-{os.getpid()}-0"
     old.mkdir()
-    (old / "junk").write_text("left over")
+    (old / "junk").write_text("someone else's")
     with disk.staged(final) as partial:
-        assert partial == old
+        assert partial != old
         assert list(partial.iterdir()) == []
         (partial / "data").write_text("new")
-    assert _leftovers(tmp_path) == ["ckpt"]
+    assert _leftovers(tmp_path) == [old.name, "ckpt"]
     assert (final / "data").read_text() == "new"
+    assert (old / "junk").read_text() == "someone else's"
 
 
-def test_clean_stale_removes_dead_writers_partials_only(tmp_path):
-    dead = tmp_path / f".tensorstore.partial-{_dead_pid()}"
-    live = tmp_path / f".tensorstore.partial-{os.getpid()}"
+def test_discard_renames_before_deleting(tmp_path, monkeypatch):
+    final = tmp_path / "ckpt"
+    (final / "sub").mkdir(parents=True)
+    (final / "ckptbench.json").write_text("{}")
+    removing: list[str] = []
+    real_remove = disk.remove
+
+    def watching_remove(path):
+        removing.append(path.name)
+        assert not final.exists(), "deletion started while the checkpoint still had its complete name"
+        real_remove(path)
+
+    monkeypatch.setattr(disk, "remove", watching_remove)
+    disk.discard(final)
+    assert removing and ".partial-" in removing[0]
+    assert _leftovers(tmp_path) == []
+
+
+def test_install_replaces_a_checkpoint_without_a_moment_of_two_or_a_half(tmp_path):
+    final, source = tmp_path / "ckpt", tmp_path / ".ckpt.work-1-x"
+    for directory, text in ((final, "old"), (source, "new")):
+        directory.mkdir()
+        (directory / "data").write_text(text)
+    disk.install(source, final)
+    assert (final / "data").read_text() == "new"
+    assert _leftovers(tmp_path) == ["ckpt"]
+
+
+def test_clean_stale_removes_dead_runs_partials_and_working_copies_only(tmp_path):
+    dead = tmp_path / f".tensorstore.partial-{_dead_pid()}-0"
+    dead_working = tmp_path / f".pytorch.work-{_dead_pid()}-abc123"
+    live = tmp_path / f".tensorstore.partial-{os.getpid()}-0"
+    live_working = tmp_path / f".pytorch.work-{os.getpid()}-abc123"
     dead_file = tmp_path / f".disk-probe.partial-{_dead_pid()}"
     not_a_pid = tmp_path / ".t5x.partial-abc"
     complete = tmp_path / "tensorstore"
-    for directory in (dead, live, not_a_pid, complete):
+    for directory in (dead, dead_working, live, live_working, not_a_pid, complete):
         (directory / "sub").mkdir(parents=True)
         (directory / "sub" / "chunk").write_bytes(b"x" * 10)
     dead_file.write_bytes(b"y")
     removed = disk.clean_stale(tmp_path)
-    assert sorted(removed) == sorted([dead, dead_file])
+    assert sorted(removed) == sorted([dead, dead_working, dead_file])
     assert not dead.exists()
     assert not dead_file.exists()
     assert live.is_dir()
+    assert live_working.is_dir()
     assert not_a_pid.is_dir()
     assert complete.is_dir()
     assert disk.clean_stale(tmp_path) == []
@@ -150,11 +183,11 @@ def test_clean_stale_removes_dead_writers_partials_only(tmp_path):
 
 def test_benchmark_prepare_cleans_stale_partials(make_bench, tmp_path):
     out = tmp_path / "out"
-    dead = out / f".ts+chunks.partial-{_dead_pid()}"
-    live = out / f".ts+chunks.partial-{os.getpid()}"
+    dead = out / f".ts+chunks.partial-{_dead_pid()}-0"
+    live = out / f".ts+chunks.partial-{os.getpid()}-0"
     for directory in (dead, live):
         directory.mkdir(parents=True)
-        (directory / "manifest.json").write_text("{}")
+        (directory / "ckptbench.json").write_text("{}")
     messages: list[str] = []
     make_bench(log=messages.append).prepare()
     assert not dead.exists()
@@ -166,7 +199,7 @@ def test_killed_save_leaves_only_a_stale_partial_that_the_next_run_removes(make_
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "ckptbench", "run", "--preset", "tiny", "--strategies", "tensorstore"]
-    command += ["--out", str(out), "--no-warmup"]
+    command += ["--out", str(out), "--no-warmup", "--no-drift"]
     log = tmp_path / "child.log"
     with log.open("wb") as output:
         child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
@@ -174,7 +207,7 @@ def test_killed_save_leaves_only_a_stale_partial_that_the_next_run_removes(make_
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and child.poll() is None:
-            found = list(out.glob(".tensorstore.partial-*")) if out.is_dir() else []
+            found = list(out.glob(".tensorstore.work-*.partial-*")) if out.is_dir() else []
             if found and any(found[0].iterdir()):  # the save has started writing tensors
                 partial = found[0]
                 child.send_signal(signal.SIGKILL)
@@ -186,20 +219,20 @@ def test_killed_save_leaves_only_a_stale_partial_that_the_next_run_removes(make_
         child.wait(timeout=60)
     if partial is None:
         pytest.fail(
-            f"no .tensorstore.partial-* with data appeared before the run ended (exit code {child.returncode}); "
+            f"no .tensorstore.work-*.partial-* with data appeared before the run ended (exit {child.returncode}); "
             f"the kill was not exercised. Output:\n{log.read_text(errors='replace')[-3000:]}"
         )
     assert child.returncode == -signal.SIGKILL
-    assert partial.name == f".tensorstore.partial-{child.pid}"
+    assert partial.name.startswith(f".tensorstore.work-{child.pid}-") and f".partial-{child.pid}-" in partial.name
     assert partial.is_dir(), "the partial vanished, so the save was not interrupted by the kill"
     assert not (out / "tensorstore").exists()
     with pytest.raises(CheckpointError):
-        get_strategy("tensorstore").load(out / "tensorstore", _ignore)
+        load_checkpoint(get_strategy("tensorstore"), partial)
     assert not psutil.pid_exists(child.pid)
     messages: list[str] = []
     make_bench(out=out, log=messages.append).prepare()
     assert not partial.exists()
-    assert not list(out.glob(".*.partial-*"))
+    assert not list(out.glob(".*.partial-*")) and not list(out.glob(".*.work-*"))
     assert any(str(partial) in message for message in messages)
 
 
@@ -233,28 +266,28 @@ def test_phase_refuses_before_writing_when_the_disk_is_too_small(name, warmup, m
         return real_mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", spy_mkdir)
-    with pytest.raises(InsufficientDiskSpaceError) as info:
-        bench.run_phase(name)
-    assert info.value.free == needed - 1
-    assert info.value.needed > info.value.free
+    phase = bench.run_phase(name)
+    assert not phase.ok
+    assert phase.error.startswith("InsufficientDiskSpaceError: not enough free disk")
+    assert "the next checkpoint needs about" in phase.error
     assert not any(".partial-" in p.name or p.name == name for p in created)
-    assert _leftovers(bench.out) == before
-    assert bench.results.empty
-    assert bench.store.read().empty
+    assert _leftovers(bench.out) == sorted([*before, "results.csv"])
+    (row,) = bench.store.read().itertuples()
+    assert row.strategy == name and row.error == phase.error and not row.verified
 
 
 def test_phase_runs_when_the_estimate_just_fits(make_bench, tiny, monkeypatch):
     bench = make_bench()
     bench.prepare()
     _free(monkeypatch, get_strategy("pytorch").estimate_bytes(tiny.tensors))
-    bench.run_phase("pytorch")
+    assert bench.run_phase("pytorch").ok
     assert len(bench.results) == 1
 
 
-def test_probe_refuses_when_the_disk_is_too_small(make_bench, monkeypatch):
+def test_probe_refuses_when_the_disk_is_too_small_and_says_it_is_the_probe(make_bench, monkeypatch):
     bench = make_bench(limits=None)
     _free(monkeypatch, 1 << 20)
-    with pytest.raises(InsufficientDiskSpaceError):
+    with pytest.raises(InsufficientDiskSpaceError, match="the 64 MiB disk probe needs"):
         bench.prepare()
     assert _leftovers(bench.out) == []
 

@@ -26,5 +26,5 @@ def test_probe_refuses_a_disk_without_room(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def _refuse(directory: Path, needed: int) -> None:
-    raise InsufficientDiskSpaceError(str(directory), needed, 0)
+def _refuse(directory: Path, needed: int, what: str) -> None:
+    raise InsufficientDiskSpaceError(str(directory), needed, 0, what)

@@ -11,10 +11,11 @@ import pytest
 from matplotlib.figure import Figure
 
 import ckptbench
-from ckptbench import EIGHT_WAY, plot, report
+from ckptbench import EIGHT_WAY, STRATEGIES, plot, report
 from ckptbench.cli import main
 from ckptbench.model import ModelCheckpoint
-from ckptbench.results import ADDED_COLUMNS, COLUMNS
+from ckptbench.results import COLUMNS
+from ckptbench.study import ordered
 
 RUN = ("pytorch", "tensorstore", "ts+chunks")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -23,16 +24,12 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def measured(tiny: ModelCheckpoint, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
     """Three strategies x two repeats of the tiny model, measured for real (disk probe included)."""
-    bench = ckptbench.Benchmark(
-        preset="tiny",
-        out=tmp_path_factory.mktemp("plot") / "out",
-        checkpoint=tiny,
-        repeats=2,
-        progress=False,
-        warmup=False,
-        log=lambda message: None,
+    config = ckptbench.RunConfig(
+        preset="tiny", out=tmp_path_factory.mktemp("plot") / "out", repeats=2, progress=False, warmup=False
     )
-    return bench.run(RUN)
+    bench = ckptbench.Benchmark(config, checkpoint=tiny, log=lambda message: None)
+    bench.run(RUN)
+    return bench.results
 
 
 def _tick_labels(fig: Figure) -> list[list[str]]:
@@ -96,14 +93,30 @@ def test_a_missing_phase_and_a_missing_baseline_still_draw(measured):
 def test_missing_phases_is_empty_for_the_eight_and_others_come_last(measured):
     rows = pd.concat([measured.assign(strategy=name) for name in (*reversed(EIGHT_WAY), "custom")])
     assert plot.missing_phases(rows) == []
-    assert plot.ordered(rows["strategy"]) == [*EIGHT_WAY, "custom"]
+    assert ordered(rows["strategy"]) == [*EIGHT_WAY, "custom"]
     assert _tick_labels(plot.comparison_figure(rows))[0] == [*EIGHT_WAY, "custom"]
 
 
-def test_an_unverified_strategy_is_labelled(measured):
+def test_unverified_and_failed_strategies_are_labelled_and_keep_their_place(measured):
     rows = measured.copy()
     rows.loc[rows["strategy"] == "ts+chunks", "verified"] = False
-    assert _tick_labels(plot.comparison_figure(rows))[0][-1] == "ts+chunks\n(NOT VERIFIED)"
+    failed = rows["strategy"] == "tensorstore"
+    rows.loc[failed, ["save_s", "load_cold_s", "load_warm_s", "bytes"]] = float("nan")
+    rows.loc[failed, ["verified", "error"]] = [False, "DiskFullError: disk full"]
+    fig = plot.comparison_figure(rows)
+    assert _tick_labels(fig)[0] == ["pytorch", "tensorstore (FAILED)", "ts+chunks (NOT VERIFIED)"]
+    assert fig.axes[0].patches[1].get_height() != fig.axes[0].patches[1].get_height()  # no bar: NaN
+
+
+def test_many_strategies_turn_the_bars_horizontal_so_every_name_reads(measured):
+    names = list(STRATEGIES)
+    rows = pd.concat([measured[measured["strategy"] == "pytorch"].assign(strategy=name) for name in names])
+    fig = plot.comparison_figure(rows, title="every strategy")
+    assert len(names) >= plot.HORIZONTAL_FROM
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ordered(names)
+    assert [ax.get_xlabel() for ax in fig.axes] == ["save time (s)", "load time (s)", "size on disk (GB)"]
+    width, height = fig.get_size_inches()
+    assert height >= 0.4 * len(names)  # at least ~0.4 inch per name
 
 
 def test_empty_or_mixed_results_are_refused(measured):
@@ -148,9 +161,28 @@ def test_cli_plot_draws_the_latest_run(measured, tmp_path, capsys):
     assert (tmp_path / "older" / "summary.csv").is_file()
 
 
+SCHEMA_1 = [
+    c
+    for c in COLUMNS
+    if c
+    not in {
+        "config",
+        "save_blocking_s",
+        "error",
+        "drift_write_gbps",
+        "drift_read_gbps",
+        "schema_version",
+        "overhead_s",
+        "cpu_save_s",
+        "cpu_load_cold_s",
+        "cpu_load_warm_s",
+    }
+]
+
+
 def test_cli_plot_reads_a_results_file_from_an_older_version(measured, tmp_path, capsys):
     csv = tmp_path / "results.csv"
-    measured.drop(columns=list(ADDED_COLUMNS)).to_csv(csv, index=False)
+    measured[SCHEMA_1].to_csv(csv, index=False)
     assert main(["plot", "--results", str(csv)]) == 0
     _assert_png(tmp_path / "8way_performance_comparison.png")
     assert pd.read_csv(tmp_path / "summary.csv")["strategy"].tolist() == list(RUN)
@@ -158,7 +190,10 @@ def test_cli_plot_reads_a_results_file_from_an_older_version(measured, tmp_path,
 
 def test_cli_run_ends_by_exporting_the_figure_and_summary(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["run", "--preset", "tiny", "--strategies", "pytorch", "--out", str(out), "--no-warmup"]) == 0
+    assert (
+        main(["run", "--preset", "tiny", "--strategies", "pytorch", "--out", str(out), "--no-warmup", "--no-drift"])
+        == 0
+    )
     printed = capsys.readouterr().out
     for name in ("8way_performance_comparison.png", "8way_performance_comparison.svg", "summary.csv"):
         assert f"wrote {out / name}" in printed
@@ -178,7 +213,8 @@ def test_cli_plot_errors_name_the_problem(tmp_path, capsys):
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     assert main(["plot", "--results", str(tmp_path / "other.csv")]) == 1
     assert "not a ckptbench results file" in capsys.readouterr().err
-    (tmp_path / "one.csv").write_text(",".join(COLUMNS) + "\n" + ",".join(["run-1", *["0"] * (len(COLUMNS) - 1)]))
+    row = {c: "0" for c in COLUMNS} | {"run_id": "run-1", "verified": "True", "error": "", "config": "{}"}
+    (tmp_path / "one.csv").write_text(",".join(COLUMNS) + "\n" + ",".join(row[c] for c in COLUMNS) + "\n")
     assert main(["plot", "--results", str(tmp_path / "one.csv"), "--run-id", "run-2"]) == 1
     assert "no run 'run-2' in the results; the latest runs: run-1" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png"))

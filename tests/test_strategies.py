@@ -11,8 +11,10 @@ import torch
 import ckptbench
 from ckptbench import BASELINE, EIGHT_WAY, STRATEGIES, TensorStore, TensorStoreOptions, TorchSave, UnknownChoiceError
 from ckptbench.model import ROTARY_BUFFER
-from ckptbench.strategies import MiB, divisor_chunks, get_strategy, parse_strategies
+from ckptbench.strategies import MiB, divisor_chunks, from_config, get_strategy
+from ckptbench.study import GROUPS, parse_strategies
 from ckptbench.verify import verify
+from conftest import load_checkpoint, save_checkpoint
 
 
 def _ignore(nbytes: int) -> None:
@@ -53,7 +55,7 @@ def test_round_trip_is_bit_exact(name, tiny, saved):
     strategy = get_strategy(name)
     assert saved[name].progress_bytes == tiny.nbytes
     read: list[int] = []
-    loaded = strategy.load(saved[name].path, read.append)
+    loaded = load_checkpoint(strategy, saved[name].path, read.append)
     assert sum(read) == tiny.nbytes
     verify(loaded, tiny.tensors, name)
     assert len(loaded) == 238
@@ -107,9 +109,9 @@ def test_file_count_is_one_per_chunk(name, tiny, saved):
     assert saved[name].usage.files == _expected_files(name, tiny)
 
 
-def test_pytorch_is_one_file_about_the_model_size(tiny, saved):
+def test_pytorch_is_one_file_about_the_model_size_beside_the_manifest(tiny, saved):
     usage = saved["pytorch"].usage
-    assert usage.files == 1
+    assert usage.files == 2
     assert tiny.nbytes <= usage.bytes < tiny.nbytes * 1.05
 
 
@@ -135,7 +137,7 @@ def test_t5x_writes_fewer_files_than_the_baseline(saved):
 
 def test_concurrency_changes_no_bytes_on_disk(saved):
     assert saved["ts+concurrency"].usage.files == saved[BASELINE].usage.files
-    # manifest.json records the options, so only its few bytes may differ
+    # the manifest records the options, so only its few bytes may differ
     assert abs(saved["ts+concurrency"].usage.bytes - saved[BASELINE].usage.bytes) < 100
 
 
@@ -219,9 +221,8 @@ def test_bfloat16_and_float32_tensors_round_trip(name, tmp_path):
         "c": torch.tensor([-0.0, 0.0, float("inf"), float("nan")], dtype=torch.float16),
     }
     strategy = get_strategy(name)
-    (tmp_path / "ckpt").mkdir()
-    strategy.save(tensors, tmp_path / "ckpt", _ignore)
-    verify(strategy.load(tmp_path / "ckpt", _ignore), tensors, name)
+    save_checkpoint(strategy, tensors, tmp_path / "ckpt")
+    verify(load_checkpoint(strategy, tmp_path / "ckpt"), tensors, name)
 
 
 def test_get_strategy_unknown_names_the_valid_choices():
@@ -235,6 +236,7 @@ def test_get_strategy_unknown_names_the_valid_choices():
 
 
 def test_parse_strategies():
+    assert parse_strategies("every") == list(STRATEGIES)
     assert parse_strategies("all") == list(EIGHT_WAY)
     assert parse_strategies(" all ") == list(EIGHT_WAY)
     assert parse_strategies("pytorch, ts+chunks") == ["pytorch", "ts+chunks"]
@@ -245,8 +247,8 @@ def test_parse_strategies():
 def test_parse_strategies_rejects_unknown_or_empty(spec):
     with pytest.raises(UnknownChoiceError) as info:
         parse_strategies(spec)
-    assert info.value.valid == list(STRATEGIES)
-    assert "valid choices: " + ", ".join(STRATEGIES) in str(info.value)
+    assert info.value.valid == [*GROUPS, *STRATEGIES]
+    assert "valid choices: " + ", ".join([*GROUPS, *STRATEGIES]) in str(info.value)
 
 
 def test_knobs_describe_every_strategy():
@@ -256,3 +258,30 @@ def test_knobs_describe_every_strategy():
         assert all(isinstance(v, str) for v in knobs.values()), name
     assert get_strategy("ts+ocdbt").knobs()["kvstore"] == "ocdbt"
     assert get_strategy("t5x").knobs()["compression"] == "gzip"
+
+
+def test_every_strategy_has_a_json_config_naming_its_library():
+    for name, strategy in STRATEGIES.items():
+        config = strategy.config()
+        assert json.loads(json.dumps(config)) == config, name
+        assert config["library"], name
+        assert strategy.reads(config), name
+        assert from_config(name, config) is strategy
+    assert get_strategy("ts+ocdbt").config()["driver"] == "ocdbt"
+
+
+def test_a_sweep_configuration_is_rebuilt_from_its_config():
+    options = TensorStoreOptions(chunk_bytes=4 * MiB, compression="zstd")
+    rebuilt = from_config("ts[chunk_bytes=4M,compression=zstd]", TensorStore("x", options).config())
+    assert isinstance(rebuilt, TensorStore)
+    assert rebuilt.options == options
+    with pytest.raises(ckptbench.CheckpointError, match="no strategy"):
+        from_config("mystery", {"library": "pickle"})
+
+
+def test_readers_refuse_other_formats():
+    assert not get_strategy("tensorstore").reads(get_strategy("ts+ocdbt").config())
+    assert not get_strategy("tensorstore").reads(get_strategy("ts+zarr3").config())
+    assert get_strategy("tensorstore").reads(get_strategy("ts+chunks").config())
+    assert not get_strategy("pytorch").reads(get_strategy("safetensors").config())
+    assert get_strategy("pytorch").reads(get_strategy("pytorch+mmap").config())

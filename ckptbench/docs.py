@@ -1,0 +1,119 @@
+"""Generated blocks in the Markdown docs: every table there comes from the registry or a committed data file.
+
+A block is delimited by ``<!-- ckptbench:KIND ARGS -->`` and ``<!-- /ckptbench -->``; ``python -m
+ckptbench docs`` rewrites what lies between them and ``--check`` (run by the tests) fails when a
+block no longer matches its source, so no number in the docs is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from . import report, verdict
+from .errors import CkptbenchError
+from .results import read_results, summarize
+from .strategies import STRATEGIES
+from .study import EIGHT_WAY, GROUPS, ordered
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = ("README.md", "8WAY_COMPARISON_GUIDE.md", "docs/results/README.md")
+_BLOCK = re.compile(r"(<!-- ckptbench:(?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /ckptbench -->)", re.DOTALL)
+
+
+def strategies_table(group: str = "every") -> pd.DataFrame:
+    names = GROUPS[group]
+    table = pd.DataFrame.from_dict({n: STRATEGIES[n].knobs() for n in names}, orient="index").fillna("")
+    table.insert(0, "8-way", ["yes" if n in EIGHT_WAY else "" for n in table.index])
+    return table.rename_axis("name")
+
+
+def markdown(table: pd.DataFrame, index: bool = True) -> str:
+    """A pipe table without extra dependencies; cells' pipes escaped."""
+    frame = table.reset_index() if index else table
+    cells = [[str(v).replace("|", "\\|") for v in row] for row in frame.astype(str).itertuples(index=False)]
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + " --- |" * len(frame.columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+def strategies_markdown(group: str = "every") -> str:
+    table = strategies_table(group)
+    table.index = [f"`{n}`" for n in table.index]
+    return markdown(table.rename_axis("name"))
+
+
+def _results(path: str) -> pd.DataFrame:
+    results = read_results(ROOT / path)
+    return results[results["run_id"] == results["run_id"].iloc[-1]]
+
+
+def _summary(path: str) -> str:
+    results = _results(path)
+    table = report.summary_table(summarize(results, order=ordered(results["strategy"])))
+    table.index = [f"`{n}`" for n in table.index]
+    return markdown(table.rename_axis("strategy"))
+
+
+def _verdicts(path: str) -> str:
+    table = verdict.check(_results(path))
+    return markdown(table[["claim", "measured", "verdict", "reason"]], index=False)
+
+
+def _targets(path: str) -> str:
+    table = pd.read_csv(ROOT / path)
+    table["met"] = table["met"].map({True: True, False: False, "True": True, "False": False})
+    return markdown(report.targets_table(table), index=False)
+
+
+def _environment(path: str) -> str:
+    env = json.loads((ROOT / path).read_text())
+    limits = env.get("limits") or {}
+    items = {
+        "run": env["run_id"],
+        "model": f"{env['preset']}: {env['tensors']} tensors, {env['model_bytes'] / 1e9:.3g} GB",
+        "repeats": f"{env.get('repeats')} ({env.get('order', 'sequential')} order)",
+        "machine": f"{env['cores']} cores, {env['ram_bytes'] / 2**30:.0f} GiB, {env['filesystem']}",
+        "disk": f"{limits.get('write_gbps', float('nan')):.3g} GB/s durable write, "
+        f"{limits.get('read_gbps', float('nan')):.3g} GB/s cold read",
+        "versions": ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v),
+        "commit": env.get("git_commit") or "",
+    }
+    return markdown(pd.DataFrame({"value": items}).rename_axis("item"))
+
+
+KINDS: dict[str, Callable[..., str]] = {
+    "strategies": strategies_markdown,
+    "summary": _summary,
+    "verdicts": _verdicts,
+    "targets": _targets,
+    "environment": _environment,
+}
+
+
+def render(spec: str) -> str:
+    kind, *args = shlex.split(spec)
+    if kind not in KINDS:
+        raise CkptbenchError(f"unknown generated block {kind!r}; known: {', '.join(KINDS)}")
+    return KINDS[kind](*args)
+
+
+def regenerate(check: bool = False, documents: tuple[str, ...] = DOCUMENTS) -> list[Path]:
+    """Rewrite every generated block (or, with ``check``, only report them); the files that were out of date."""
+    stale = []
+    for name in documents:
+        path = ROOT / name
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        updated = _BLOCK.sub(lambda m: f"{m[1]}{render(m['spec'])}{m[4]}", text)
+        if updated != text:
+            stale.append(path)
+            if not check:
+                path.write_text(updated)
+    return stale

@@ -1,0 +1,117 @@
+"""What every strategy does: write a mapping of tensors as its library's files, and read them back.
+
+Completeness and integrity are not a strategy's business: ``checkpoint`` adds the manifest (the
+commit marker, with each tensor's name, dtype, shape and digest) and hands its entries to ``load``.
+Strategies never sync either: the harness makes every save durable the same way.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..manifest import Entry, Layout
+
+Tensors = Mapping[str, torch.Tensor]
+Progress = Callable[[int], None]
+"""Called with the number of bytes of model data just written or read."""
+Pending = Callable[[], None]
+"""What an asynchronous save returns: wait for it, and the data has been written (not yet synced)."""
+
+MiB = 1 << 20
+
+
+def nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def total_bytes(tensors: Tensors) -> int:
+    """Bytes of model data in a mapping: what progress counts and what throughput is measured against."""
+    return sum(nbytes(t) for t in tensors.values())
+
+
+class Strategy(ABC):
+    """Writes a mapping of tensors as its library's files in a directory and reads them back in the saved dtypes."""
+
+    name: str
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """What this strategy sets, as data: stored (as JSON) beside every result it produces."""
+
+    @abstractmethod
+    def knobs(self) -> dict[str, str]:
+        """What this strategy sets, in words, for ``list`` and the generated tables in the docs."""
+
+    @abstractmethod
+    def save(self, tensors: Tensors, directory: Path, progress: Progress) -> Pending | None:
+        """Write every tensor; an asynchronous strategy returns once training could go on, with what to wait for."""
+
+    @abstractmethod
+    def load(self, directory: Path, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
+        """Every tensor of ``entries``, in their order, materialised in fresh memory."""
+
+    def load_into(self, directory: Path, entries: Layout, into: Tensors, progress: Progress) -> None:
+        """Read every tensor into the existing ``into`` (what resuming a live model does).
+
+        By default a fresh load copied into place; strategies that can read in place override it.
+        """
+        for name, tensor in self.load(directory, entries, progress).items():
+            into[name].copy_(tensor)
+
+    def load_each(self, directory: Path, entries: Layout) -> Iterator[tuple[Entry, torch.Tensor | Exception]]:
+        """Tensor by tensor, a damaged one reported in its place (for ``verify``); by default one whole load."""
+        try:
+            tensors = self.load(directory, entries, lambda n: None)
+        except CheckpointError as err:
+            tensors = {}
+            failure: Exception = err
+        else:
+            failure = CheckpointError("not in the loaded checkpoint")
+        for entry in entries:
+            yield entry, tensors.get(entry.name, failure)
+
+    def reads(self, config: dict[str, Any]) -> bool:
+        """Whether a checkpoint written with ``config`` is in the format this strategy reads."""
+        mine = self.config()
+        return (config.get("library"), config.get("format")) == (mine["library"], mine["format"])
+
+    @abstractmethod
+    def estimate_bytes(self, tensors: Tensors) -> int:
+        """An upper bound of the disk space a save needs, checked before writing."""
+
+
+class SingleFile(Strategy):
+    """A library that writes the whole mapping into one file; subclasses say how it is written and read."""
+
+    filename: str
+
+    @abstractmethod
+    def write(self, tensors: Tensors, path: Path) -> None: ...
+
+    @abstractmethod
+    def read(self, path: Path, entries: Layout) -> OrderedDict[str, torch.Tensor]: ...
+
+    def save(self, tensors: Tensors, directory: Path, progress: Progress) -> None:
+        self.write(tensors, directory / self.filename)
+        progress(total_bytes(tensors))
+
+    def load(self, directory: Path, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
+        path = directory / self.filename
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: no {self.filename}; not a complete {self.name} checkpoint")
+        try:
+            tensors = self.read(path, entries)
+        except Exception as err:  # the libraries raise their own errors (pickle, zip, SafetensorError) for damage
+            raise CheckpointError(f"{path}: unreadable {self.name} checkpoint: {err}") from err
+        progress(total_bytes(tensors))
+        return tensors
+
+    def estimate_bytes(self, tensors: Tensors) -> int:
+        return total_bytes(tensors) + MiB

@@ -1,0 +1,222 @@
+"""The study as data: which approaches it compares, what it claimed, and the targets ckptbench holds itself to.
+
+Everything that names strategies for a purpose (the eight, the baseline, the bench's peers) and every
+threshold lives here, so verdicts, targets, plots, the CLI, the notebook and the generated docs read
+one definition. A claim is a conjunction of criteria on ratios of medians; ``verdict`` judges them
+with their uncertainty.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import UnknownChoiceError
+from .strategies import STRATEGIES
+
+EIGHT_WAY: tuple[str, ...] = (
+    "pytorch",
+    "tensorstore",
+    "t5x",
+    "ts+concurrency",
+    "ts+chunks",
+    "ts+compression",
+    "ts+float16",
+    "ts+ocdbt",
+)
+"""The study's eight approaches, in its order."""
+BASELINE = "tensorstore"
+"""The study's unoptimised TensorStore configuration; every ablation changes one of its knobs."""
+BEST = "ts+best"
+"""The fastest lossless TensorStore configuration the sweep found."""
+SINGLE_KNOB: tuple[str, ...] = ("ts+concurrency", "ts+chunks", "ts+compression", "ts+float16", "ts+ocdbt")
+"""The ablations that change one baseline knob each."""
+TENSORSTORE_EIGHT: tuple[str, ...] = tuple(n for n in EIGHT_WAY if STRATEGIES[n].config()["library"] == "tensorstore")
+"""The eight-way approaches that write with TensorStore."""
+BENCH: tuple[str, ...] = ("pytorch", "safetensors", BEST)
+"""What ``bench`` measures by default: the best TensorStore configuration against the one-file peers."""
+EXPECTED_TENSORS = 238
+"""OpenLLaMA-3B's 237 weights plus the rotary inv_freq buffer."""
+GROUPS: dict[str, tuple[str, ...]] = {"all": EIGHT_WAY, "every": tuple(STRATEGIES)}
+"""Names that stand for several strategies on the command line and in the notebook's parameters."""
+
+
+def parse_strategies(spec: str) -> list[str]:
+    """A group name (``all``: the eight, ``every``: the whole registry) or a comma list, validated up front."""
+    if spec.strip() in GROUPS:
+        return list(GROUPS[spec.strip()])
+    names = [part.strip() for part in spec.split(",") if part.strip()]
+    if not names:
+        raise UnknownChoiceError("strategy", spec, [*GROUPS, *STRATEGIES])
+    for name in names:
+        if name not in STRATEGIES:
+            raise UnknownChoiceError("strategy", name, [*GROUPS, *STRATEGIES])
+    return names
+
+
+def ordered(names: list[str] | tuple[str, ...] | Any) -> list[str]:
+    """The study's order for the eight, then the registry's, then anything else in order of appearance."""
+    present = list(dict.fromkeys(names))
+    known = [n for n in (*EIGHT_WAY, *STRATEGIES) if n in present]
+    return list(dict.fromkeys(known)) + [n for n in present if n not in known]
+
+
+Op = Literal["<", "<=", ">", ">="]
+OPS: dict[str, Callable[[float, float], bool]] = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+METRICS: dict[str, str] = {
+    "save_s": "save",
+    "save_blocking_s": "blocking save",
+    "load_cold_s": "cold load",
+    "load_warm_s": "warm load",
+    "bytes": "size",
+    "files": "files",
+}
+"""The results columns a claim may compare, and their names in words."""
+EXACT_METRICS = frozenset({"bytes", "files"})
+"""Columns that do not vary from run to run; every other metric is a timing, judged with its noise."""
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A metric's median for ``strategy`` over the same metric's median for ``reference``."""
+
+    metric: str
+    strategy: str
+    reference: str
+
+    def __str__(self) -> str:
+        return f"{self.strategy} {METRICS[self.metric]} / {self.reference} {METRICS[self.metric]}"
+
+
+@dataclass(frozen=True)
+class Criterion:
+    ratio: Ratio
+    op: Op
+    limit: float
+
+    def holds(self, value: float) -> bool:
+        return OPS[self.op](value, self.limit)
+
+    def __str__(self) -> str:
+        return f"{self.ratio} {self.op} {self.limit:g}"
+
+
+@dataclass(frozen=True)
+class Each:
+    """Every one of the eight that ran has ``column == value``: exact, so never inconclusive."""
+
+    column: str
+    value: Any
+
+    def __str__(self) -> str:
+        return f"{self.column} = {self.value} for each of the eight"
+
+
+@dataclass(frozen=True)
+class Claim:
+    key: str
+    claim: str
+    """The study's words."""
+    study: str
+    """What the study reported seeing."""
+    criteria: tuple[Criterion | Each, ...]
+    """All must hold for HELD; any that clearly fails makes it NOT HELD."""
+
+    @property
+    def strategies(self) -> tuple[str, ...]:
+        names = [n for c in self.criteria if isinstance(c, Criterion) for n in (c.ratio.strategy, c.ratio.reference)]
+        return tuple(dict.fromkeys(names))
+
+    @property
+    def expected(self) -> str:
+        return "; ".join(str(c) for c in self.criteria)
+
+
+def _faster_than_each(strategy: str, others: tuple[str, ...]) -> tuple[Criterion, ...]:
+    return tuple(Criterion(Ratio("save_s", strategy, other), "<", 1.0) for other in others if other != strategy)
+
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim(
+        "chunks_primary",
+        "chunking is the primary save optimisation",
+        f"ts+chunks saved about 90% faster than {BASELINE}, the largest cut of any single knob",
+        (Criterion(Ratio("save_s", "ts+chunks", BASELINE), "<=", 0.2), *_faster_than_each("ts+chunks", SINGLE_KNOB)),
+    ),
+    Claim(
+        "float16_halves",
+        "float16 halves the size with no speed penalty",
+        "half the bytes on disk, save and load as fast as the baseline",
+        (
+            Criterion(Ratio("bytes", "ts+float16", BASELINE), ">=", 0.45),
+            Criterion(Ratio("bytes", "ts+float16", BASELINE), "<=", 0.55),
+            Criterion(Ratio("save_s", "ts+float16", BASELINE), "<=", 1.1),
+            Criterion(Ratio("load_cold_s", "ts+float16", BASELINE), "<=", 1.1),
+        ),
+    ),
+    Claim(
+        "gzip_costs",
+        "gzip costs save time for its size gain",
+        "ts+compression smaller on disk but slower to save",
+        (
+            Criterion(Ratio("save_s", "ts+compression", BASELINE), ">", 1.0),
+            Criterion(Ratio("bytes", "ts+compression", BASELINE), "<", 1.0),
+        ),
+    ),
+    Claim(
+        "ocdbt_better",
+        "OCDBT is slightly better",
+        f"ts+ocdbt saved a little faster than {BASELINE}",
+        (Criterion(Ratio("save_s", "ts+ocdbt", BASELINE), "<", 1.0),),
+    ),
+    Claim(
+        "t5x_no_better",
+        "T5X's combination is no better than chunks alone",
+        "t5x saved no faster than ts+chunks",
+        (Criterion(Ratio("save_s", "t5x", "ts+chunks"), ">=", 0.9),),
+    ),
+    Claim(
+        "chunks_fastest",
+        "ts+chunks is the fastest TensorStore save",
+        "the lowest save time of the TensorStore approaches",
+        _faster_than_each("ts+chunks", TENSORSTORE_EIGHT),
+    ),
+    Claim(
+        "tensors",
+        f"every approach saved {EXPECTED_TENSORS} tensors",
+        f"{EXPECTED_TENSORS} tensors in every checkpoint",
+        (Each("tensors", EXPECTED_TENSORS),),
+    ),
+    Claim("verified", "every approach verified", "every load bit-exact", (Each("verified", True),)),
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A figure ckptbench's own implementation must reach; ``targets`` computes the value under ``key``."""
+
+    key: str
+    label: str
+    op: Op
+    limit: float
+
+    def met(self, value: float) -> bool:
+        return OPS[self.op](value, self.limit)
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("best_save_vs_torch", f"{BEST} save / pytorch save", "<=", 1.0),
+    Target("best_load_vs_safetensors", f"{BEST} cold load / safetensors cold load", "<=", 1.0),
+    Target("best_write_share", f"{BEST} bytes written / s as a share of the disk's durable write", ">=", 0.8),
+    Target("best_read_share", f"{BEST} bytes read / s as a share of the disk's cold read", ">=", 0.8),
+    Target("harness_cost", "harness cost inside a timed region / shortest timed region", "<=", 0.05),
+    Target("overhead", "wall time outside timed regions (strategies' and disk probes') / run wall time", "<=", 0.15),
+)
+TARGETS_BY_KEY: dict[str, Target] = {t.key: t for t in TARGETS}

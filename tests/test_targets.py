@@ -1,0 +1,94 @@
+"""The bench's targets as keyed data: values from a run's rows, met or not, context figures beside them."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from ckptbench import targets
+from ckptbench.cli import main
+from ckptbench.limits import Limits
+from ckptbench.results import COLUMNS
+from ckptbench.study import TARGETS
+
+
+def _results(**save_s: float) -> pd.DataFrame:
+    rows = []
+    for name, seconds in save_s.items():
+        rows.append(
+            dict.fromkeys(COLUMNS, 0)
+            | {
+                "strategy": name,
+                "error": "",
+                "save_s": seconds,
+                "load_cold_s": seconds,
+                "load_warm_s": seconds / 2,
+                "bytes": 10**9,
+                "model_bytes": 10**9,
+                "verified": True,
+                "disk_write_gbps": 1.0,
+                "disk_read_gbps": 1.0,
+                "overhead_s": 0.1,
+                "cpu_load_cold_s": seconds,
+                "tensors": 238,
+            }
+        )
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def test_targets_are_keyed_and_judged():
+    results = _results(pytorch=2.0, safetensors=1.0, **{"ts+best": 1.25})
+    timed = results[["save_s", "load_cold_s", "load_warm_s"]].to_numpy().sum()
+    start = Limits(write_gbps=1.0, read_gbps=1.0, probe_bytes=1, probe_s=1.0)
+    wall = (timed + 1.0) / 0.9
+    table = targets.evaluate(results, wall_s=wall, cores=4, prepare_s=3.0, probe_s=1.0, start=start)
+    assert list(table.columns) == targets.COLUMNS
+    by_key = table.set_index("key")
+    assert by_key.loc["best_save_vs_torch", "value"] == pytest.approx(0.625)
+    assert by_key.loc["best_save_vs_torch", "met"] is True
+    assert by_key.loc["best_load_vs_safetensors", "met"] is False
+    assert by_key.loc["best_write_share", "value"] == pytest.approx(0.8)
+    assert by_key.loc["best_write_share", "met"] is True
+    assert by_key.loc["write_share:pytorch", "met"] is None  # context, no target
+    assert by_key.loc["overhead", "value"] == pytest.approx(0.1)
+    assert by_key.loc["overhead_with_probes", "value"] == pytest.approx(0.1 + 1.0 / wall)
+    assert by_key.loc["overhead_setup", "value"] == pytest.approx(2.0 / wall)
+    assert by_key.loc["warm_share:ts+best", "value"] == pytest.approx(1.6)
+    assert by_key.loc["cpu_busy:ts+best", "value"] == pytest.approx(1 / 4)  # the run's cores, not this machine's
+    assert by_key.loc["harness_cost", "met"] is True
+    assert {t.key for t in TARGETS} <= set(by_key.index)
+
+
+def test_targets_show_whether_the_disk_held_still():
+    results = _results(pytorch=2.0, safetensors=1.0, **{"ts+best": 1.25})
+    start, end = Limits(1.0, 1.0, 1), Limits(write_gbps=0.5, read_gbps=1.0, probe_bytes=1)
+    by_key = targets.evaluate(results, wall_s=100.0, cores=2, start=start, end=end).set_index("key")["value"]
+    assert by_key["disk_steady_write"] == 0.5
+    assert by_key["disk_steady_read"] == 1.0
+    assert "disk_steady_write" not in set(targets.evaluate(results, wall_s=100.0, cores=2)["key"])
+
+
+def test_a_failed_strategy_is_left_out_of_the_ratios():
+    results = _results(pytorch=2.0, **{"ts+best": 1.25})
+    results.loc[results["strategy"] == "pytorch", ["save_s", "error"]] = [float("nan"), "DiskFullError: full"]
+    keys = set(targets.evaluate(results, wall_s=100.0, cores=2)["key"])
+    assert "best_save_vs_torch" not in keys
+    assert "write_share:pytorch" not in keys
+
+
+@pytest.mark.slow
+def test_bench_command_prints_the_targets_and_records_the_end_probe(tmp_path, capsys):
+    assert main(["bench", "--preset", "tiny", "--out", str(tmp_path), "--no-warmup", "--no-drift"]) == 0
+    printed = capsys.readouterr().out
+    for target in TARGETS:
+        assert target.label in printed
+    assert "disk's durable write after / before" in printed
+    assert set(pd.read_csv(tmp_path / "bench.csv")["strategy"]) == {"pytorch", "safetensors", "ts+best"}
+    saved = pd.read_csv(tmp_path / targets.TARGETS_FILE)
+    assert {t.key for t in TARGETS} <= set(saved["key"])
+    (environment,) = (tmp_path / "runs").glob("*.json")
+    recorded = json.loads(environment.read_text())
+    assert recorded["limits_end"]["read_gbps"] > 0
+    assert recorded["wall_s"] > recorded["prepare_s"]

@@ -73,7 +73,7 @@ def _targets(path: str) -> str:
 
 def _environment(path: str) -> str:
     env = json.loads((ROOT / path).read_text())
-    limits = env.get("limits") or {}
+    limits = env.get("limits") or env.get("disk_limits") or {}
     items = {
         "run": env["run_id"],
         "model": f"{env['preset']}: {env['tensors']} tensors, {env['model_bytes'] / 1e9:.3g} GB",
@@ -87,7 +87,17 @@ def _environment(path: str) -> str:
     return markdown(pd.DataFrame({"value": items}).rename_axis("item"))
 
 
+def _csv(path: str, columns: str = "") -> str:
+    """A committed CSV as it is (e.g. a sweep's summary), selected columns, numbers to three digits."""
+    table = pd.read_csv(ROOT / path)
+    if columns:
+        table = table[columns.split(",")]
+    shown = table.apply(lambda c: c.map(report.sig) if pd.api.types.is_float_dtype(c) else c)
+    return markdown(shown, index=False)
+
+
 KINDS: dict[str, Callable[..., str]] = {
+    "csv": _csv,
     "strategies": strategies_markdown,
     "summary": _summary,
     "verdicts": _verdicts,

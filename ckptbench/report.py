@@ -55,7 +55,7 @@ def phase_table(phase: PhaseResult) -> pd.DataFrame:
     )
     table.index = pd.Index([f"{phase.strategy} [{r + 1}]" for r in rows["repeat"]])
     if (rows["error"] != "").any():
-        table["error"] = rows["error"].str.slice(0, 120)
+        table["error"] = rows["error"].str.slice(0, 120).to_numpy()
     return table
 
 

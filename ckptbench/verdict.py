@@ -35,6 +35,8 @@ class Interval:
     def __str__(self) -> str:
         if self.low == self.high == self.value:
             return f"{self.value:.3g}"
+        if math.isinf(self.high):
+            return f"{self.value:.3g} (no margin)"
         return f"{self.value:.3g} [{self.low:.3g}-{self.high:.3g}]"
 
 
@@ -91,44 +93,39 @@ def _judge(criterion: Criterion, span: Interval) -> str:
 def _each(results: pd.DataFrame, each: Each) -> tuple[str, str, str]:
     present = [n for n in EIGHT_WAY if n in set(results["strategy"])]
     if not present:
-        return NOT_MEASURED, "none of the eight was run", ""
+        return NOT_MEASURED, "none of the eight was run", "exact"
     rows = results[results["strategy"].isin(present)]
     failing = sorted(set(rows.loc[rows[each.column] != each.value, "strategy"]), key=present.index)
     scope = f"{len(present)} of {len(EIGHT_WAY)} approaches run"
     if not failing:
         return HELD, f"{scope}, each with {each.column} = {each.value}", "exact"
-    return NOT_HELD, f"{scope}; not {each.column} = {each.value}: {', '.join(failing)}", f"fails: {each}"
+    return NOT_HELD, f"{scope}; not {each.column} = {each.value}: {', '.join(failing)}", "exact"
 
 
 def judge(claim: Claim, results: pd.DataFrame, run_drift: float | None) -> dict[str, str]:
-    """One row of the verdict table for ``claim``."""
-    measured, verdicts, reasons = [], [], []
+    """One row of the verdict table for ``claim``: the worst criterion decides, the reason names it."""
     missing = [n for n in claim.strategies if n not in set(succeeded(results)["strategy"])]
     if missing:
         return _table_row(
             claim, f"not measured: {', '.join(missing)}", NOT_MEASURED, "a strategy it compares did not run"
         )
+    measured, outcomes = [], []
     for criterion in claim.criteria:
         if isinstance(criterion, Each):
-            verdict, text, reason = _each(results, criterion)
+            verdict, text, method = _each(results, criterion)
             measured.append(text)
         else:
             span = interval(results, criterion.ratio, run_drift)
-            verdict = _judge(criterion, span)
+            verdict, method = _judge(criterion, span), span.method
             measured.append(f"{criterion.ratio} = {span}")
-            reason = {
-                HELD: span.method,
-                NOT_HELD: f"fails: {criterion} ({span.method})",
-                INCONCLUSIVE: f"{criterion}: its interval {span.low:.3g}-{span.high:.3g} straddles {criterion.limit:g} "
-                f"({span.method})",
-            }[verdict]
-        verdicts.append(verdict)
-        reasons.append(reason)
-    for outcome in (NOT_MEASURED, NOT_HELD, INCONCLUSIVE):
-        if outcome in verdicts:
-            why = "; ".join(dict.fromkeys(r for v, r in zip(verdicts, reasons, strict=True) if v == outcome))
-            return _table_row(claim, "; ".join(measured), outcome, why)
-    return _table_row(claim, "; ".join(measured), HELD, "; ".join(dict.fromkeys(reasons)))
+        outcomes.append((verdict, str(criterion), method))
+    shown = "; ".join(dict.fromkeys(measured))
+    for outcome, label in ((NOT_MEASURED, "not measured"), (NOT_HELD, "fails"), (INCONCLUSIVE, "straddles its limit")):
+        picked = [(c, m) for v, c, m in outcomes if v == outcome]
+        if picked:
+            methods = "; ".join(dict.fromkeys(m for _, m in picked))
+            return _table_row(claim, shown, outcome, f"{label}: {'; '.join(c for c, _ in picked)} ({methods})")
+    return _table_row(claim, shown, HELD, "; ".join(dict.fromkeys(m for _, _, m in outcomes)))
 
 
 def _table_row(claim: Claim, measured: str, verdict: str, reason: str) -> dict[str, str]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import random
 import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -115,6 +116,21 @@ class PhaseResult:
         from .report import phase_table
 
         return phase_table(self).to_string()
+
+
+class _Stopwatch:
+    """Seconds per named untimed step, summed over the step's occurrences."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] += time.perf_counter() - started
 
 
 @dataclass
@@ -277,30 +293,40 @@ class Benchmark:
         )
 
     def _repeat(self, strategy: Strategy, repeat: int) -> Row:
-        """One timed save, cold load and warm load, each verified; raises what stopped it."""
+        """One timed save, cold load and warm load, each verified; raises what stopped it.
+
+        The untimed work between them is clocked too (``warmup_s``, ``evict_s``, ``verify_s``,
+        ``cleanup_s``), so a run shows where its wall time outside the timers goes.
+        """
         started = time.perf_counter()
         self._warm_up(strategy)
+        warmup_s = time.perf_counter() - started
         drift = self._drift()
         probe_s = self.probe_s
         path = disk.working_name(self.out, strategy.name, self._token)
         label = f"{strategy.name} [{repeat + 1}/{self.config.repeats}]"
         keep = self.config.keep_checkpoints and repeat == self.config.repeats - 1
+        clock = _Stopwatch()
         try:
             saved, blocking_s = self._timed_save(strategy, self.checkpoint.tensors, self._layout, path, label)
-            usage = disk.evict(path)
+            with clock("evict"):
+                usage = disk.evict(path)
             cold, loaded = self._timed_load(strategy, path, f"{label} cold")
-            cold_ok = self._verified(strategy, loaded, path)
-            del loaded
+            with clock("verify"):
+                cold_ok = self._verified(strategy, loaded, path)
+                del loaded
             warm, loaded = self._timed_load(strategy, path, f"{label} warm")
             # Nothing is timed now: delete the checkpoint while the CPU compares the last load.
             with ThreadPoolExecutor(1) as pool:
                 deleted = None if keep else pool.submit(disk.discard, path)
-                warm_ok = self._verified(strategy, loaded, path)
-                del loaded
-            if deleted is not None:
-                deleted.result()
-            if keep:
-                disk.install(path, self.out / strategy.name)
+                with clock("verify"):
+                    warm_ok = self._verified(strategy, loaded, path)
+                    del loaded
+                with clock("cleanup"):
+                    if deleted is not None:
+                        deleted.result()
+                    if keep:
+                        disk.install(path, self.out / strategy.name)
         finally:
             disk.discard(path)
         timed = saved.seconds + cold.seconds + warm.seconds + (self.probe_s - probe_s)
@@ -323,6 +349,10 @@ class Benchmark:
             cpu_save_s=saved.cpu_s,
             cpu_load_cold_s=cold.cpu_s,
             cpu_load_warm_s=warm.cpu_s,
+            warmup_s=warmup_s,
+            evict_s=clock.seconds["evict"],
+            verify_s=clock.seconds["verify"],
+            cleanup_s=clock.seconds["cleanup"],
         )
 
     def _measure(self, strategy: Strategy, repeat: int) -> Row:

@@ -17,7 +17,7 @@ from pandas.io.formats.style import Styler
 from . import plot
 from .benchmark import Benchmark, PhaseResult
 from .errors import CkptbenchError
-from .results import summarize
+from .results import DRIFT_FLAG, summarize
 from .strategies import get_strategy
 from .study import BASELINE, EIGHT_WAY, ordered, parse_strategies
 from .verdict import HELD, INCONCLUSIVE, NOT_HELD
@@ -75,6 +75,11 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
         },
         index=summary.index.rename(None),
     )
+    if summary["drift_max"].notna().any():
+        table["disk drift"] = [
+            "" if pd.isna(d) else f"{d:.0%}{' (far from the run median)' if d > DRIFT_FLAG else ''}"
+            for d in summary["drift_max"]
+        ]
     if (summary["error"] != "").any():
         table["error"] = summary["error"].str.slice(0, 80)
     return table

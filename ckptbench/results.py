@@ -71,6 +71,12 @@ class Row:
     """CPU seconds (user + system, all threads) inside the timed save; likewise for the loads."""
     cpu_load_cold_s: float | None = None
     cpu_load_warm_s: float | None = None
+    warmup_s: float | None = None
+    """The untimed parts of ``overhead_s``: the warm-up (first repeat only), eviction and size accounting,
+    both verifications, and waiting for the deletion that overlaps the last one."""
+    evict_s: float | None = None
+    verify_s: float | None = None
+    cleanup_s: float | None = None
     schema_version: int = SCHEMA_VERSION
 
 
@@ -265,6 +271,23 @@ def succeeded(results: pd.DataFrame) -> pd.DataFrame:
     return results[results["error"].fillna("") == ""]
 
 
+DRIFT_FLAG = 0.25
+"""A repeat whose drift probe is further than this from the run's median probe was measured on a disk
+running unusually fast or slow: its strategy is flagged in the summary."""
+
+
+def drift_from_median(results: pd.DataFrame) -> pd.Series:
+    """Each row's largest relative distance of its drift probes (write, read) from the run's median probe."""
+    distances = [
+        (results[column] / results[column].median() - 1).abs()
+        for column in ("drift_write_gbps", "drift_read_gbps")
+        if column in results and results[column].notna().any()
+    ]
+    if not distances:
+        return pd.Series(float("nan"), index=results.index)
+    return pd.concat(distances, axis=1).max(axis=1)
+
+
 def summarize(results: pd.DataFrame, order: Sequence[str] | None = None) -> pd.DataFrame:
     """Median, min and max of each timing per strategy over its completed repeats, with sizes and memory.
 
@@ -279,6 +302,7 @@ def summarize(results: pd.DataFrame, order: Sequence[str] | None = None) -> pd.D
     for column in ("tensors", "bytes", "bytes_allocated", "files", "peak_rss_save", "peak_rss_load"):
         summary[column] = done[column].max().reindex(summary.index)
     summary["verified"] = grouped["verified"].all() & (summary["repeats"] > 0)
+    summary["drift_max"] = drift_from_median(results).groupby(results["strategy"], sort=False).max()
     summary["error"] = grouped["error"].agg(lambda errors: next((e for e in errors if e), ""))
     model_bytes = grouped["model_bytes"].max()
     summary["save_gbps"] = model_bytes / summary["save_s_median"] / 1e9

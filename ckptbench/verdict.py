@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .results import succeeded
+from .results import DRIFT_FLAG, drift_from_median, succeeded
 from .study import CLAIMS, EIGHT_WAY, EXACT_METRICS, Claim, Criterion, Each, Ratio
 
 HELD, NOT_HELD, INCONCLUSIVE, NOT_MEASURED = "HELD", "NOT HELD", "INCONCLUSIVE", "NOT MEASURED"
@@ -128,6 +128,13 @@ def judge(claim: Claim, results: pd.DataFrame, run_drift: float | None) -> dict[
     return _table_row(claim, shown, HELD, "; ".join(dict.fromkeys(m for _, _, m in outcomes)))
 
 
+def _flagged(claim: Claim, results: pd.DataFrame) -> str:
+    """The claim's strategies measured (in some repeat) while the disk was far from its run median."""
+    far = results.loc[drift_from_median(results) > DRIFT_FLAG, "strategy"]
+    names = [n for n in claim.strategies if n in set(far)]
+    return f"; measured while the disk was far from its run median: {', '.join(names)}" if names else ""
+
+
 def _table_row(claim: Claim, measured: str, verdict: str, reason: str) -> dict[str, str]:
     return {
         "key": claim.key,
@@ -142,4 +149,8 @@ def _table_row(claim: Claim, measured: str, verdict: str, reason: str) -> dict[s
 def check(results: pd.DataFrame) -> pd.DataFrame:
     """One row per claim: key, claim, expected (the criteria), measured (ratios with intervals), verdict, reason."""
     run_drift = drift(results)
-    return pd.DataFrame([judge(claim, results, run_drift) for claim in CLAIMS], columns=COLUMNS)
+    rows = []
+    for claim in CLAIMS:
+        row = judge(claim, results, run_drift)
+        rows.append({**row, "reason": row["reason"] + _flagged(claim, results)})
+    return pd.DataFrame(rows, columns=COLUMNS)

@@ -63,6 +63,10 @@ def test_results_have_two_verified_rows_per_strategy_in_interleaved_order(finish
     assert (results["disk_write_gbps"] == bench.limits.write_gbps).all()
     assert (results["drift_write_gbps"] > 0).all()
     assert (results["drift_read_gbps"] > 0).all()
+    for part in ("evict_s", "verify_s", "cleanup_s"):  # where the untimed time goes
+        assert (results[part] > 0).all(), part
+    parts = results[["warmup_s", "evict_s", "verify_s", "cleanup_s"]].sum(axis=1)
+    assert (parts <= results["overhead_s"]).all()
 
 
 def test_every_row_carries_its_configuration(finished):

@@ -169,3 +169,11 @@ def test_criteria_read_as_their_ratio_and_limit():
     assert criterion.holds(0.2)
     assert not criterion.holds(0.21)
     assert study.OPS[">"](2, 1)
+
+
+def test_a_claim_names_phases_measured_while_the_disk_was_far_from_its_median():
+    results = _results()
+    results.loc[(results["strategy"] == "ts+ocdbt") & (results["repeat"] == 1), "drift_write_gbps"] = 2.0
+    table = verdict.check(results).set_index("key")
+    assert table.loc["ocdbt_better", "reason"].endswith("far from its run median: ts+ocdbt")
+    assert "far from" not in table.loc["t5x_no_better", "reason"]

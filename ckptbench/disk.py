@@ -1,7 +1,7 @@
 """Filesystem work around a checkpoint: durability, cache eviction, accounting, staging.
 
-The study's 64-element chunks make ~840,000 files per float32 checkpoint of the 3B model, so the
-walks here run one thread per top-level entry and touch each file once.
+The study's 64-element chunks make hundreds of thousands of files per float32 checkpoint, so the
+walks here spread the top-level entries over many threads and touch each file once.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ PARTIAL = ".partial-"
 WORKING = ".work-"
 """Marks a complete checkpoint a live run is measuring; its process id follows, so others leave it alone."""
 _OWNER = re.compile(rf"(?:{re.escape(PARTIAL)}|{re.escape(WORKING)})(\d+)")
-_WORKERS = 8
+_WORKERS = 64
+"""Threads for the walks over a checkpoint's top-level entries: syscall-bound (unlink, fadvise), so many help
+(deleting 100k files in 200 folders: 64 threads were quicker than 8 or 32 on this machine)."""
 
 
 def sync_filesystem(path: Path) -> None:

@@ -94,8 +94,8 @@ class Limits:
     def describe(self) -> str:
         """One line: the ceilings, where they were reached, and by what."""
         text = (
-            f"{self.write_gbps:.3g} GB/s durable write ({_best(self.write_by_streams)} streams), "
-            f"{self.read_gbps:.3g} GB/s cold read ({_best(self.read_by_streams)} streams)"
+            f"{self.write_gbps:.3g} GB/s durable write{_best(self.write_by_streams)}, "
+            f"{self.read_gbps:.3g} GB/s cold read{_best(self.read_by_streams)}"
         )
         if self.files_per_s is not None:
             text += f", {self.files_per_s:,.0f} files/s created"
@@ -106,7 +106,11 @@ class Limits:
 
 
 def _best(table: dict[int, float]) -> str:
-    return str(max(table, key=table.get)) if table else "?"
+    """`` (N streams)``: the concurrency that reached the ceiling, when it is known."""
+    if not table:
+        return ""
+    streams = max(table, key=table.get)
+    return f" ({streams} stream{'' if streams == 1 else 's'})"
 
 
 def _now() -> str:
@@ -175,7 +179,7 @@ def cache_path(directory: Path, filesystem: str | None, day: str) -> Path:
 def _read_cache(path: Path) -> Limits | None:
     try:
         return Limits.from_json(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):  # absent or damaged: measure again
+    except (OSError, ValueError, TypeError, AttributeError):  # absent or damaged: measure again
         return None
 
 

@@ -61,6 +61,7 @@ class Row:
     error: str = ""
     """Why the repeat failed (one line); empty when it ran to the end."""
     disk_write_gbps: float | None = None
+    """The disk's durable-write ceiling (the best over 1-64 streams) in this run; ``disk_read_gbps``: cold read."""
     disk_read_gbps: float | None = None
     drift_write_gbps: float | None = None
     """The drift probe taken just before this repeat: how fast the disk was at the time."""

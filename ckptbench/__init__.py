@@ -1,6 +1,22 @@
 """ckptbench: how fast, how large and how exact LLM checkpoints are, eight ways and more."""
 
-from . import checkpoint, disk, docs, limits, manifest, model, plot, report, strategies, study, sweep, targets, verdict
+from . import (
+    checkpoint,
+    disk,
+    docs,
+    floor,
+    limits,
+    manifest,
+    model,
+    plot,
+    probes,
+    report,
+    strategies,
+    study,
+    sweep,
+    targets,
+    verdict,
+)
 from .benchmark import Benchmark, PhaseResult, RunConfig
 from .errors import (
     CheckpointError,
@@ -59,6 +75,7 @@ __all__ = [
     "checkpoint",
     "disk",
     "docs",
+    "floor",
     "get_strategy",
     "limits",
     "load_local",
@@ -66,6 +83,7 @@ __all__ = [
     "model",
     "parse_strategies",
     "plot",
+    "probes",
     "read_results",
     "report",
     "strategies",

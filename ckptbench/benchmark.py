@@ -34,7 +34,6 @@ from .study import ordered
 from .verify import verify
 
 WARMUP_BYTES = 64 << 20
-_PROBE_MIN, _PROBE_MAX = 64 << 20, 1 << 30
 _DRIFT_MIN, _DRIFT_MAX = 32 << 20, 256 << 20
 Order = Literal["interleaved", "shuffled", "sequential"]
 ORDERS: tuple[str, ...] = get_args(Order)
@@ -66,6 +65,8 @@ class RunConfig:
     warmup: bool = True
     drift: bool = True
     """Probe the disk briefly before every repeat, so each row says how fast the disk was at the time."""
+    reprobe: bool = False
+    """Measure the disk's limits again even when the output folder holds today's for its filesystem."""
     seed: int = 0
     results_file: str = "results.csv"
     progress: bool = True
@@ -196,8 +197,8 @@ class Benchmark:
         for stale in disk.clean_stale(self.out):
             self.log(f"removed the leftovers of an interrupted run: {stale}")
         if self.limits is None:
-            size = min(max(self.checkpoint.nbytes, _PROBE_MIN), _PROBE_MAX)
-            self.limits = limits_lib.probe(self.out, size)
+            settings = limits_lib.ProbeSettings.for_checkpoint(self.checkpoint.nbytes)
+            self.limits = limits_lib.measured(self.out, settings, reprobe=self.config.reprobe)
             self.probe_s += self.limits.probe_s
         self.prepare_s += time.perf_counter() - started
         if not self.store.environment_path(self.run_id).exists():
@@ -271,8 +272,8 @@ class Benchmark:
         if not self.config.drift:
             return _Drift()
         size = min(max(self.checkpoint.nbytes // 16, _DRIFT_MIN), _DRIFT_MAX)
-        probe = limits_lib.probe(self.out, size, repeats=1)
-        self.probe_s += probe.probe_s
+        probe = limits_lib.stream(self.out, size)
+        self.probe_s += probe.seconds
         return _Drift(probe.write_gbps, probe.read_gbps)
 
     def _row(self, strategy: Strategy, repeat: int, **measured) -> Row:
@@ -289,6 +290,8 @@ class Benchmark:
             model_bytes=checkpoint.nbytes,
             disk_write_gbps=self.limits.write_gbps,
             disk_read_gbps=self.limits.read_gbps,
+            disk_files_per_s=self.limits.files_per_s,
+            fresh_copy_gbps=self.limits.fresh_copy_gbps,
             **measured,
         )
 

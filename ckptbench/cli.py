@@ -36,6 +36,9 @@ def _session_options() -> argparse.ArgumentParser:
     options.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results, figures and summaries go here")
     options.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up")
     options.add_argument("--no-drift", dest="drift", action="store_false", help="skip the drift probe per repeat")
+    options.add_argument(
+        "--reprobe", action="store_true", help="measure the disk's limits again, not today's cached ones"
+    )
     options.add_argument("--seed", type=int, default=0)
     return options
 
@@ -81,6 +84,7 @@ def _config(args: argparse.Namespace, **extra) -> RunConfig:
         order=args.order,
         warmup=args.warmup,
         drift=args.drift,
+        reprobe=args.reprobe,
         seed=args.seed,
         **extra,
     )
@@ -91,8 +95,8 @@ def _session(config: RunConfig) -> Benchmark:
     checkpoint = bench.prepare()
     print(
         f"{checkpoint.source}: {len(checkpoint.tensors)} tensors, {checkpoint.params:,} parameters, "
-        f"{checkpoint.nbytes / 1e9:.3g} GB; disk: {bench.limits.write_gbps:.3g} GB/s durable write, "
-        f"{bench.limits.read_gbps:.3g} GB/s cold read; {config.repeats} repeat(s), {config.order} order"
+        f"{checkpoint.nbytes / 1e9:.3g} GB; limits: {bench.limits.describe()}; "
+        f"{config.repeats} repeat(s), {config.order} order"
     )
     return bench
 

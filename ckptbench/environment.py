@@ -41,7 +41,8 @@ def _git_commit() -> str | None:
     return out.stdout.strip()
 
 
-def _filesystem(path: Path) -> str | None:
+def filesystem(path: Path) -> str | None:
+    """The device, type and mount point of the filesystem holding ``path``."""
     resolved, best = path.resolve(), None
     for part in psutil.disk_partitions(all=True):
         if resolved.is_relative_to(part.mountpoint) and (best is None or len(part.mountpoint) > len(best.mountpoint)):
@@ -61,6 +62,6 @@ def collect(directory: Path) -> dict:
         "ram_bytes": psutil.virtual_memory().total,
         "disk_total_bytes": disk.total,
         "disk_free_bytes": disk.free,
-        "filesystem": _filesystem(directory),
+        "filesystem": filesystem(directory),
         "git_commit": _git_commit(),
     }

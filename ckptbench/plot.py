@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from .floor import floors
 from .results import succeeded
 from .study import BASELINE, EIGHT_WAY, ordered
 
@@ -22,6 +23,8 @@ BAR = "#4c72b0"
 BASELINE_BAR = "#dd8452"
 DISK = "#c44e52"
 MODEL = "#55a868"
+FLOOR = "#222222"
+FLOOR_GID = "modelled-floor"
 WARM_ALPHA = 0.45
 PNG_DPI = 200
 
@@ -90,6 +93,16 @@ def _bars(
         )
 
 
+def _floor_marks(ax: Axes, x: np.ndarray, floor: pd.Series, width: float, horizontal: bool) -> None:
+    """A short solid mark across each bar at its modelled floor (none where the run recorded no limit)."""
+    drawn = np.isfinite(floor.to_numpy(dtype=float))
+    at, low, high = floor.to_numpy(dtype=float)[drawn], x[drawn] - width / 2, x[drawn] + width / 2
+    if horizontal:
+        ax.vlines(at, low, high, colors=FLOOR, linewidth=2, zorder=3, gid=FLOOR_GID)
+    else:
+        ax.hlines(at, low, high, colors=FLOOR, linewidth=2, zorder=3, gid=FLOOR_GID)
+
+
 def _line(ax: Axes, value: float, color: str, style: str, label: str, horizontal: bool) -> None:
     """A reference line across the panel, named at its end so the panel reads without the legend."""
     if horizontal:
@@ -117,8 +130,10 @@ def comparison_figure(results: pd.DataFrame, *, baseline: str = BASELINE, title:
     """Save time, cold/warm load time and size on disk per strategy, from one model's results rows.
 
     The baseline's bar is highlighted and its median drawn across each panel; the disk limit is the time
-    the disk itself needs for the model's bytes at the measured durable-write / cold-read speed. A strategy
-    that failed or did not verify keeps its place, labelled. With many strategies the bars run horizontally.
+    the disk itself needs for the model's bytes at its measured multi-stream durable-write / cold-read
+    ceiling, and a mark across each bar is that strategy's modelled floor (its own bytes and files at the
+    measured limits, ``floor``). A strategy that failed or did not verify keeps its place, labelled. With
+    many strategies the bars run horizontally.
     """
     if results.empty:
         raise ValueError("no results to draw")
@@ -140,11 +155,11 @@ def comparison_figure(results: pd.DataFrame, *, baseline: str = BASELINE, title:
 
     if horizontal:
         fig = Figure(figsize=(16.0, 3.2 + 0.42 * len(order)))
-        fig.subplots_adjust(left=0.12, right=0.98, top=1 - 1.45 / fig.get_figheight(), bottom=0.9 / fig.get_figheight())
+        fig.subplots_adjust(left=0.12, right=0.98, top=1 - 1.45 / fig.get_figheight(), bottom=1.1 / fig.get_figheight())
         fig.subplots_adjust(wspace=0.35)
     else:
         fig = Figure(figsize=(max(16.0, 2.0 * len(order)), 6.4))
-        fig.subplots_adjust(left=0.05, right=0.99, top=0.82, bottom=0.24, wspace=0.22)
+        fig.subplots_adjust(left=0.05, right=0.99, top=0.82, bottom=0.26, wspace=0.22)
     top = fig.subplotpars.top
     fig.suptitle(
         title or "Checkpoint I/O: the 8-way comparison", fontsize=15, fontweight="bold", y=top + (1 - top) * 0.8
@@ -160,6 +175,9 @@ def comparison_figure(results: pd.DataFrame, *, baseline: str = BASELINE, title:
     _bars(load_ax, x - 0.2, cold, colors, 0.4, horizontal)
     _bars(load_ax, x + 0.2, warm, colors, 0.4, horizontal, alpha=WARM_ALPHA, hatch="//")
     _bars(size_ax, x, size, colors, 0.7, horizontal)
+    floor = floors(results).reindex(order)
+    _floor_marks(save_ax, x, floor["save_floor_s"], 0.7, horizontal)
+    _floor_marks(load_ax, x - 0.2, floor["load_floor_s"], 0.4, horizontal)
     _line(save_ax, model_gb / write_gbps, DISK, ":", "disk limit", horizontal)
     _line(load_ax, model_gb / read_gbps, DISK, ":", "disk limit (cold read)", horizontal)
     _line(size_ax, model_gb, MODEL, ":", "model in memory", horizontal)
@@ -203,12 +221,22 @@ def comparison_figure(results: pd.DataFrame, *, baseline: str = BASELINE, title:
             [],
             color=DISK,
             linestyle=":",
-            label=f"disk limit: {model_gb:.3g} GB at {write_gbps:.2f} GB/s write, {read_gbps:.2f} GB/s cold read",
+            label=f"disk limit: {model_gb:.3g} GB at {write_gbps:.2f} GB/s write, {read_gbps:.2f} GB/s cold read "
+            "(best of 1-64 streams)",
         ),
+        Line2D([], [], color=FLOOR, linewidth=2, label=_floor_label(results)),
         Line2D([], [], color=MODEL, linestyle=":", label=f"model in memory ({model_gb:.3g} GB)"),
     ]
-    fig.legend(handles=handles, loc="lower center", ncol=3 if horizontal else len(handles), fontsize=9, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=3 if horizontal else 4, fontsize=9, frameon=False)
     return fig
+
+
+def _floor_label(results: pd.DataFrame) -> str:
+    files_per_s, fresh_gbps = results["disk_files_per_s"].median(), results["fresh_copy_gbps"].median()
+    return (
+        f"modelled floor: bytes at the disk limit + files at {files_per_s:,.0f}/s (save); "
+        f"+ copy into fresh memory at {fresh_gbps:.2g} GB/s (cold load)"
+    )
 
 
 def export(fig: Figure, out_dir: str | Path, stem: str = "8way_performance_comparison") -> list[Path]:

@@ -118,16 +118,13 @@ def targets_table(table: pd.DataFrame) -> pd.DataFrame:
 def describe(bench: Benchmark) -> pd.DataFrame:
     """The model and everything its numbers depend on (versions, CPU, RAM, disk), one row per item."""
     env = bench.environment()
-    limits = env["limits"]
     items = {
         "run id": env["run_id"],
         "model": env["model"],
         "tensors": env["tensors"],
         "parameters": None if env["params"] is None else f"{env['params']:,}",
         "size in memory": None if env["model_bytes"] is None else f"{env['model_bytes'] / 1e9:.3g} GB",
-        "disk limits": None
-        if limits is None
-        else f"{limits['write_gbps']:.3g} GB/s durable write, {limits['read_gbps']:.3g} GB/s cold read",
+        "disk limits": None if bench.limits is None else bench.limits.describe(),
         "repeats": f"{env['repeats']}, {env['order']} order",
         "output folder": str(bench.out.resolve()),
         "filesystem": env["filesystem"],

@@ -61,6 +61,7 @@ class Row:
     error: str = ""
     """Why the repeat failed (one line); empty when it ran to the end."""
     disk_write_gbps: float | None = None
+    """The disk's durable-write ceiling (the best over 1-64 streams) in this run; ``disk_read_gbps``: cold read."""
     disk_read_gbps: float | None = None
     drift_write_gbps: float | None = None
     """The drift probe taken just before this repeat: how fast the disk was at the time."""
@@ -78,6 +79,10 @@ class Row:
     verify_s: float | None = None
     cleanup_s: float | None = None
     schema_version: int = SCHEMA_VERSION
+    disk_files_per_s: float | None = None
+    """The disk's small-file create + write + fsync rate (the limit a checkpoint's file count pays for)."""
+    fresh_copy_gbps: float | None = None
+    """The rate of copying into fresh memory, page faults included (what a fresh load pays for its bytes)."""
 
 
 COLUMNS: list[str] = [f.name for f in fields(Row)]
@@ -102,6 +107,11 @@ def frame(rows: Iterable[Row]) -> pd.DataFrame:
     return pd.DataFrame([asdict(r) for r in rows], columns=COLUMNS)
 
 
+def _is_schema_2(header: list[str]) -> bool:
+    """Today's columns, or an earlier schema-2 file's: today's up to a column added since."""
+    return "schema_version" in header and header == COLUMNS[: len(header)]
+
+
 def _is_schema_1(header: list[str]) -> bool:
     return header[: len(_V1_CORE)] == _V1_CORE and header[len(_V1_CORE) :] == _V1_ADDED[: len(header) - len(_V1_CORE)]
 
@@ -122,6 +132,8 @@ def _cell(column: str, text: str) -> Any:
 def read_results(path: str | Path) -> pd.DataFrame:
     """Every readable row of a results file (schema 1 or 2) in today's columns; damaged lines skipped and named.
 
+    Columns added since a file was written read as missing.
+
     Schema-1 rows get their ``config`` from the registry when their strategy is known.
     """
     path = Path(path)
@@ -134,7 +146,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
         header = next(csv.reader([lines[0].decode("utf-8")]))
     except (UnicodeDecodeError, csv.Error, StopIteration) as err:
         raise ResultsFileError(f"{path} is not a ckptbench results file (unreadable header: {err})") from None
-    if header != COLUMNS and not _is_schema_1(header):
+    if not _is_schema_2(header) and not _is_schema_1(header):
         raise ResultsFileError(f"{path} is not a ckptbench results file (its columns differ)")
     records, skipped = [], []
     for number, raw in enumerate(lines[1:], start=2):
@@ -150,7 +162,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     if skipped:
         warnings.warn(f"{path}: skipped {len(skipped)} damaged row(s): {'; '.join(skipped[:5])}", stacklevel=2)
     results = pd.DataFrame.from_records(records, columns=header).reindex(columns=COLUMNS)
-    if header != COLUMNS:
+    if _is_schema_1(header):
         results["schema_version"] = 1
         results["config"] = [
             config_json(STRATEGIES[name].config()) if name in STRATEGIES else None for name in results["strategy"]

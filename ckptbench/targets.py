@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from . import limits as limits_lib
 from .benchmark import Benchmark, PhaseResult
-from .limits import Limits
+from .floor import bounds, floors
+from .limits import Limits, ProbeSettings
 from .measure import measure
 from .results import TIMES, succeeded, summarize
 from .strategies import Strategy
@@ -66,14 +67,20 @@ def evaluate(
 
     ``wall_s`` is the run's wall time, of which ``prepare_s`` was set-up and ``probe_s`` the disk probes'
     own timed I/O (counted as measurement); ``end``, the disk probed after the strategies, shows whether
-    the disk the shares divide by held still. ``cores`` is the run's, not this machine's.
+    the disk the shares divide by held still. ``cores`` is the run's, not this machine's. Shares divide by
+    the disk's ceilings (its best multi-stream rates); every save or cold load short of the share its
+    target asks for gets a row naming the resource that bound it, with the numbers behind it.
     """
     done = succeeded(results)
     summary = summarize(done)
     rows = []
     if start is not None and end is not None:
-        rows.append(_row("disk_steady_write", end.write_gbps / start.write_gbps, "disk's durable write after / before"))
-        rows.append(_row("disk_steady_read", end.read_gbps / start.read_gbps, "disk's cold read after / before"))
+        rows.append(
+            _row("disk_steady_write", end.write_gbps / start.write_gbps, "disk's durable-write ceiling after / before")
+        )
+        rows.append(
+            _row("disk_steady_read", end.read_gbps / start.read_gbps, "disk's cold-read ceiling after / before")
+        )
     for key, metric, peer in (
         ("best_save_vs_torch", "save_s", "pytorch"),
         ("best_load_vs_safetensors", "load_cold_s", "safetensors"),
@@ -82,22 +89,38 @@ def evaluate(
             rows.append(_row(key, summary.loc[BEST, f"{metric}_median"] / summary.loc[peer, f"{metric}_median"]))
     write_gbps, read_gbps = done["disk_write_gbps"].median(), done["disk_read_gbps"].median()
     busy = (done["cpu_load_cold_s"] / done["load_cold_s"] / cores).groupby(done["strategy"]).median()
+    floor = floors(done)
+    limiting = {(b.strategy, b.op): b for b in bounds(done, cores)}
     for name, s in summary.iterrows():
         write = s["bytes"] / s["save_s_median"] / 1e9 / write_gbps
         read = s["bytes"] / s["load_cold_s_median"] / 1e9 / read_gbps
         if name == BEST:
             rows += [_row("best_write_share", write), _row("best_read_share", read)]
         rows += [
-            _row(f"write_share:{name}", write, f"{name}: bytes written / s, share of the disk's durable write"),
-            _row(f"read_share:{name}", read, f"{name}: bytes read / s cold, share of the disk's cold read"),
+            _row(f"write_share:{name}", write, f"{name}: bytes written / s, share of the disk's durable-write ceiling"),
+            _row(f"read_share:{name}", read, f"{name}: bytes read / s cold, share of the disk's cold-read ceiling"),
             # A warm load does all of a load's work but the disk's: its rate caps what a cold load could reach.
             _row(
                 f"warm_share:{name}",
                 s["bytes"] / s["load_warm_s_median"] / 1e9 / read_gbps,
-                f"{name}: bytes read / s warm (no disk: the load's own work), share of the disk's cold read",
+                f"{name}: bytes read / s warm (no disk: the load's own work), share of the disk's cold-read ceiling",
             ),
             _row(f"cpu_busy:{name}", busy[name], f"{name}: CPU time in the cold load / (wall time x {cores} cores)"),
+            _row(
+                f"save_floor:{name}",
+                floor.loc[name, "save_floor_s"] / s["save_s_median"],
+                f"{name}: modelled save floor (bytes at the write ceiling + files at the creation rate) / save",
+            ),
+            _row(
+                f"load_floor:{name}",
+                floor.loc[name, "load_floor_s"] / s["load_cold_s_median"],
+                f"{name}: modelled cold-load floor (bytes at the read ceiling + copy into fresh memory) / cold load",
+            ),
         ]
+        for op, share, target in (("save", write, "best_write_share"), ("load", read, "best_read_share")):
+            if not TARGETS_BY_KEY[target].met(share):
+                bound = limiting[(name, op)]
+                rows.append(_row(f"{op}_bound:{name}", bound.largest.share, str(bound)))
     if not summary.empty:
         shortest = summary[[f"{t}_median" for t in TIMES]].to_numpy().min()
         rows.append(_row("harness_cost", harness_cost(int(done["tensors"].max())) / shortest))
@@ -137,7 +160,7 @@ def bench(benchmark: Benchmark, strategies: Iterable[str | Strategy]) -> BenchRe
     """Measure ``strategies``, probe the disk again, and evaluate the targets; records the end probe and wall time."""
     started = time.perf_counter() - benchmark.prepare_s
     phases = benchmark.run(strategies)
-    end = limits_lib.probe(benchmark.out, benchmark.limits.probe_bytes)
+    end = limits_lib.probe(benchmark.out, ProbeSettings.for_checkpoint(benchmark.checkpoint.nbytes))
     wall = time.perf_counter() - started
     environment = benchmark.environment()
     table = evaluate(

@@ -64,7 +64,7 @@ def saved(tiny: ModelCheckpoint, tmp_path_factory: pytest.TempPathFactory) -> di
 @pytest.fixture
 def fake_limits() -> Limits:
     """Disk limits given up front, so a Benchmark skips the (slower) probe."""
-    return Limits(write_gbps=1.0, read_gbps=2.0, probe_bytes=0)
+    return Limits(write_gbps=1.0, read_gbps=2.0, probe_bytes=0, files_per_s=1000.0, fresh_copy_gbps=1.0)
 
 
 @pytest.fixture

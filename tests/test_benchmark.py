@@ -10,6 +10,7 @@ import torch
 
 import ckptbench
 from ckptbench import Benchmark, RunConfig, TorchSave, UnknownChoiceError, UsageError, get_strategy
+from ckptbench import limits as limits_lib
 from ckptbench.results import COLUMNS, SCHEMA_VERSION
 from ckptbench.verify import verify
 
@@ -20,7 +21,7 @@ TWO = ["pytorch", "ts+chunks"]
 
 def _entries(bench: Benchmark) -> list[str]:
     """What the output folder holds besides the environment records."""
-    return sorted(p.name for p in bench.out.iterdir() if p.name != "runs")
+    return sorted(p.name for p in bench.out.iterdir() if p.name not in ("runs", limits_lib.CACHE_DIR))
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,8 @@ def test_results_have_two_verified_rows_per_strategy_in_interleaved_order(finish
     assert by_strategy["pytorch"] == 2  # model.pt and the manifest
     assert by_strategy["ts+chunks"] > 2
     assert (results["disk_write_gbps"] == bench.limits.write_gbps).all()
+    assert (results["disk_files_per_s"] == bench.limits.files_per_s).all()
+    assert (results["fresh_copy_gbps"] == bench.limits.fresh_copy_gbps).all()
     assert (results["drift_write_gbps"] > 0).all()
     assert (results["drift_read_gbps"] > 0).all()
     for part in ("evict_s", "verify_s", "cleanup_s"):  # where the untimed time goes
@@ -91,6 +94,9 @@ def test_environment_is_recorded(finished, tiny):
     assert limits["write_gbps"] > 0
     assert limits["read_gbps"] > 0
     assert 0 < limits["probe_s"] <= environment["prepare_s"]
+    assert limits["tool"] in {"builtin", limits_lib.probes.backend().tool}
+    assert limits["write_gbps"] == max(limits["write_by_streams"].values())
+    assert set(limits["parameters"]["how"]) >= {"write/64", "read/64", "files/16", "copy/2"}
     assert environment["packages"]["torch"] == torch.__version__
 
 

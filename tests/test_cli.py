@@ -16,7 +16,7 @@ RUN = ["run", "--preset", "tiny", "--strategies", "pytorch,ts+chunks", "--no-dri
 
 @pytest.fixture
 def quick_probe(monkeypatch, fake_limits):
-    monkeypatch.setattr(limits, "probe", lambda directory, size, **kwargs: fake_limits)
+    monkeypatch.setattr(limits, "measured", lambda directory, settings, **kwargs: fake_limits)
 
 
 def _leftovers(out) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 from matplotlib.figure import Figure
 
 import ckptbench
-from ckptbench import EIGHT_WAY, STRATEGIES, plot, report
+from ckptbench import EIGHT_WAY, STRATEGIES, floor, plot, report
 from ckptbench.cli import main
 from ckptbench.model import ModelCheckpoint
 from ckptbench.results import COLUMNS
@@ -79,6 +79,16 @@ def test_the_bars_are_medians_and_the_baseline_stands_out(measured):
     lines = sorted(line.get_ydata()[0] for line in save_ax.get_lines() if len(set(line.get_ydata())) == 1)
     assert pytest.approx(model_gb / measured["disk_write_gbps"].iloc[0]) in lines
     assert pytest.approx(medians["tensorstore"]) in lines
+
+
+def test_each_bar_is_marked_at_its_modelled_floor(measured):
+    fig = plot.comparison_figure(measured)
+    expected = floor.floors(measured).reindex(list(RUN))
+    for ax, column in ((fig.axes[0], "save_floor_s"), (fig.axes[1], "load_floor_s")):
+        (marks,) = (c for c in ax.collections if c.get_gid() == plot.FLOOR_GID)
+        heights = [segment[0][1] for segment in marks.get_segments()]
+        assert heights == pytest.approx(expected[column].tolist())
+    assert any("modelled floor" in t.get_text() for t in fig.legends[0].get_texts())
 
 
 def test_a_missing_phase_and_a_missing_baseline_still_draw(measured):
@@ -176,6 +186,8 @@ SCHEMA_1 = [
         "cpu_save_s",
         "cpu_load_cold_s",
         "cpu_load_warm_s",
+        "disk_files_per_s",
+        "fresh_copy_gbps",
     }
 ]
 

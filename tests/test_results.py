@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import multiprocessing
@@ -148,6 +149,19 @@ SCHEMA_1 = (
     "old,2026,tiny,ts+chunks,0,238,1,2,1.5,0.5,0.25,3,4,5,6,7,True,1.0,2.0\n"
     "old,2026,tiny,ts[chunk_bytes=1M],0,238,1,2,1.5,0.5,0.25,3,4,5,6,7,True,1.0,2.0\n"
 )
+
+
+def test_a_schema_2_file_from_before_a_column_was_added_reads_with_it_missing(tmp_path):
+    path = tmp_path / "results.csv"
+    header = COLUMNS[: COLUMNS.index("schema_version") + 1]
+    row = dataclasses.asdict(make_row())
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, ["" if row[c] is None else row[c] for c in header]])
+    table = read_results(path)
+    assert list(table.columns) == COLUMNS
+    assert table["schema_version"].tolist() == [SCHEMA_VERSION]
+    assert table["config"].tolist() == [row["config"]]
+    assert table["disk_files_per_s"].isna().all()
 
 
 def test_a_schema_1_file_reads_with_configs_from_the_registry(tmp_path):

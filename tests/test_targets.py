@@ -84,11 +84,13 @@ def test_bench_command_prints_the_targets_and_records_the_end_probe(tmp_path, ca
     printed = capsys.readouterr().out
     for target in TARGETS:
         assert target.label in printed
-    assert "disk's durable write after / before" in printed
+    assert "disk's durable-write ceiling after / before" in printed
     assert set(pd.read_csv(tmp_path / "bench.csv")["strategy"]) == {"pytorch", "safetensors", "ts+best"}
     saved = pd.read_csv(tmp_path / targets.TARGETS_FILE)
     assert {t.key for t in TARGETS} <= set(saved["key"])
     (environment,) = (tmp_path / "runs").glob("*.json")
     recorded = json.loads(environment.read_text())
     assert recorded["limits_end"]["read_gbps"] > 0
+    assert recorded["limits_end"]["read_gbps"] == max(recorded["limits_end"]["read_by_streams"].values())
+    assert recorded["limits"]["tool"] == recorded["limits_end"]["tool"]
     assert recorded["wall_s"] > recorded["prepare_s"]

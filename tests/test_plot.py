@@ -188,6 +188,10 @@ SCHEMA_1 = [
         "cpu_load_warm_s",
         "disk_files_per_s",
         "fresh_copy_gbps",
+        "warmup_s",
+        "evict_s",
+        "verify_s",
+        "cleanup_s",
     }
 ]
 

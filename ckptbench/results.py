@@ -72,11 +72,29 @@ class Row:
     cpu_load_cold_s: float | None = None
     cpu_load_warm_s: float | None = None
     schema_version: int = SCHEMA_VERSION
+    store: str = "file"
+    """Where the checkpoints were written: ``file`` (the output folder) or the ``s3://bucket/prefix`` measured."""
+    objects: int | None = None
+    """Objects the store lists for the checkpoint after its save (S3 only: the server's own view)."""
+    requests_put: int | None = None
+    """HTTP requests of the save and the cold load (S3 only), as TensorStore's metrics and botocore's events
+    counted them: PUT (with POST, which starts and completes a multipart upload), GET (with listings), HEAD,
+    DELETE."""
+    requests_get: int | None = None
+    requests_head: int | None = None
+    requests_delete: int | None = None
+    requests_save: int | None = None
+    """Of those requests, the save's (every method); the rest were the cold load's."""
+    bytes_sent: int | None = None
+    """Object bytes the save and the cold load uploaded (request bodies); ``bytes_received``: downloaded."""
+    bytes_received: int | None = None
+    injected_rtt_ms: float | None = None
+    """Round-trip time the delay proxy added in front of the S3 endpoint; empty when none was injected."""
 
 
 COLUMNS: list[str] = [f.name for f in fields(Row)]
 TIMES = ("save_s", "load_cold_s", "load_warm_s")
-_TEXT = {"run_id", "timestamp", "preset", "strategy", "config", "error"}
+_TEXT = {"run_id", "timestamp", "preset", "strategy", "config", "error", "store"}
 _BOOL = {"verified"}
 _NUMERIC = [c for c in COLUMNS if c not in _TEXT | _BOOL]
 _V1_CORE = [
@@ -86,6 +104,11 @@ _V1_CORE = [
 ]  # fmt: skip
 _V1_ADDED = ["overhead_s", "cpu_save_s", "cpu_load_cold_s", "cpu_load_warm_s"]
 """Schema 1 (before configs were stored): its core columns, then columns added to it over time."""
+
+
+def _before_stores(header: list[str]) -> bool:
+    """Schema 2 before the store columns were added at its end: read with those columns empty."""
+    return "schema_version" in header and header == COLUMNS[: len(header)]
 
 
 def config_json(config: dict[str, Any]) -> str:
@@ -128,7 +151,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
         header = next(csv.reader([lines[0].decode("utf-8")]))
     except (UnicodeDecodeError, csv.Error, StopIteration) as err:
         raise ResultsFileError(f"{path} is not a ckptbench results file (unreadable header: {err})") from None
-    if header != COLUMNS and not _is_schema_1(header):
+    if header != COLUMNS and not _is_schema_1(header) and not _before_stores(header):
         raise ResultsFileError(f"{path} is not a ckptbench results file (its columns differ)")
     records, skipped = [], []
     for number, raw in enumerate(lines[1:], start=2):
@@ -153,6 +176,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     results[_NUMERIC] = results[_NUMERIC].apply(pd.to_numeric)
     results["verified"] = results["verified"].fillna(False).astype(bool)
     results["error"] = results["error"].fillna("")
+    results["store"] = results["store"].fillna("file")
     return results
 
 

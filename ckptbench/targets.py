@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import limits as limits_lib
 from .benchmark import Benchmark, PhaseResult
 from .limits import Limits
 from .measure import measure
@@ -137,7 +136,7 @@ def bench(benchmark: Benchmark, strategies: Iterable[str | Strategy]) -> BenchRe
     """Measure ``strategies``, probe the disk again, and evaluate the targets; records the end probe and wall time."""
     started = time.perf_counter() - benchmark.prepare_s
     phases = benchmark.run(strategies)
-    end = limits_lib.probe(benchmark.out, benchmark.limits.probe_bytes)
+    end = benchmark.storage.probe(benchmark.limits.probe_bytes)
     wall = time.perf_counter() - started
     environment = benchmark.environment()
     table = evaluate(

@@ -187,6 +187,7 @@ class Benchmark:
     def prepare(self) -> model_lib.ModelCheckpoint:
         """Build (or load) the model, make the results file safe, clean stale leftovers, measure the limits."""
         started = time.perf_counter()
+        self.storage.check()
         if self.checkpoint is None:
             if self.config.model_path is None:
                 self.checkpoint = model_lib.build(self.config.preset, self.config.seed)
@@ -196,7 +197,6 @@ class Benchmark:
             tensors = self.checkpoint.tensors
             self._layout = manifest.layout(tensors, manifest.digests(tensors))
         self.out.mkdir(parents=True, exist_ok=True)
-        self.storage.check()
         kept = self.store.check()
         if kept is not None:
             self.log(f"{self.store.csv} could not be appended to safely; kept it as {kept.name}")

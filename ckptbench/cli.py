@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import checkpoint, docs, model, plot, report, s3server, sweep, targets
+from . import checkpoint, cloud, docs, model, plot, report, s3server, sweep, targets
 from .benchmark import ORDERS, Benchmark, PhaseResult, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
 from .results import read_results, summarize
@@ -120,6 +120,9 @@ def _session(config: RunConfig) -> Benchmark:
 
 
 def _finish(bench: Benchmark, phases: list[PhaseResult]) -> int:
+    if cloud.is_cloud(bench.results):
+        print(f"on {bench.storage.url}; times MODELLED at a real round trip = measured + requests x RTT / concurrency:")
+        print(cloud.table(bench.results).to_string())
     print(f"results: {bench.store.csv}\nenvironment: {bench.store.environment_path(bench.run_id)}")
     for phase in phases:
         if phase.skipped is not None:
@@ -141,6 +144,8 @@ def _run(args: argparse.Namespace) -> int:
     phases = bench.run(names)
     print(report.summary_table(bench.summary()).to_string())
     _print_paths(report.export_report(bench.results, args.out))
+    if cloud.is_cloud(bench.results):
+        print(cloud.verdicts(bench.results)[["claim", "measured", "verdict"]].to_string(index=False))
     return _finish(bench, phases)
 
 

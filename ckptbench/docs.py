@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import report, verdict
+from . import cloud, report, verdict
 from .errors import CkptbenchError
 from .results import read_results, summarize
 from .strategies import STRATEGIES
@@ -87,12 +87,19 @@ def _environment(path: str) -> str:
     return markdown(pd.DataFrame({"value": items}).rename_axis("item"))
 
 
+def _cloud(path: str, rtt_ms: str = str(cloud.RTT_MS), concurrency: str = str(cloud.CONCURRENCY)) -> str:
+    table = cloud.table(_results(path), float(rtt_ms), int(concurrency))
+    table.index = [f"`{n}`" for n in table.index]
+    return markdown(table.rename_axis("strategy"))
+
+
 KINDS: dict[str, Callable[..., str]] = {
     "strategies": strategies_markdown,
     "summary": _summary,
     "verdicts": _verdicts,
     "targets": _targets,
     "environment": _environment,
+    "cloud": _cloud,
 }
 
 

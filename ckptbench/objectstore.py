@@ -174,7 +174,7 @@ class Counted:
 
 
 @functools.cache
-def _client(endpoint: Endpoint, key: str, attempts: int, timeout: float) -> tuple[Any, BotoCounter]:
+def _client(endpoint: Endpoint, keys: tuple[str, str], attempts: int, timeout: float) -> tuple[Any, BotoCounter]:
     import boto3
     from botocore.config import Config
 
@@ -190,8 +190,9 @@ def _client(endpoint: Endpoint, key: str, attempts: int, timeout: float) -> tupl
 
 
 def client(endpoint: Endpoint, attempts: int = ATTEMPTS, timeout: float = READ_TIMEOUT_S) -> tuple[Any, BotoCounter]:
-    """One boto3 client per endpoint, key pair and policy in this process, with its request counter."""
-    return _client(endpoint, os.environ.get("AWS_ACCESS_KEY_ID", ""), attempts, timeout)
+    """One boto3 client per endpoint, key pair (from the environment) and policy, with its request counter."""
+    keys = (os.environ.get("AWS_ACCESS_KEY_ID", ""), os.environ.get("AWS_SECRET_ACCESS_KEY", ""))
+    return _client(endpoint, keys, attempts, timeout)
 
 
 def transfer_config() -> Any:
@@ -313,7 +314,7 @@ def explain(err: BaseException, endpoint: Endpoint, bucket: str) -> StorageError
             f"cannot reach S3 at {where}: {err} (is the server running? `python -m ckptbench s3-server` starts one)"
         )
     if isinstance(err, ReadTimeoutError):
-        return StorageError(f"S3 at {where} did not answer within {READ_TIMEOUT_S} s: {err}")
+        return StorageError(f"S3 at {where} accepted the connection but did not answer: {err}")
     if isinstance(err, ClientError):
         code = str(err.response.get("Error", {}).get("Code", ""))
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")

@@ -42,6 +42,8 @@ Location = Path | Prefix
 FILE = "file"
 _WORK = ".work"
 _THREADS = 8
+PREFLIGHT_TIMEOUT_S = 5
+"""The pre-flight check's connect and read time-out (two attempts): a wrong endpoint fails within seconds."""
 
 
 class Storage(ABC):
@@ -177,7 +179,7 @@ class S3Storage(Storage):
         if self.injected_rtt_ms:
             endpoint = Endpoint(self._start_delay(endpoint), endpoint.region)
         try:
-            client(endpoint)[0].head_bucket(Bucket=self.bucket)
+            client(endpoint, attempts=2, timeout=PREFLIGHT_TIMEOUT_S)[0].head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as err:
             raise explain(err, endpoint, self.bucket) from err
         self._endpoint = endpoint

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .results import succeeded
-from .study import CLAIMS, EIGHT_WAY, EXACT_METRICS, Claim, Criterion, Each, Ratio
+from .study import CLAIMS, EIGHT_WAY, EXACT_METRICS, METRICS, Claim, Criterion, Each, Ratio
 
 HELD, NOT_HELD, INCONCLUSIVE, NOT_MEASURED = "HELD", "NOT HELD", "INCONCLUSIVE", "NOT MEASURED"
 VERDICTS = (HELD, NOT_HELD, INCONCLUSIVE, NOT_MEASURED)
@@ -114,6 +114,9 @@ def judge(claim: Claim, results: pd.DataFrame, run_drift: float | None) -> dict[
             measured.append(text)
         else:
             span = interval(results, criterion.ratio, run_drift)
+            if span is None:
+                missing = f"no {METRICS[criterion.ratio.metric]} recorded"
+                return _table_row(claim, missing, NOT_MEASURED, f"needs a run on a {claim.store} store")
             verdict = _judge(criterion, span)
             measured.append(f"{criterion.ratio} = {span}")
             reason = {
@@ -142,7 +145,16 @@ def _table_row(claim: Claim, measured: str, verdict: str, reason: str) -> dict[s
     }
 
 
+def store_kind(results: pd.DataFrame) -> str:
+    """``s3`` when the rows measured object storage, else ``file`` (rows from before stores existed too)."""
+    stores = results["store"].dropna() if "store" in results else pd.Series(dtype=str)
+    return "s3" if stores.str.startswith("s3://").any() else "file"
+
+
 def check(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per claim: key, claim, expected (the criteria), measured (ratios with intervals), verdict, reason."""
+    """One row per claim of the rows' store: key, claim, expected (criteria), measured (ratios with intervals),
+    verdict, reason. The study's claims are about a local disk; the cloud claim needs an S3 run."""
     run_drift = drift(results)
-    return pd.DataFrame([judge(claim, results, run_drift) for claim in CLAIMS], columns=COLUMNS)
+    kind = store_kind(results)
+    claims = [claim for claim in CLAIMS if claim.store == kind]
+    return pd.DataFrame([judge(claim, results, run_drift) for claim in claims], columns=COLUMNS)

@@ -174,7 +174,7 @@ class Counted:
 
 
 @functools.cache
-def _client(endpoint: Endpoint, keys: tuple[str, str], attempts: int, timeout: float) -> tuple[Any, BotoCounter]:
+def _client(endpoint: Endpoint, keys: tuple[str, str, str], attempts: int, timeout: float) -> tuple[Any, BotoCounter]:
     import boto3
     from botocore.config import Config
 
@@ -185,13 +185,25 @@ def _client(endpoint: Endpoint, keys: tuple[str, str], attempts: int, timeout: f
         max_pool_connections=2 * TRANSFER_THREADS,
         s3={"addressing_style": "path"},
     )
-    client = boto3.client("s3", endpoint_url=endpoint.url, region_name=endpoint.region, config=config)
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint.url,
+        region_name=endpoint.region,
+        aws_access_key_id=keys[0],
+        aws_secret_access_key=keys[1],
+        aws_session_token=keys[2] or None,
+        config=config,
+    )
     return client, BotoCounter(client)
 
 
 def client(endpoint: Endpoint, attempts: int = ATTEMPTS, timeout: float = READ_TIMEOUT_S) -> tuple[Any, BotoCounter]:
-    """One boto3 client per endpoint, key pair (from the environment) and policy, with its request counter."""
-    keys = (os.environ.get("AWS_ACCESS_KEY_ID", ""), os.environ.get("AWS_SECRET_ACCESS_KEY", ""))
+    """One boto3 client per endpoint, key pair and policy, with its request counter.
+
+    The keys are read from the environment now and given explicitly: boto3's default session would
+    keep the first ones it found.
+    """
+    keys = tuple(os.environ.get(v, "") for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"))
     return _client(endpoint, keys, attempts, timeout)
 
 

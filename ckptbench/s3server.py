@@ -243,6 +243,7 @@ class S3Server:
 
 def _refuse_taken(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds: TIME_WAIT is no owner
         try:
             probe.bind((host, port))
         except OSError as err:

@@ -10,8 +10,17 @@ import pandas as pd
 import pytest
 import torch
 
-from ckptbench import Benchmark, CheckpointError, RunConfig, TensorStore, get_strategy
-from ckptbench import checkpoint, cloud, study, verdict
+from ckptbench import (
+    Benchmark,
+    CheckpointError,
+    RunConfig,
+    TensorStore,
+    checkpoint,
+    cloud,
+    get_strategy,
+    study,
+    verdict,
+)
 from ckptbench.cli import main
 from ckptbench.delayproxy import DelayProxy
 from ckptbench.limits import Limits

@@ -75,7 +75,8 @@ class RunConfig:
     s3_endpoint: str | None = None
     """The S3 server's URL, e.g. ``http://127.0.0.1:8333`` (``python -m ckptbench s3-server``); None is AWS."""
     s3_rtt_ms: float | None = None
-    """Round-trip time to inject in front of ``s3_endpoint`` with a delay proxy on loopback (no netem here)."""
+    """Round-trip time to inject in front of ``s3_endpoint`` with a delay proxy on loopback (no netem here);
+    0 routes through the proxy without delay, to measure what the proxy itself costs."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -92,7 +93,7 @@ class RunConfig:
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} is a file, not a folder")
         if self.store == FILE:
-            if self.s3_endpoint is not None or self.s3_rtt_ms:
+            if self.s3_endpoint is not None or self.s3_rtt_ms is not None:
                 raise UsageError("--s3-endpoint and --s3-rtt-ms need an s3:// --store")
         else:
             parse_url(self.store)
@@ -305,7 +306,7 @@ class Benchmark:
             disk_write_gbps=self.limits.write_gbps,
             disk_read_gbps=self.limits.read_gbps,
             store=self.storage.url,
-            injected_rtt_ms=self.storage.injected_rtt_ms or None,
+            injected_rtt_ms=self.storage.injected_rtt_ms,
             **measured,
         )
 

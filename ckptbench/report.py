@@ -41,7 +41,9 @@ def _count(value: float | None) -> str:
 
 
 def phase_table(phase: PhaseResult) -> pd.DataFrame:
-    """One row per repeat: times in seconds, size in GB, files, verified, and why a repeat failed."""
+    """One row per repeat: times in seconds, size in GB, files, verified, and why a repeat failed (or was skipped)."""
+    if phase.skipped is not None:
+        return pd.DataFrame({"skipped": [phase.skipped]}, index=[phase.strategy])
     rows = phase.frame
     table = pd.DataFrame(
         {

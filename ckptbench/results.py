@@ -89,7 +89,8 @@ class Row:
     """Object bytes the save and the cold load uploaded (request bodies); ``bytes_received``: downloaded."""
     bytes_received: int | None = None
     injected_rtt_ms: float | None = None
-    """Round-trip time the delay proxy added in front of the S3 endpoint; empty when none was injected."""
+    """Round-trip time the delay proxy added in front of the S3 endpoint (0: through the proxy, no delay: its own
+    cost); empty when there was no proxy."""
 
 
 COLUMNS: list[str] = [f.name for f in fields(Row)]

@@ -176,7 +176,7 @@ class S3Storage(Storage):
         from botocore.exceptions import BotoCoreError, ClientError
 
         endpoint = Endpoint.from_environment(self._endpoint_url)
-        if self.injected_rtt_ms:
+        if self.injected_rtt_ms is not None:
             endpoint = Endpoint(self._start_delay(endpoint), endpoint.region)
         try:
             client(endpoint, attempts=2, timeout=PREFLIGHT_TIMEOUT_S)[0].head_bucket(Bucket=self.bucket)

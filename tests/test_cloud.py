@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import os
 import socket
 import time
 from pathlib import Path
 
+import nbformat
 import pandas as pd
 import pytest
 import torch
@@ -30,7 +33,7 @@ from ckptbench.results import COLUMNS
 from ckptbench.s3server import S3Server, S3ServerError
 from ckptbench.storage import S3Storage
 
-ON_S3 = ["tensorstore", "ts+chunks", "ts+ocdbt", "ts+best", "pytorch"]
+ON_S3 = ["tensorstore", "ts+chunks", "ts+ocdbt", "ts+best", "ts+zarr3", "pytorch", "safetensors"]
 ZARR_PER_OBJECT = ["tensorstore", "ts+chunks", "ts+best"]
 """Strategies whose every object is written once by one PUT: their PUTs and bytes equal the listing exactly."""
 LIMITS = Limits(write_gbps=0.1, read_gbps=0.2, probe_bytes=0)
@@ -94,6 +97,9 @@ def test_counts_agree_with_the_servers_listing_of_the_kept_checkpoint(name, meas
     elif name == "ts+ocdbt":  # OCDBT rewrites its manifest with every commit: more PUTs than objects
         assert row["requests_put"] > objects
         assert row["bytes_sent"] > size
+    elif name == "ts+zarr3":  # one shard object per tensor plus its metadata, each written once
+        assert row["requests_put"] == objects == 2 * 238 + 1
+        assert row["bytes_sent"] == size
     else:  # one object below the multipart threshold, plus the manifest; the download starts with a HEAD
         assert (objects, row["requests_put"], row["requests_head"]) == (2, 2, 1)
         assert row["bytes_sent"] == size
@@ -114,7 +120,15 @@ def test_the_cloud_claim_is_judged_on_the_s3_rows(measured):
     assert table.loc["ocdbt_cloud", "verdict"] in (verdict.HELD, verdict.NOT_HELD, verdict.INCONCLUSIVE)
     assert "ts+ocdbt objects / tensorstore objects = " in table.loc["ocdbt_cloud", "measured"]
     shown = cloud.table(rows.reset_index(), rtt_ms=20, concurrency=32)
-    assert list(shown.index) == ["pytorch", "tensorstore", "ts+chunks", "ts+ocdbt", "ts+best"]
+    assert list(shown.index) == [
+        "pytorch",
+        "tensorstore",
+        "ts+chunks",
+        "ts+ocdbt",
+        "safetensors",
+        "ts+zarr3",
+        "ts+best",
+    ]
     assert "save s MODELLED @ 20 ms x 32" in shown.columns
 
 
@@ -337,3 +351,32 @@ def test_a_requested_port_that_is_taken_is_refused(tmp_path):
         with pytest.raises(S3ServerError, match=f"port {port} on 127.0.0.1 is taken"):
             S3Server(data_dir=tmp_path, port=port).start()
     assert not (Path(tmp_path) / "weed.log").exists()
+
+
+@pytest.mark.slow
+def test_the_notebooks_cloud_section_shows_objects_requests_and_the_verdict(s3, tmp_path):
+    from nbclient import NotebookClient
+    from test_notebook import NOTEBOOK, PACKAGE_ROOT, TIMEOUT, _tagged
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    (parameters,) = _tagged(nb, "parameters")
+    parameters.source += (
+        f'\nPRESET = "tiny"\nSTRATEGIES = "pytorch,ts+best"\nOUT = {str(tmp_path / "out")!r}\nPROGRESS = False'
+        f'\nSTORE = "s3://ckpt/notebook"\nS3_ENDPOINT = {s3.endpoint!r}\nCLOUD_RTT_MS = 40\nCLOUD_CONCURRENCY = 8'
+    )
+    cells = [parameters, *(_tagged(nb, tag)[0] for tag in ("approaches", "setup", "measure", "cloud"))]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
+        client = NotebookClient(
+            nb, kernel_name="python3", timeout=TIMEOUT, resources={"metadata": {"path": str(tmp_path)}}
+        )
+        with client.setup_kernel():
+            for index, cell in enumerate(cells):
+                cell.outputs = []
+                client.execute_cell(cell, index)
+    html = "".join(o.get("data", {}).get("text/html", "") for o in cells[-1].outputs)
+    table = pd.read_html(io.StringIO(html), index_col=0)[0]
+    assert list(table.index) == ["pytorch", "ts+best"]
+    assert {"objects", "PUT", "GET", "save s MODELLED @ 40 ms x 8"} <= set(table.columns)
+    assert "OCDBT is better for cloud storage" in html
+    assert "NOT MEASURED" in html  # neither tensorstore nor ts+ocdbt ran here

@@ -199,7 +199,7 @@ def _list(args: argparse.Namespace) -> int:
         print(docs.strategies_markdown().rstrip("\n"))
         return 0
     table = docs.strategies_table()
-    table["s3"] = [STRATEGIES[name].unsupported("s3") or "yes" for name in table.index]
+    table["on s3"] = [f"skipped: {why}" if (why := STRATEGIES[n].unsupported("s3")) else "ok" for n in table.index]
     print(table.to_string())
     return 0
 

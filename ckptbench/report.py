@@ -127,6 +127,7 @@ def describe(bench: Benchmark) -> pd.DataFrame:
         else f"{limits['write_gbps']:.3g} GB/s durable write, {limits['read_gbps']:.3g} GB/s cold read",
         "repeats": f"{env['repeats']}, {env['order']} order",
         "output folder": str(bench.out.resolve()),
+        "checkpoints in": bench.storage.url,
         "filesystem": env["filesystem"],
         "free disk": f"{env['disk_free_bytes'] / 1e9:.1f} GB of {env['disk_total_bytes'] / 1e9:.1f} GB",
         "CPU": f"{env['cpu']} ({env['cores']} cores)",

@@ -177,7 +177,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     results[_NUMERIC] = results[_NUMERIC].apply(pd.to_numeric)
     results["verified"] = results["verified"].fillna(False).astype(bool)
     results["error"] = results["error"].fillna("")
-    results["store"] = results["store"].fillna("file")
+    results["store"] = [store if isinstance(store, str) and store else "file" for store in results["store"]]
     return results
 
 

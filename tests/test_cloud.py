@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def test_list_says_which_strategies_cannot_write_to_s3(capsys):
     assert "fsspec writer needs s3fs" in lines["dcp"]
     assert "mmap needs a local file" in lines["pytorch+mmap"]
     assert "file_io_sync is a file knob" in lines["ts+nosync"]
-    assert lines["ts+ocdbt"].rstrip().endswith("yes")
+    assert lines["ts+ocdbt"].rstrip().endswith(" ok")
 
 
 @pytest.mark.slow
@@ -380,3 +381,30 @@ def test_the_notebooks_cloud_section_shows_objects_requests_and_the_verdict(s3, 
     assert {"objects", "PUT", "GET", "save s MODELLED @ 40 ms x 8"} <= set(table.columns)
     assert "OCDBT is better for cloud storage" in html
     assert "NOT MEASURED" in html  # neither tensorstore nor ts+ocdbt ran here
+
+
+@pytest.mark.slow
+def test_a_dead_runs_working_prefix_is_removed_and_a_live_or_foreign_one_kept(s3, tiny, tmp_path):
+    host = socket.gethostname()
+    runs = {
+        "dead": f"{host}-{_finished_pid()}-abc123",
+        "live": f"{host}-{os.getpid()}-abc123",
+        "foreign": f"another-host-{_finished_pid()}-abc123",
+    }
+    client = s3.client()
+    for run in runs.values():
+        for key in (f"stale/.work/{run}/tensorstore.0/x/0.0", f"stale/.work/{run}/tensorstore.0/{MANIFEST}"):
+            client.put_object(Bucket="ckpt", Key=key, Body=b"x")
+    messages: list[str] = []
+    config = RunConfig(preset="tiny", out=tmp_path, store="s3://ckpt/stale", s3_endpoint=s3.endpoint)
+    Benchmark(config, checkpoint=tiny, limits=LIMITS, log=messages.append).prepare()
+    assert _listing(s3, f"stale/.work/{runs['dead']}/")[0] == 0
+    assert _listing(s3, f"stale/.work/{runs['live']}/")[0] == 2
+    assert _listing(s3, f"stale/.work/{runs['foreign']}/")[0] == 2
+    assert any(runs["dead"] in message for message in messages)
+
+
+def _finished_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -64,10 +65,8 @@ async def _serve(target: tuple[str, int], rtt: float) -> None:
     server = await asyncio.start_server(connect, "127.0.0.1", 0, backlog=512)
     host, port = server.sockets[0].getsockname()[:2]
     print(f"{_READY}http://{host}:{port}", flush=True)
-    loop = asyncio.get_running_loop()
-    stdin_closed = loop.run_in_executor(None, sys.stdin.buffer.read)
-    async with server:
-        await asyncio.wait([asyncio.ensure_future(server.serve_forever()), stdin_closed], return_when="FIRST_COMPLETED")
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read)
+    os._exit(0)  # the parent closed stdin or exited: drop every connection at once, without a word
 
 
 class DelayProxy:

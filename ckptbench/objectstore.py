@@ -233,10 +233,6 @@ class Prefix:
         return replace(self, key=f"{self.key}{name}/")
 
     @property
-    def name(self) -> str:
-        return self.key.rstrip("/").rsplit("/", 1)[-1]
-
-    @property
     def client(self) -> Any:
         return client(self.endpoint)[0]
 
@@ -282,17 +278,6 @@ class Prefix:
         except self.client.exceptions.NoSuchKey:
             return None
         return body.read().decode()
-
-    def exists(self, name: str) -> bool:
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=f"{self.key}{name}")
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
-        return True
 
 
 @contextmanager

@@ -124,9 +124,6 @@ def _finish(bench: Benchmark, phases: list[PhaseResult]) -> int:
         print(f"on {bench.storage.url}; times MODELLED at a real round trip = measured + requests x RTT / concurrency:")
         print(cloud.table(bench.results).to_string())
     print(f"results: {bench.store.csv}\nenvironment: {bench.store.environment_path(bench.run_id)}")
-    for phase in phases:
-        if phase.skipped is not None:
-            print(f"skipped {phase.strategy}: {phase.skipped}")
     failed = [p for p in phases if not p.ok]
     for phase in failed:
         print(f"error: {phase.strategy}: {phase.error}", file=sys.stderr)

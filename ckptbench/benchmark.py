@@ -23,12 +23,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, disk, environment, manifest
-from . import limits as limits_lib
+from . import checkpoint, environment, manifest
 from . import model as model_lib
 from .errors import UsageError, VerificationError
+from .limits import Limits, ProbeSettings
 from .measure import Measurement, measure
+from .objectstore import Requests, check_endpoint, parse_url
 from .results import ResultsStore, Row, config_json, frame, summarize
+from .storage import FILE, Location, open_storage
 from .strategies import Strategy, Tensors, get_strategy, nbytes, total_bytes
 from .study import ordered
 from .verify import verify
@@ -70,6 +72,13 @@ class RunConfig:
     seed: int = 0
     results_file: str = "results.csv"
     progress: bool = True
+    store: str = FILE
+    """Where checkpoints are written: ``file`` (``out``) or ``s3://bucket/prefix`` (credentials from AWS_*)."""
+    s3_endpoint: str | None = None
+    """The S3 server's URL, e.g. ``http://127.0.0.1:8333`` (``python -m ckptbench s3-server``); None is AWS."""
+    s3_rtt_ms: float | None = None
+    """Round-trip time to inject in front of ``s3_endpoint`` with a delay proxy on loopback (no netem here);
+    0 routes through the proxy without delay, to measure what the proxy itself costs."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -85,6 +94,15 @@ class RunConfig:
             raise UsageError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} is a file, not a folder")
+        if self.store == FILE:
+            if self.s3_endpoint is not None or self.s3_rtt_ms is not None:
+                raise UsageError("--s3-endpoint and --s3-rtt-ms need an s3:// --store")
+        else:
+            parse_url(self.store)
+            if self.s3_endpoint is not None:
+                check_endpoint(self.s3_endpoint)
+        if self.s3_rtt_ms is not None and self.s3_rtt_ms < 0:
+            raise UsageError(f"--s3-rtt-ms must be 0 or more, got {self.s3_rtt_ms:g}")
 
     @property
     def label(self) -> str:
@@ -99,9 +117,13 @@ class PhaseResult:
     strategy: str
     rows: list[Row]
     error: str | None = None
+    skipped: str | None = None
+    """Why the strategy was not measured at all: it cannot write to the run's store."""
 
     @property
     def ok(self) -> bool:
+        if self.skipped is not None:
+            return True
         return self.error is None and bool(self.rows) and all(r.verified for r in self.rows)
 
     @property
@@ -152,7 +174,7 @@ class Benchmark:
         config: RunConfig | None = None,
         *,
         checkpoint: model_lib.ModelCheckpoint | None = None,
-        limits: limits_lib.Limits | None = None,
+        limits: Limits | None = None,
         log: Callable[[str], None] = tqdm.write,
         run_id: str | None = None,
     ) -> None:
@@ -162,6 +184,8 @@ class Benchmark:
         self.log = log
         self.run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         self.store = ResultsStore(self.config.out, self.config.results_file)
+        self.storage = open_storage(self.config.store, self.config.out, self.config.s3_endpoint, self.config.s3_rtt_ms)
+        """Where the checkpoints go (``config.store``); ``store`` is the results'."""
         self.prepare_s = 0.0
         """Set-up so far: building or loading the model, cleaning leftovers, probing the limits."""
         self.probe_s = 0.0
@@ -169,7 +193,6 @@ class Benchmark:
         self._rows: dict[str, list[Row]] = {}
         self._warm: set[str] = set()
         self._layout: manifest.Layout | None = None
-        self._token = secrets.token_hex(3)
 
     @property
     def out(self) -> Path:
@@ -182,6 +205,7 @@ class Benchmark:
     def prepare(self) -> model_lib.ModelCheckpoint:
         """Build (or load) the model, make the results file safe, clean stale leftovers, measure the limits."""
         started = time.perf_counter()
+        self.storage.check()
         if self.checkpoint is None:
             if self.config.model_path is None:
                 self.checkpoint = model_lib.build(self.config.preset, self.config.seed)
@@ -194,11 +218,11 @@ class Benchmark:
         kept = self.store.check()
         if kept is not None:
             self.log(f"{self.store.csv} could not be appended to safely; kept it as {kept.name}")
-        for stale in disk.clean_stale(self.out):
+        for stale in self.storage.clean_stale():
             self.log(f"removed the leftovers of an interrupted run: {stale}")
         if self.limits is None:
-            settings = limits_lib.ProbeSettings.for_checkpoint(self.checkpoint.nbytes)
-            self.limits = limits_lib.measured(self.out, settings, reprobe=self.config.reprobe)
+            settings = ProbeSettings.for_checkpoint(self.checkpoint.nbytes)
+            self.limits = self.storage.limits(settings, reprobe=self.config.reprobe)
             self.probe_s += self.limits.probe_s
         self.prepare_s += time.perf_counter() - started
         if not self.store.environment_path(self.run_id).exists():
@@ -229,24 +253,32 @@ class Benchmark:
         )
 
     def _timed_save(
-        self, strategy: Strategy, tensors: Tensors, layout: manifest.Layout, path: Path, label: str
-    ) -> tuple[Measurement, float | None]:
-        """The save until durable, and for an async save the seconds until the strategy returned (its stall)."""
-        disk.ensure_free(self.out, strategy.estimate_bytes(tensors))
+        self, strategy: Strategy, tensors: Tensors, layout: manifest.Layout, path: Location, label: str
+    ) -> tuple[Measurement, float | None, Requests | None]:
+        """The save until durable (on S3: acknowledged), for an async save the seconds until the strategy
+        returned (its stall), and the requests it made (S3 only; counted outside the timer)."""
+        self.storage.ensure_free(strategy.estimate_bytes(tensors))
         with (
             self._bar(f"{label} save", total_bytes(tensors)) as bar,
+            self.storage.counting() as counted,
             measure() as timing,
-            disk.staged(path) as partial,
+            self.storage.staged(path) as partial,
         ):
             blocking = checkpoint.save(strategy, tensors, layout, partial, bar.update)
-        return timing, blocking
+        return timing, blocking, counted.requests
 
-    def _timed_load(self, strategy: Strategy, path: Path, label: str) -> tuple[Measurement, Tensors]:
-        with self._bar(f"{label} load", self.checkpoint.nbytes) as bar, measure() as timing:
+    def _timed_load(
+        self, strategy: Strategy, path: Location, label: str
+    ) -> tuple[Measurement, Tensors, Requests | None]:
+        with (
+            self._bar(f"{label} load", self.checkpoint.nbytes) as bar,
+            self.storage.counting() as counted,
+            measure() as timing,
+        ):
             loaded = checkpoint.load(strategy, path, bar.update)
-        return timing, loaded
+        return timing, loaded, counted.requests
 
-    def _verified(self, strategy: Strategy, loaded: Tensors, path: Path) -> bool:
+    def _verified(self, strategy: Strategy, loaded: Tensors, path: Location) -> bool:
         try:
             verify(loaded, self.checkpoint.tensors, f"{strategy.name} checkpoint {path}")
         except VerificationError as err:
@@ -260,19 +292,19 @@ class Benchmark:
             return
         subset = _warmup_subset(self.checkpoint.tensors)
         layout = tuple(e for e in self._layout if e.name in subset)
-        path = disk.working_name(self.out, f"{strategy.name}.warmup", self._token)
+        path = self.storage.working(f"{strategy.name}.warmup")
         try:
             self._timed_save(strategy, subset, layout, path, f"{strategy.name} warm-up")
             self._timed_load(strategy, path, f"{strategy.name} warm-up")
         finally:
-            disk.discard(path)
+            self.storage.discard(path)
         self._warm.add(strategy.name)
 
     def _drift(self) -> _Drift:
         if not self.config.drift:
             return _Drift()
         size = min(max(self.checkpoint.nbytes // 16, _DRIFT_MIN), _DRIFT_MAX)
-        probe = limits_lib.stream(self.out, size)
+        probe = self.storage.stream(size)
         self.probe_s += probe.seconds
         return _Drift(probe.write_gbps, probe.read_gbps)
 
@@ -292,6 +324,8 @@ class Benchmark:
             disk_read_gbps=self.limits.read_gbps,
             disk_files_per_s=self.limits.files_per_s,
             fresh_copy_gbps=self.limits.fresh_copy_gbps,
+            store=self.storage.url,
+            injected_rtt_ms=self.storage.injected_rtt_ms,
             **measured,
         )
 
@@ -306,22 +340,24 @@ class Benchmark:
         warmup_s = time.perf_counter() - started
         drift = self._drift()
         probe_s = self.probe_s
-        path = disk.working_name(self.out, strategy.name, self._token)
+        path = self.storage.working(strategy.name)
         label = f"{strategy.name} [{repeat + 1}/{self.config.repeats}]"
         keep = self.config.keep_checkpoints and repeat == self.config.repeats - 1
         clock = _Stopwatch()
         try:
-            saved, blocking_s = self._timed_save(strategy, self.checkpoint.tensors, self._layout, path, label)
+            saved, blocking_s, save_requests = self._timed_save(
+                strategy, self.checkpoint.tensors, self._layout, path, label
+            )
             with clock("evict"):
-                usage = disk.evict(path)
-            cold, loaded = self._timed_load(strategy, path, f"{label} cold")
+                usage = self.storage.settle(path)
+            cold, loaded, load_requests = self._timed_load(strategy, path, f"{label} cold")
             with clock("verify"):
                 cold_ok = self._verified(strategy, loaded, path)
                 del loaded
-            warm, loaded = self._timed_load(strategy, path, f"{label} warm")
+            warm, loaded, _ = self._timed_load(strategy, path, f"{label} warm")
             # Nothing is timed now: delete the checkpoint while the CPU compares the last load.
             with ThreadPoolExecutor(1) as pool:
-                deleted = None if keep else pool.submit(disk.discard, path)
+                deleted = None if keep else pool.submit(self.storage.discard, path)
                 with clock("verify"):
                     warm_ok = self._verified(strategy, loaded, path)
                     del loaded
@@ -329,9 +365,10 @@ class Benchmark:
                     if deleted is not None:
                         deleted.result()
                     if keep:
-                        disk.install(path, self.out / strategy.name)
+                        kept = self.storage.install(path, strategy.name)
+                        self.log(f"kept {strategy.name}'s checkpoint at {kept}")
         finally:
-            disk.discard(path)
+            self.storage.discard(path)
         timed = saved.seconds + cold.seconds + warm.seconds + (self.probe_s - probe_s)
         return self._row(
             strategy,
@@ -356,6 +393,7 @@ class Benchmark:
             evict_s=clock.seconds["evict"],
             verify_s=clock.seconds["verify"],
             cleanup_s=clock.seconds["cleanup"],
+            **_requests(save_requests, load_requests, usage.files),
         )
 
     def _measure(self, strategy: Strategy, repeat: int) -> Row:
@@ -375,6 +413,12 @@ class Benchmark:
         self.store.append([row])
         return row
 
+    def _skipped(self, strategy: Strategy) -> str | None:
+        reason = strategy.unsupported(self.storage.kind)
+        if reason is not None:
+            self.log(f"skipped {strategy.name}: cannot write to {self.storage.url}: {reason}")
+        return reason
+
     def _resolve(self, strategy: str | Strategy) -> Strategy:
         return get_strategy(strategy) if isinstance(strategy, str) else strategy
 
@@ -391,9 +435,11 @@ class Benchmark:
         Interleaved rounds spread a slow stretch of the machine over every strategy instead of
         letting it land on one. A strategy that fails stops taking part; the others go on.
         """
-        resolved = [self._resolve(s) for s in strategies]
+        requested = [self._resolve(s) for s in strategies]
         order = order or self.config.order
         self.prepare()
+        skipped = {s.name: reason for s in requested if (reason := self._skipped(s)) is not None}
+        resolved = [s for s in requested if s.name not in skipped]
         for strategy in resolved:
             self._rows[strategy.name] = []
         failed: dict[str, str] = {}
@@ -411,7 +457,10 @@ class Benchmark:
                 if row.error:
                     failed[strategy.name] = row.error
         results = []
-        for strategy in resolved:
+        for strategy in requested:
+            if strategy.name in skipped:
+                results.append(PhaseResult(strategy.name, [], skipped=skipped[strategy.name]))
+                continue
             rows = self._rows[strategy.name]
             error = failed.get(strategy.name)
             if error is None and not all(r.verified for r in rows):
@@ -432,3 +481,20 @@ class Benchmark:
 
     def summary(self) -> pd.DataFrame:
         return summarize(self.results, order=ordered(self._rows))
+
+
+def _requests(save: Requests | None, load: Requests | None, objects: int | None) -> dict[str, int | None]:
+    """The S3 columns of a row: the save's and the cold load's requests and the server's object count."""
+    if save is None or load is None:
+        return {}
+    both = save + load
+    return {
+        "objects": objects,
+        "requests_put": both.put,
+        "requests_get": both.get,
+        "requests_head": both.head,
+        "requests_delete": both.delete,
+        "requests_save": save.total,
+        "bytes_sent": both.bytes_sent,
+        "bytes_received": both.bytes_received,
+    }

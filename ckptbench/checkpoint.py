@@ -19,7 +19,8 @@ import torch
 
 from .errors import CheckpointError, CkptbenchError, DiskFullError
 from .manifest import Layout, Manifest, check_loaded, problem
-from .strategies import Progress, Strategy, Tensors, from_config, get_strategy
+from .objectstore import Prefix
+from .strategies import Location, Progress, Strategy, Tensors, from_config, get_strategy
 
 _NEARLY_FULL = 16 << 20
 
@@ -43,7 +44,7 @@ def _disk_full(err: BaseException, directory: Path) -> bool:
         return False
 
 
-def save(strategy: Strategy, tensors: Tensors, layout: Layout, directory: Path, progress: Progress) -> float | None:
+def save(strategy: Strategy, tensors: Tensors, layout: Layout, directory: Location, progress: Progress) -> float | None:
     """Write ``tensors`` with ``strategy`` into ``directory``, then the manifest that marks it complete.
 
     For an asynchronous save, returns the seconds until the strategy gave control back (the stall
@@ -61,7 +62,7 @@ def save(strategy: Strategy, tensors: Tensors, layout: Layout, directory: Path, 
     except CkptbenchError:
         raise
     except Exception as err:  # each library raises its own types for I/O failures
-        if _disk_full(err, directory):
+        if isinstance(directory, Path) and _disk_full(err, directory):
             free = shutil.disk_usage(directory).free
             raise DiskFullError(
                 f"disk full under {directory.parent} during the {strategy.name} save: it needs about "
@@ -72,7 +73,7 @@ def save(strategy: Strategy, tensors: Tensors, layout: Layout, directory: Path, 
 
 
 def load(
-    strategy: Strategy, directory: Path, progress: Progress, into: Tensors | None = None
+    strategy: Strategy, directory: Location, progress: Progress, into: Tensors | None = None
 ) -> OrderedDict[str, torch.Tensor]:
     """Every tensor, as the manifest describes it, in fresh memory or read ``into`` existing tensors.
 
@@ -110,7 +111,7 @@ class Damage:
 class Verification:
     """What ``verify`` found: the checkpoint's writer and every damaged tensor (none when intact)."""
 
-    path: Path
+    path: Location
     strategy: str
     tensors: int
     damage: tuple[Damage, ...]
@@ -120,13 +121,13 @@ class Verification:
         return not self.damage
 
 
-def verify(path: str | Path, strategy: str | None = None) -> Verification:
+def verify(path: str | Location, strategy: str | None = None) -> Verification:
     """Re-read a checkpoint tensor by tensor and check each against its manifest (dtype, shape, digest).
 
     The strategy comes from the manifest (rebuilt from its stored configuration) unless named.
     Raises ``CheckpointError`` when ``path`` is not a complete ckptbench checkpoint at all.
     """
-    directory = Path(path)
+    directory = path if isinstance(path, Prefix) else Path(path)
     manifest = Manifest.read(directory)
     reader = get_strategy(strategy) if strategy else from_config(manifest.strategy, manifest.config)
     if not reader.reads(manifest.config):

@@ -13,10 +13,11 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import checkpoint, docs, model, plot, report, sweep, targets
+from . import checkpoint, cloud, docs, model, plot, report, s3server, sweep, targets
 from .benchmark import ORDERS, Benchmark, PhaseResult, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
 from .results import read_results, summarize
+from .storage import FILE, S3Storage
 from .strategies import STRATEGIES
 from .study import BENCH, GROUPS, parse_strategies
 
@@ -40,7 +41,19 @@ def _session_options() -> argparse.ArgumentParser:
         "--reprobe", action="store_true", help="measure the disk's limits again, not today's cached ones"
     )
     options.add_argument("--seed", type=int, default=0)
+    _store_options(options)
     return options
+
+
+def _store_options(parser: argparse.ArgumentParser, store: bool = True) -> None:
+    if store:
+        parser.add_argument(
+            "--store", default=FILE, help="where checkpoints go: 'file' (--out) or s3://BUCKET/PREFIX (AWS_* keys)"
+        )
+    parser.add_argument("--s3-endpoint", help="the S3 server, e.g. http://127.0.0.1:8333 (default: AWS)")
+    parser.add_argument(
+        "--s3-rtt-ms", type=float, help="inject this round-trip time in front of --s3-endpoint (a delay proxy)"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,8 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     bench_cmd = commands.add_parser("bench", parents=[session], help="ts+best against its peers and the disk")
     bench_cmd.add_argument("--strategies", default=",".join(BENCH), help="comma list of strategies")
     verify_cmd = commands.add_parser("verify", help="check a checkpoint against its manifest, tensor by tensor")
-    verify_cmd.add_argument("path", type=Path)
+    verify_cmd.add_argument("path", help="a checkpoint folder, or s3://BUCKET/PREFIX with --s3-endpoint")
     verify_cmd.add_argument("--strategy", help="read it as this strategy (default: the one its manifest names)")
+    _store_options(verify_cmd, store=False)
     plot_cmd = commands.add_parser("plot", help="draw one run's comparison figure and summary from a results CSV")
     plot_cmd.add_argument("--results", type=Path, default=DEFAULT_OUT / "results.csv")
     plot_cmd.add_argument("--out", type=Path, help="where the figure and summary.csv go (default: the CSV's folder)")
@@ -72,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     list_cmd.add_argument("--markdown", action="store_true", help="as the Markdown table the docs embed")
     docs_cmd = commands.add_parser("docs", help="regenerate the tables in the docs from the registry and results")
     docs_cmd.add_argument("--check", action="store_true", help="exit 1 if any generated block is out of date")
+    server_cmd = commands.add_parser("s3-server", help="run a local S3 server (SeaweedFS) until Ctrl-C")
+    server_cmd.add_argument("--dir", type=Path, help="its data folder (default: a temporary one, removed on stop)")
+    server_cmd.add_argument("--port", type=int, default=s3server.DEFAULT_PORT, help="its S3 port on 127.0.0.1")
+    server_cmd.add_argument("--bucket", default=s3server.DEFAULT_BUCKET, help="the bucket it creates")
     return parser
 
 
@@ -86,6 +104,9 @@ def _config(args: argparse.Namespace, **extra) -> RunConfig:
         drift=args.drift,
         reprobe=args.reprobe,
         seed=args.seed,
+        store=args.store,
+        s3_endpoint=args.s3_endpoint,
+        s3_rtt_ms=args.s3_rtt_ms,
         **extra,
     )
 
@@ -93,15 +114,19 @@ def _config(args: argparse.Namespace, **extra) -> RunConfig:
 def _session(config: RunConfig) -> Benchmark:
     bench = Benchmark(config)
     checkpoint = bench.prepare()
+    where = "disk" if config.store == FILE else f"{config.store} (single-stream PUT/GET)"
     print(
         f"{checkpoint.source}: {len(checkpoint.tensors)} tensors, {checkpoint.params:,} parameters, "
-        f"{checkpoint.nbytes / 1e9:.3g} GB; limits: {bench.limits.describe()}; "
+        f"{checkpoint.nbytes / 1e9:.3g} GB; {where}: {bench.limits.describe()}; "
         f"{config.repeats} repeat(s), {config.order} order"
     )
     return bench
 
 
 def _finish(bench: Benchmark, phases: list[PhaseResult]) -> int:
+    if cloud.is_cloud(bench.results):
+        print(f"on {bench.storage.url}; times MODELLED at a real round trip = measured + requests x RTT / concurrency:")
+        print(cloud.table(bench.results).to_string())
     print(f"results: {bench.store.csv}\nenvironment: {bench.store.environment_path(bench.run_id)}")
     failed = [p for p in phases if not p.ok]
     for phase in failed:
@@ -120,6 +145,8 @@ def _run(args: argparse.Namespace) -> int:
     phases = bench.run(names)
     print(report.summary_table(bench.summary()).to_string())
     _print_paths(report.export_report(bench.results, args.out))
+    if cloud.is_cloud(bench.results):
+        print(cloud.verdicts(bench.results)[["claim", "measured", "verdict"]].to_string(index=False))
     return _finish(bench, phases)
 
 
@@ -147,7 +174,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     try:
-        found = checkpoint.verify(args.path, args.strategy)
+        if args.path.startswith("s3://"):
+            found = checkpoint.verify(S3Storage(args.path, args.s3_endpoint, args.s3_rtt_ms).root, args.strategy)
+        else:
+            found = checkpoint.verify(args.path, args.strategy)
     except CheckpointError as err:
         print(f"error: not a checkpoint ckptbench can verify: {err}", file=sys.stderr)
         return 2
@@ -166,7 +196,17 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    print(docs.strategies_markdown().rstrip("\n") if args.markdown else docs.strategies_table().to_string())
+    if args.markdown:
+        print(docs.strategies_markdown().rstrip("\n"))
+        return 0
+    table = docs.strategies_table()
+    table["on s3"] = [f"skipped: {why}" if (why := STRATEGIES[n].unsupported("s3")) else "ok" for n in table.index]
+    print(table.to_string())
+    return 0
+
+
+def _s3_server(args: argparse.Namespace) -> int:
+    s3server.serve(args.bucket, args.dir, args.port)
     return 0
 
 
@@ -196,6 +236,7 @@ COMMANDS = {
     "plot": _plot,
     "list": _list,
     "docs": _docs,
+    "s3-server": _s3_server,
 }
 
 

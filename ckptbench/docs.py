@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import report, verdict
+from . import cloud, report, verdict
 from .errors import CkptbenchError
 from .results import read_results, summarize
 from .strategies import STRATEGIES
@@ -96,6 +96,12 @@ def _csv(path: str, columns: str = "") -> str:
     return markdown(shown, index=False)
 
 
+def _cloud(path: str, rtt_ms: str = str(cloud.RTT_MS), concurrency: str = str(cloud.CONCURRENCY)) -> str:
+    table = cloud.table(_results(path), float(rtt_ms), int(concurrency))
+    table.index = [f"`{n}`" for n in table.index]
+    return markdown(table.rename_axis("strategy"))
+
+
 KINDS: dict[str, Callable[..., str]] = {
     "csv": _csv,
     "strategies": strategies_markdown,
@@ -103,6 +109,7 @@ KINDS: dict[str, Callable[..., str]] = {
     "verdicts": _verdicts,
     "targets": _targets,
     "environment": _environment,
+    "cloud": _cloud,
 }
 
 

@@ -20,6 +20,7 @@ import torch
 import xxhash
 
 from .errors import CheckpointError
+from .objectstore import Prefix
 
 MANIFEST = "ckptbench.json"
 FORMAT = "ckptbench-checkpoint/1"
@@ -77,8 +78,8 @@ class Manifest:
     config: dict[str, Any]
     tensors: Layout
 
-    def write(self, directory: Path) -> None:
-        """Written last, under a temporary name and renamed, so it exists only once complete."""
+    def write(self, directory: Path | Prefix) -> None:
+        """Written last, under a temporary name and renamed (on S3: one PUT), so it exists only once complete."""
         body = {
             "format": FORMAT,
             "strategy": self.strategy,
@@ -86,19 +87,21 @@ class Manifest:
             "digest": DIGEST,
             "tensors": [asdict(e) for e in self.tensors],
         }
+        if isinstance(directory, Prefix):
+            directory.write_text(MANIFEST, json.dumps(body, indent=1))
+            return
         partial = directory / f".{MANIFEST}.partial"
         partial.write_text(json.dumps(body, indent=1))
         os.replace(partial, directory / MANIFEST)
 
     @classmethod
-    def read(cls, directory: Path) -> Manifest:
-        path = directory / MANIFEST
-        if not directory.is_dir():
-            raise CheckpointError(f"{directory}: no such checkpoint directory")
-        if not path.is_file():
-            raise CheckpointError(f"{directory}: no {MANIFEST}; not a complete ckptbench checkpoint")
+    def read(cls, directory: Path | Prefix) -> Manifest:
+        path = f"{directory}{MANIFEST}" if isinstance(directory, Prefix) else directory / MANIFEST
         try:
-            body = json.loads(path.read_text())
+            text = directory.read_text(MANIFEST) if isinstance(directory, Prefix) else _read_local(directory)
+            if text is None:
+                raise CheckpointError(f"{directory}: no {MANIFEST}; not a complete ckptbench checkpoint")
+            body = json.loads(text)
             if body["format"] != FORMAT or body["digest"] != DIGEST:
                 raise CheckpointError(f"{path}: format {body['format']!r}, digest {body['digest']!r} not understood")
             entries = tuple(
@@ -109,6 +112,13 @@ class Manifest:
             return cls(body["strategy"], dict(body["config"]), entries)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: malformed manifest: {err!r}") from err
+
+
+def _read_local(directory: Path) -> str | None:
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    path = directory / MANIFEST
+    return path.read_text() if path.is_file() else None
 
 
 def check_loaded(loaded: Mapping[str, torch.Tensor], entries: Layout, source: str) -> None:

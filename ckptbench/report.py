@@ -41,7 +41,9 @@ def _count(value: float | None) -> str:
 
 
 def phase_table(phase: PhaseResult) -> pd.DataFrame:
-    """One row per repeat: times in seconds, size in GB, files, verified, and why a repeat failed."""
+    """One row per repeat: times in seconds, size in GB, files, verified, and why a repeat failed (or was skipped)."""
+    if phase.skipped is not None:
+        return pd.DataFrame({"skipped": [phase.skipped]}, index=[phase.strategy])
     rows = phase.frame
     table = pd.DataFrame(
         {
@@ -127,6 +129,7 @@ def describe(bench: Benchmark) -> pd.DataFrame:
         "disk limits": None if bench.limits is None else bench.limits.describe(),
         "repeats": f"{env['repeats']}, {env['order']} order",
         "output folder": str(bench.out.resolve()),
+        "checkpoints in": bench.storage.url,
         "filesystem": env["filesystem"],
         "free disk": f"{env['disk_free_bytes'] / 1e9:.1f} GB of {env['disk_total_bytes'] / 1e9:.1f} GB",
         "CPU": f"{env['cpu']} ({env['cores']} cores)",

@@ -83,11 +83,30 @@ class Row:
     """The disk's small-file create + write + fsync rate (the limit a checkpoint's file count pays for)."""
     fresh_copy_gbps: float | None = None
     """The rate of copying into fresh memory, page faults included (what a fresh load pays for its bytes)."""
+    store: str = "file"
+    """Where the checkpoints were written: ``file`` (the output folder) or the ``s3://bucket/prefix`` measured."""
+    objects: int | None = None
+    """Objects the store lists for the checkpoint after its save (S3 only: the server's own view)."""
+    requests_put: int | None = None
+    """HTTP requests of the save and the cold load (S3 only), as TensorStore's metrics and botocore's events
+    counted them: PUT (with POST, which starts and completes a multipart upload), GET (with listings), HEAD,
+    DELETE."""
+    requests_get: int | None = None
+    requests_head: int | None = None
+    requests_delete: int | None = None
+    requests_save: int | None = None
+    """Of those requests, the save's (every method); the rest were the cold load's."""
+    bytes_sent: int | None = None
+    """Object bytes the save and the cold load uploaded (request bodies); ``bytes_received``: downloaded."""
+    bytes_received: int | None = None
+    injected_rtt_ms: float | None = None
+    """Round-trip time the delay proxy added in front of the S3 endpoint (0: through the proxy, no delay: its own
+    cost); empty when there was no proxy."""
 
 
 COLUMNS: list[str] = [f.name for f in fields(Row)]
 TIMES = ("save_s", "load_cold_s", "load_warm_s")
-_TEXT = {"run_id", "timestamp", "preset", "strategy", "config", "error"}
+_TEXT = {"run_id", "timestamp", "preset", "strategy", "config", "error", "store"}
 _BOOL = {"verified"}
 _NUMERIC = [c for c in COLUMNS if c not in _TEXT | _BOOL]
 _V1_CORE = [
@@ -171,6 +190,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     results[_NUMERIC] = results[_NUMERIC].apply(pd.to_numeric)
     results["verified"] = results["verified"].fillna(False).astype(bool)
     results["error"] = results["error"].fillna("")
+    results["store"] = [store if isinstance(store, str) and store else "file" for store in results["store"]]
     return results
 
 

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import limits as limits_lib
 from .benchmark import Benchmark, PhaseResult
 from .floor import bounds, floors
 from .limits import Limits, ProbeSettings
@@ -160,7 +159,7 @@ def bench(benchmark: Benchmark, strategies: Iterable[str | Strategy]) -> BenchRe
     """Measure ``strategies``, probe the disk again, and evaluate the targets; records the end probe and wall time."""
     started = time.perf_counter() - benchmark.prepare_s
     phases = benchmark.run(strategies)
-    end = limits_lib.probe(benchmark.out, ProbeSettings.for_checkpoint(benchmark.checkpoint.nbytes))
+    end = benchmark.storage.limits(ProbeSettings.for_checkpoint(benchmark.checkpoint.nbytes), reprobe=True)
     wall = time.perf_counter() - started
     environment = benchmark.environment()
     table = evaluate(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ except ModuleNotFoundError:  # plain `pytest` from elsewhere: the package sits n
 from ckptbench import checkpoint, disk, manifest
 from ckptbench.limits import Limits
 from ckptbench.model import ModelCheckpoint
+from ckptbench.s3server import S3Server
 from ckptbench.strategies import Strategy
 
 
@@ -85,3 +86,12 @@ def make_bench(tiny: ModelCheckpoint, tmp_path: Path, fake_limits: Limits) -> Ca
         return ckptbench.Benchmark(config, checkpoint=tiny, limits=limits, log=log)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (SeaweedFS on loopback) with the bucket ``ckpt``; its key pair is in the environment."""
+    with S3Server("ckpt", data_dir=tmp_path_factory.mktemp("s3")) as server, pytest.MonkeyPatch.context() as env:
+        for name, value in server.env.items():
+            env.setenv(name, value)
+        yield server

@@ -184,6 +184,11 @@ def test_the_committed_notebook_is_clean_and_parameterised():
         "EXTRA",
         "SWEEP_PRESET",
         "SWEEP_KNOBS",
+        "STORE",
+        "S3_ENDPOINT",
+        "S3_RTT_MS",
+        "CLOUD_RTT_MS",
+        "CLOUD_CONCURRENCY",
     }
     assert len(_tagged(nb, "phase")) == len(EIGHT_WAY)
     assert nb.metadata.kernelspec.name == "python3"

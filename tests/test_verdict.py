@@ -10,7 +10,7 @@ from ckptbench.results import COLUMNS
 from ckptbench.study import CLAIMS, Criterion, Ratio
 from ckptbench.verdict import HELD, INCONCLUSIVE, NOT_HELD, NOT_MEASURED
 
-KEYS = [c.key for c in CLAIMS]
+KEYS = [c.key for c in CLAIMS if c.store == "file"]
 STUDY_LIKE = {  # strategy: (save s, cold load s, bytes): medians for which every claim holds
     "pytorch": (20.0, 15.0, 8e9),
     "tensorstore": (100.0, 40.0, 16e9),

@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import CheckpointError, UnknownChoiceError
-from .base import MiB, Pending, Progress, SingleFile, Strategy, Tensors, nbytes, total_bytes
+from .base import Location, MiB, Pending, Progress, SingleFile, Strategy, Tensors, nbytes, total_bytes
 from .pytorch import DistributedCheckpoint, SafeTensors, TorchSave
 from .zarr import TensorStore, TensorStoreOptions, divisor_chunks
 
@@ -70,6 +70,7 @@ __all__ = [
     "BEST",
     "STRATEGIES",
     "DistributedCheckpoint",
+    "Location",
     "MiB",
     "Pending",
     "Progress",

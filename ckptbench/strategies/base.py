@@ -7,16 +7,18 @@ Strategies never sync either: the harness makes every save durable the same way.
 
 from __future__ import annotations
 
+import io
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from ..errors import CheckpointError
 from ..manifest import Entry, Layout
+from ..objectstore import Prefix
 
 Tensors = Mapping[str, torch.Tensor]
 Progress = Callable[[int], None]
@@ -25,6 +27,8 @@ Pending = Callable[[], None]
 """What an asynchronous save returns: wait for it, and the data has been written (not yet synced)."""
 
 MiB = 1 << 20
+Location = Path | Prefix
+"""Where a checkpoint is written: a folder, or a prefix in an S3 bucket (``--store s3://...``)."""
 
 
 def nbytes(tensor: torch.Tensor) -> int:
@@ -49,15 +53,19 @@ class Strategy(ABC):
     def knobs(self) -> dict[str, str]:
         """What this strategy sets, in words, for ``list`` and the generated tables in the docs."""
 
+    def unsupported(self, store: str) -> str | None:
+        """Why this strategy cannot write to a ``store`` ("file" or "s3"), or None when it can."""
+        return None
+
     @abstractmethod
-    def save(self, tensors: Tensors, directory: Path, progress: Progress) -> Pending | None:
+    def save(self, tensors: Tensors, directory: Location, progress: Progress) -> Pending | None:
         """Write every tensor; an asynchronous strategy returns once training could go on, with what to wait for."""
 
     @abstractmethod
-    def load(self, directory: Path, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
+    def load(self, directory: Location, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
         """Every tensor of ``entries``, in their order, materialised in fresh memory."""
 
-    def load_into(self, directory: Path, entries: Layout, into: Tensors, progress: Progress) -> None:
+    def load_into(self, directory: Location, entries: Layout, into: Tensors, progress: Progress) -> None:
         """Read every tensor into the existing ``into`` (what resuming a live model does).
 
         By default a fresh load copied into place; strategies that can read in place override it.
@@ -65,7 +73,7 @@ class Strategy(ABC):
         for name, tensor in self.load(directory, entries, progress).items():
             into[name].copy_(tensor)
 
-    def load_each(self, directory: Path, entries: Layout) -> Iterator[tuple[Entry, torch.Tensor | Exception]]:
+    def load_each(self, directory: Location, entries: Layout) -> Iterator[tuple[Entry, torch.Tensor | Exception]]:
         """Tensor by tensor, a damaged one reported in its place (for ``verify``); by default one whole load."""
         try:
             tensors = self.load(directory, entries, lambda n: None)
@@ -88,28 +96,42 @@ class Strategy(ABC):
 
 
 class SingleFile(Strategy):
-    """A library that writes the whole mapping into one file; subclasses say how it is written and read."""
+    """A library that writes the whole mapping into one file; subclasses say how it is written and read.
+
+    On S3 the file is serialised in memory and uploaded as one object (multipart, parts in
+    parallel), and downloaded into memory (ranged GETs in parallel) before it is read.
+    """
 
     filename: str
 
     @abstractmethod
-    def write(self, tensors: Tensors, path: Path) -> None: ...
+    def write(self, tensors: Tensors, target: Path | BinaryIO) -> None: ...
 
     @abstractmethod
-    def read(self, path: Path, entries: Layout) -> OrderedDict[str, torch.Tensor]: ...
+    def read(self, source: Path | BinaryIO, entries: Layout) -> OrderedDict[str, torch.Tensor]: ...
 
-    def save(self, tensors: Tensors, directory: Path, progress: Progress) -> None:
-        self.write(tensors, directory / self.filename)
+    def save(self, tensors: Tensors, directory: Location, progress: Progress) -> None:
+        if isinstance(directory, Prefix):
+            buffer = io.BytesIO()
+            self.write(tensors, buffer)
+            buffer.seek(0)
+            directory.upload(self.filename, buffer)
+        else:
+            self.write(tensors, directory / self.filename)
         progress(total_bytes(tensors))
 
-    def load(self, directory: Path, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
-        path = directory / self.filename
-        if not path.is_file():
-            raise CheckpointError(f"{directory}: no {self.filename}; not a complete {self.name} checkpoint")
+    def load(self, directory: Location, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
+        if isinstance(directory, Prefix):
+            source: Path | BinaryIO = directory.download(self.filename)
+        else:
+            source = directory / self.filename
+            if not source.is_file():
+                raise CheckpointError(f"{directory}: no {self.filename}; not a complete {self.name} checkpoint")
         try:
-            tensors = self.read(path, entries)
+            tensors = self.read(source, entries)
         except Exception as err:  # the libraries raise their own errors (pickle, zip, SafetensorError) for damage
-            raise CheckpointError(f"{path}: unreadable {self.name} checkpoint: {err}") from err
+            where = source if isinstance(source, Path) else f"{directory}{self.filename}"
+            raise CheckpointError(f"{where}: unreadable {self.name} checkpoint: {err}") from err
         progress(total_bytes(tensors))
         return tensors
 

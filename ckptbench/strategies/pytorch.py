@@ -8,7 +8,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import safetensors
 import safetensors.torch
@@ -37,11 +37,16 @@ class TorchSave(SingleFile):
         load = "torch.load(weights_only=True, mmap=True) + copy" if self.mmap else "torch.load(weights_only=True)"
         return {"format": "torch.save zip, one file", "dtype": "model's", "load": load}
 
-    def write(self, tensors: Tensors, path: Path) -> None:
-        torch.save(OrderedDict(tensors), path)
+    def unsupported(self, store: str) -> str | None:
+        if self.mmap and store != "file":
+            return "mmap needs a local file; from object storage this is `pytorch`"
+        return None
 
-    def read(self, path: Path, entries: Layout) -> OrderedDict[str, torch.Tensor]:
-        tensors = torch.load(path, weights_only=True, mmap=self.mmap)
+    def write(self, tensors: Tensors, target: Path | BinaryIO) -> None:
+        torch.save(OrderedDict(tensors), target)
+
+    def read(self, source: Path | BinaryIO, entries: Layout) -> OrderedDict[str, torch.Tensor]:
+        tensors = torch.load(source, weights_only=True, mmap=self.mmap)
         if self.mmap:
             tensors = OrderedDict((name, tensor.clone()) for name, tensor in tensors.items())
         return tensors
@@ -63,12 +68,18 @@ class SafeTensors(SingleFile):
     def knobs(self) -> dict[str, str]:
         return {"format": "safetensors, one file", "dtype": "model's", "load": "load_file(backend='pread')"}
 
-    def write(self, tensors: Tensors, path: Path) -> None:
-        safetensors.torch.save_file(dict(tensors), path)
+    def write(self, tensors: Tensors, target: Path | BinaryIO) -> None:
+        if isinstance(target, Path):
+            safetensors.torch.save_file(dict(tensors), target)
+        else:
+            target.write(safetensors.torch.save(dict(tensors)))
 
-    def read(self, path: Path, entries: Layout) -> OrderedDict[str, torch.Tensor]:
+    def read(self, source: Path | BinaryIO, entries: Layout) -> OrderedDict[str, torch.Tensor]:
         # safetensors orders tensors its own way; the manifest keeps the mapping's order.
-        with safetensors.safe_open(path, framework="pt", backend="pread") as f:
+        if not isinstance(source, Path):
+            tensors = safetensors.torch.load(source.read())  # copies every tensor out of the bytes
+            return OrderedDict((e.name, tensors[e.name]) for e in entries)
+        with safetensors.safe_open(source, framework="pt", backend="pread") as f:
             return OrderedDict((e.name, f.get_tensor(e.name)) for e in entries)
 
 
@@ -96,6 +107,11 @@ class DistributedCheckpoint(Strategy):
             "dtype": "model's",
             "load": "dcp.load into tensors allocated from the manifest",
         }
+
+    def unsupported(self, store: str) -> str | None:
+        if store != "file":
+            return "torch.distributed.checkpoint writes through a filesystem (its fsspec writer needs s3fs)"
+        return None
 
     def save(self, tensors: Tensors, directory: Path, progress: Progress) -> None:
         try:

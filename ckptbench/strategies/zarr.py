@@ -8,7 +8,6 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import ml_dtypes
@@ -18,7 +17,8 @@ import torch
 
 from ..errors import CheckpointError
 from ..manifest import Entry, Layout
-from .base import MiB, Progress, Strategy, Tensors, nbytes
+from ..objectstore import Prefix
+from .base import Location, MiB, Progress, Strategy, Tensors, nbytes
 
 _BLOCK = 4096
 _OCDBT_COMMIT_BYTES = 256 << 10
@@ -35,7 +35,7 @@ class TensorStoreOptions:
     chunk_bytes: int | None = None
     """Chunk size target (T5X's divisor rule); None is the study's 64 elements per dimension."""
     concurrency: int | None = None
-    """``file_io_concurrency`` limit; None keeps TensorStore's default (cores, at least 4)."""
+    """``file_io_concurrency`` limit (on S3: ``s3_request_concurrency``); None keeps TensorStore's default."""
     compression: Literal["gzip", "zstd"] | None = None
     """Chunk compressor; None writes raw chunks (TensorStore's zarr v2 would otherwise use blosc)."""
     driver: Literal["file", "ocdbt"] = "file"
@@ -74,7 +74,8 @@ class TensorStoreOptions:
         return divisor_chunks(shape, max(1, self.chunk_bytes // itemsize))
 
     def context(self) -> ts.Context:
-        spec: dict = {} if self.concurrency is None else {"file_io_concurrency": {"limit": self.concurrency}}
+        limit = {"limit": self.concurrency}
+        spec: dict = {} if self.concurrency is None else {"file_io_concurrency": limit, "s3_request_concurrency": limit}
         if not self.sync:
             spec["file_io_sync"] = False
         return ts.Context(spec)
@@ -100,7 +101,11 @@ class TensorStoreOptions:
             "codecs": [{"name": "sharding_indexed", "configuration": sharding}],
         }
 
-    def kvstore(self, directory: Path, key: str) -> dict:
+    def kvstore(self, directory: Location, key: str) -> dict:
+        if isinstance(directory, Prefix):
+            if self.driver == "ocdbt":
+                return {"driver": "ocdbt", "base": directory.kvstore(), "path": f"{key}/"}
+            return directory.kvstore(f"{key}/")
         root = directory.resolve()
         if self.driver == "ocdbt":
             return {"driver": "ocdbt", "base": f"file://{root}/", "path": f"{key}/"}
@@ -170,16 +175,21 @@ class TensorStore(Strategy):
     def knobs(self) -> dict[str, str]:
         return self.options.describe()
 
+    def unsupported(self, store: str) -> str | None:
+        if not self.options.sync and store != "file":
+            return "file_io_sync is a file knob: on object storage this is the baseline, `tensorstore`"
+        return None
+
     def reads(self, config: dict[str, Any]) -> bool:
         mine = self.config()
         keys = ("library", "format", "driver")
         return all(config.get(k, "zarr" if k == "format" else None) == mine[k] for k in keys)
 
-    def _spec(self, directory: Path, name: str) -> dict:
+    def _spec(self, directory: Location, name: str) -> dict:
         return {"driver": self.options.format, "kvstore": self.options.kvstore(directory, name)}
 
     def _pipeline(
-        self, directory: Path, jobs: Iterable[tuple[str, int, Callable[[], Any]]], progress: Progress
+        self, directory: Location, jobs: Iterable[tuple[str, int, Callable[[], Any]]], progress: Progress
     ) -> list:
         """Start each job while at most ``inflight_bytes`` are outstanding (always at least one); results in order."""
         results: list = []
@@ -215,7 +225,7 @@ class TensorStore(Strategy):
             raise
         return results
 
-    def save(self, tensors: Tensors, directory: Path, progress: Progress) -> None:
+    def save(self, tensors: Tensors, directory: Location, progress: Progress) -> None:
         context = self.options.context()
 
         def write(name: str, tensor: torch.Tensor) -> Callable[[], Any]:
@@ -230,7 +240,7 @@ class TensorStore(Strategy):
         jobs = ((name, nbytes(tensor), write(name, tensor)) for name, tensor in tensors.items())
         self._pipeline(directory, jobs, progress)
 
-    def _read(self, directory: Path, entry: Entry, context: ts.Context) -> Any:
+    def _read(self, directory: Location, entry: Entry, context: ts.Context) -> Any:
         """Start reading one tensor; a missing chunk is an error, never the fill value."""
         spec = {**self._spec(directory, entry.name), "open": True, "fill_missing_data_reads": False}
         array = ts.open(spec, context=context).result()
@@ -238,13 +248,13 @@ class TensorStore(Strategy):
             raise CheckpointError(f"{directory}: tensor {entry.name} has shape {array.shape}, expected {entry.shape}")
         return ts.cast(array, _ts_dtype(entry.torch_dtype)).read()
 
-    def load(self, directory: Path, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
+    def load(self, directory: Location, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
         context = self.options.context()
         jobs = ((e.name, e.nbytes, functools.partial(self._read, directory, e, context)) for e in entries)
         arrays = self._pipeline(directory, jobs, progress)
         return OrderedDict((e.name, _from_numpy(a)) for e, a in zip(entries, arrays, strict=True))
 
-    def load_each(self, directory: Path, entries: Layout) -> Iterator[tuple[Entry, torch.Tensor | Exception]]:
+    def load_each(self, directory: Location, entries: Layout) -> Iterator[tuple[Entry, torch.Tensor | Exception]]:
         context = self.options.context()
         for entry in entries:
             try:

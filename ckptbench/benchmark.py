@@ -163,8 +163,9 @@ class Benchmark:
         return self.config.label
 
     def prepare(self) -> model_lib.ModelCheckpoint:
-        """Build (or load) the model, make the results file safe, clean stale leftovers, measure the limits."""
+        """Check the output folder, build or load the model, make the results safe, clean leftovers, probe the disk."""
         started = time.perf_counter()
+        disk.check_folder(self.out)
         if self.checkpoint is None:
             if self.config.model_path is None:
                 self.checkpoint = model_lib.build(self.config.preset, self.config.seed)

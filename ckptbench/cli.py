@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import checkpoint, docs, model, plot, report, sweep, targets
+from . import checkpoint, disk, docs, model, plot, report, sweep, targets
 from .benchmark import ORDERS, Benchmark, PhaseResult, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
 from .results import read_results, summarize
@@ -58,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench_cmd = commands.add_parser("bench", parents=[session], help="ts+best against its peers and the disk")
     bench_cmd.add_argument("--strategies", default=",".join(BENCH), help="comma list of strategies")
-    verify_cmd = commands.add_parser("verify", help="check a checkpoint against its manifest, tensor by tensor")
-    verify_cmd.add_argument("path", type=Path)
+    verify_cmd = commands.add_parser("verify", help="check checkpoints against their manifests, tensor by tensor")
+    verify_cmd.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     verify_cmd.add_argument("--strategy", help="read it as this strategy (default: the one its manifest names)")
     plot_cmd = commands.add_parser("plot", help="draw one run's comparison figure and summary from a results CSV")
     plot_cmd.add_argument("--results", type=Path, default=DEFAULT_OUT / "results.csv")
@@ -142,22 +142,29 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    try:
-        found = checkpoint.verify(args.path, args.strategy)
-    except CheckpointError as err:
-        print(f"error: not a checkpoint ckptbench can verify: {err}", file=sys.stderr)
-        return 2
-    for damage in found.damage:
-        print(f"DAMAGED {damage.tensor}: {damage.problem}")
-    state = "intact" if found.intact else f"DAMAGED: {len(found.damage)} of {found.tensors} tensors"
-    print(f"{found.path}: {found.strategy} checkpoint, {found.tensors} tensors, {state}")
-    return 0 if found.intact else 1
+    """Every path in turn; the exit code is the worst: 2 when one is not a checkpoint, 1 when one is damaged."""
+    code = 0
+    for path in args.paths:
+        try:
+            found = checkpoint.verify(path, args.strategy)
+        except CheckpointError as err:
+            print(f"error: not a checkpoint ckptbench can verify: {err}", file=sys.stderr)
+            code = 2
+            continue
+        for damage in found.damage:
+            print(f"{found.path}: DAMAGED {damage.tensor}: {' '.join(damage.problem.split())}")
+        state = "intact" if found.intact else f"DAMAGED: {len(found.damage)} of {found.tensors} tensors"
+        print(f"{found.path}: {found.strategy} checkpoint, {found.tensors} tensors, {state}")
+        code = max(code, 0 if found.intact else 1)
+    return code
 
 
 def _plot(args: argparse.Namespace) -> int:
     run = report.select_run(read_results(args.results), args.run_id)
     print(f"run {run['run_id'].iloc[0]} ({run['preset'].iloc[0]}): {report.missing_note(run)}")
-    _print_paths(report.export_report(run, args.results.parent if args.out is None else args.out))
+    out = args.results.parent if args.out is None else args.out
+    disk.check_folder(out)
+    _print_paths(report.export_report(run, out))
     return 0
 
 
@@ -206,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except CkptbenchError as err:
             print(f"error: {err}", file=sys.stderr)
             return err.exit_code
+        except OSError as err:  # the environment failed where no step expected it (a disk that filled up)
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             print(
                 "interrupted: an unfinished checkpoint is left only under a .partial- name, which the next run "

@@ -7,6 +7,7 @@ walks here run one thread per top-level entry and touch each file once.
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import os
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from .errors import InsufficientDiskSpaceError
+from .errors import InsufficientDiskSpaceError, OutputFolderError, UsageError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PARTIAL = ".partial-"
@@ -28,6 +29,7 @@ WORKING = ".work-"
 """Marks a complete checkpoint a live run is measuring; its process id follows, so others leave it alone."""
 _OWNER = re.compile(rf"(?:{re.escape(PARTIAL)}|{re.escape(WORKING)})(\d+)")
 _WORKERS = 8
+_AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
 
 
 def sync_filesystem(path: Path) -> None:
@@ -137,8 +139,46 @@ def discard(path: Path) -> None:
     remove(doomed)
 
 
+def _renameat2(source: Path, target: Path, flags: int) -> None:
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(source), None, str(target))
+
+
 def install(source: Path, final: Path) -> None:
-    """Put the complete checkpoint ``source`` at ``final``, replacing one there; each step leaves no lie."""
+    """Put the complete checkpoint ``source`` at ``final``, replacing one there.
+
+    An atomic exchange (renameat2), so ``final`` is at every moment the old or the new checkpoint,
+    and two runs installing at once both succeed; the old one leaves under a partial name. A
+    filesystem without exchange (NFS) gets two renames, with a moment when ``final`` is absent.
+    """
+    try:
+        replaced = _exchange(source, final)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+        _install_in_two_steps(source, final)
+        return
+    fsync_directory(final.parent)
+    if replaced:
+        discard(source)  # the old checkpoint, now under the working name
+
+
+def _exchange(source: Path, final: Path) -> bool:
+    """Atomically put ``source`` at ``final``; whether an old checkpoint came back in its place."""
+    while True:
+        try:
+            _renameat2(source, final, _RENAME_EXCHANGE)
+            return True
+        except FileNotFoundError:  # nothing at ``final`` yet
+            try:
+                _renameat2(source, final, _RENAME_NOREPLACE)
+                return False
+            except FileExistsError:  # another run installed one meanwhile: exchange with that
+                continue
+
+
+def _install_in_two_steps(source: Path, final: Path) -> None:
     old = None
     if final.exists():
         old = _partial_name(final)
@@ -169,12 +209,34 @@ def staged(final: Path) -> Iterator[Path]:
 
 
 def clean_stale(directory: Path) -> list[Path]:
-    """Remove partial and working checkpoints left by runs that no longer run; a live run's are left alone."""
+    """Remove partial and working checkpoints left by runs that no longer run; a live run's are left alone.
+
+    Each is renamed before it is deleted (a working copy is complete until then), and one that another
+    run starting at the same time takes first is left to it.
+    """
     stale = []
     if directory.is_dir():
         for entry in directory.iterdir():
             owner = _OWNER.search(entry.name)
             if owner and not psutil.pid_exists(int(owner[1])):
-                remove(entry)
+                try:
+                    discard(entry)
+                except FileNotFoundError:
+                    continue
                 stale.append(entry)
     return stale
+
+
+def check_folder(path: Path) -> None:
+    """Refuse an output folder that cannot be made or written, before anything is built or measured.
+
+    Creates nothing: ``access`` on the folder or its nearest existing parent, which answers for root
+    too (a read-only filesystem, including a read-only bind mount, is refused; permission bits are not).
+    """
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"output folder {path}: {blocker} is a file, not a folder")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        reason = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
+        raise OutputFolderError(f"cannot write into the output folder {path}: {existing}: {reason}")

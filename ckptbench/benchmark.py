@@ -81,8 +81,7 @@ class RunConfig:
             raise UsageError(f"seed must be 0 or more, got {self.seed}")
         if self.order not in ORDERS:
             raise UsageError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
-        if self.out.exists() and not self.out.is_dir():
-            raise UsageError(f"--out {self.out} is a file, not a folder")
+        disk.refuse_file_in_the_way(self.out)
 
     @property
     def label(self) -> str:

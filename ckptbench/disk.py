@@ -35,12 +35,17 @@ _AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
 def sync_filesystem(path: Path) -> None:
     """Flush every dirty page of the filesystem holding ``path`` (syncfs; os.sync if unavailable).
 
-    One flush at the end of every timed save makes durability cost the same for all strategies.
+    One flush at the end of every timed save makes durability cost the same for all strategies. A
+    failed writeback (EIO, ENOSPC) is raised: the checkpoint must not then be called complete.
     """
+    if not hasattr(_libc, "syncfs"):
+        os.sync()
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
-        if not hasattr(_libc, "syncfs") or _libc.syncfs(fd) != 0:
-            os.sync()
+        if _libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"syncfs: {os.strerror(code)}", str(path))
     finally:
         os.close(fd)
 
@@ -130,13 +135,17 @@ def _partial_name(path: Path) -> Path:
     )
 
 
-def discard(path: Path) -> None:
-    """Delete a checkpoint, first renaming it to a partial name: interrupted, it never looks complete."""
-    if not path.exists():
-        return
+def _doom(path: Path) -> None:
+    """Rename to this process's partial name, then delete; FileNotFoundError if someone else took it first."""
     doomed = _partial_name(path)
     os.replace(path, doomed)
     remove(doomed)
+
+
+def discard(path: Path) -> None:
+    """Delete a checkpoint, first renaming it to a partial name: interrupted, it never looks complete."""
+    if path.exists():
+        _doom(path)
 
 
 def _renameat2(source: Path, target: Path, flags: int) -> None:
@@ -217,14 +226,21 @@ def clean_stale(directory: Path) -> list[Path]:
     stale = []
     if directory.is_dir():
         for entry in directory.iterdir():
-            owner = _OWNER.search(entry.name)
-            if owner and not psutil.pid_exists(int(owner[1])):
+            owners = _OWNER.findall(entry.name)  # the last one named it: a live run renames what it deletes
+            if owners and not psutil.pid_exists(int(owners[-1])):
                 try:
-                    discard(entry)
+                    _doom(entry)
                 except FileNotFoundError:
                     continue
                 stale.append(entry)
     return stale
+
+
+def refuse_file_in_the_way(path: Path) -> None:
+    """A folder that is, or would be under, a regular file is a mistake the user can correct."""
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"output folder {path}: {blocker} is a file, not a folder")
 
 
 def check_folder(path: Path) -> None:
@@ -233,9 +249,7 @@ def check_folder(path: Path) -> None:
     Creates nothing: ``access`` on the folder or its nearest existing parent, which answers for root
     too (a read-only filesystem, including a read-only bind mount, is refused; permission bits are not).
     """
-    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise UsageError(f"output folder {path}: {blocker} is a file, not a folder")
+    refuse_file_in_the_way(path)
     existing = next(p for p in (path, *path.absolute().parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         reason = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"

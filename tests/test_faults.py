@@ -10,7 +10,9 @@ user could: the product has no hooks for tests.
 from __future__ import annotations
 
 import contextlib
+import csv
 import ctypes
+import io
 import os
 import shutil
 import signal
@@ -77,6 +79,8 @@ class Moment:
     """(its partial folder, its working checkpoint, whether the working checkpoint was seen) -> what shows it."""
     keep: bool = False
     delay: float = 0.0
+    lasting: bool = True
+    """Whether the moment lasts long enough that its folder is still there when the kill lands."""
 
 
 def _written(partial: Path | None) -> bool:
@@ -92,6 +96,7 @@ MOMENTS = (
         "final sync and rename",  # the manifest is written: only the sync and the rename are left
         "pytorch",
         lambda partial, work, seen: partial if partial and not seen and (partial / MANIFEST).exists() else None,
+        lasting=False,  # one syncfs: on a fast disk the rename may land first; then the kill hits the working copy
     ),
     Moment("load", "tensorstore", lambda partial, work, seen: work, delay=0.1),
     Moment("deletion after the repeat", "tensorstore", lambda partial, work, seen: partial if seen else None),
@@ -146,7 +151,7 @@ def test_interrupted_at_every_moment_no_checkpoint_lies_and_the_next_run_cleans_
             assert not path.exists()
         if sig == signal.SIGKILL:
             assert child.returncode == -signal.SIGKILL, _tail(log)
-            assert hit.exists(), f"{moment.name}: {hit.name} was gone when the kill landed"
+            assert hit.exists() or not moment.lasting, f"{moment.name}: {hit.name} was gone when the kill landed"
         else:
             assert child.returncode == 130, _tail(log)
             assert "Traceback" not in text
@@ -301,10 +306,11 @@ def _cut_final_newline(data: bytes) -> bytes:
 
 
 def _bad_cell(data: bytes) -> bytes:
-    header, first, rest = data.split(b"\n", 2)
-    cells = first.split(b",")
-    cells[COLUMNS.index("save_s")] = b"fast"
-    return b"\n".join([header, b",".join(cells), rest])
+    lines = list(csv.reader(io.StringIO(data.decode())))
+    lines[1][COLUMNS.index("save_s")] = "fast"
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(lines)
+    return text.getvalue().encode()
 
 
 def _not_utf8(data: bytes) -> bytes:

@@ -149,6 +149,8 @@ def discard(path: Path) -> None:
 
 
 def _renameat2(source: Path, target: Path, flags: int) -> None:
+    if not hasattr(_libc, "renameat2"):  # a C library older than glibc 2.28
+        raise OSError(errno.ENOSYS, "renameat2 is not available", str(source))
     if _libc.renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), str(source), None, str(target))

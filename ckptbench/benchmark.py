@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, environment, manifest
+from . import checkpoint, disk, environment, manifest
 from . import model as model_lib
 from .errors import UsageError, VerificationError
 from .limits import Limits, ProbeSettings
@@ -92,8 +92,7 @@ class RunConfig:
             raise UsageError(f"seed must be 0 or more, got {self.seed}")
         if self.order not in ORDERS:
             raise UsageError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
-        if self.out.exists() and not self.out.is_dir():
-            raise UsageError(f"--out {self.out} is a file, not a folder")
+        disk.refuse_file_in_the_way(self.out)
         if self.store == FILE:
             if self.s3_endpoint is not None or self.s3_rtt_ms is not None:
                 raise UsageError("--s3-endpoint and --s3-rtt-ms need an s3:// --store")
@@ -203,8 +202,9 @@ class Benchmark:
         return self.config.label
 
     def prepare(self) -> model_lib.ModelCheckpoint:
-        """Build (or load) the model, make the results file safe, clean stale leftovers, measure the limits."""
+        """Check the output folder, build or load the model, make the results safe, clean leftovers, probe the disk."""
         started = time.perf_counter()
+        disk.check_folder(self.out)
         self.storage.check()
         if self.checkpoint is None:
             if self.config.model_path is None:

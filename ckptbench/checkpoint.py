@@ -59,9 +59,7 @@ def save(strategy: Strategy, tensors: Tensors, layout: Layout, directory: Locati
             pending()
         Manifest(strategy.name, strategy.config(), layout).write(directory)
         return None if pending is None else blocking
-    except CkptbenchError:
-        raise
-    except Exception as err:  # each library raises its own types for I/O failures
+    except Exception as err:  # each library raises its own types for I/O failures; strategies wrap some
         if isinstance(directory, Path) and _disk_full(err, directory):
             free = shutil.disk_usage(directory).free
             raise DiskFullError(
@@ -69,6 +67,8 @@ def save(strategy: Strategy, tensors: Tensors, layout: Layout, directory: Locati
                 f"{strategy.estimate_bytes(tensors) / 1e9:.2f} GB; {free / 1e9:.2f} GB are free now "
                 f"that its partial files are written (they are removed)"
             ) from err
+        if isinstance(err, CkptbenchError):
+            raise
         raise CheckpointError(f"{directory}: {strategy.name} save failed: {type(err).__name__}: {err}") from err
 
 

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import checkpoint, cloud, docs, model, plot, report, s3server, sweep, targets
+from . import checkpoint, cloud, disk, docs, model, plot, report, s3server, sweep, targets
 from .benchmark import ORDERS, Benchmark, PhaseResult, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
 from .results import read_results, summarize
@@ -74,8 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench_cmd = commands.add_parser("bench", parents=[session], help="ts+best against its peers and the disk")
     bench_cmd.add_argument("--strategies", default=",".join(BENCH), help="comma list of strategies")
-    verify_cmd = commands.add_parser("verify", help="check a checkpoint against its manifest, tensor by tensor")
-    verify_cmd.add_argument("path", help="a checkpoint folder, or s3://BUCKET/PREFIX with --s3-endpoint")
+    verify_cmd = commands.add_parser("verify", help="check checkpoints against their manifests, tensor by tensor")
+    verify_cmd.add_argument(
+        "paths", nargs="+", metavar="PATH", help="checkpoint folders, or s3://BUCKET/PREFIX with --s3-endpoint"
+    )
     verify_cmd.add_argument("--strategy", help="read it as this strategy (default: the one its manifest names)")
     _store_options(verify_cmd, store=False)
     plot_cmd = commands.add_parser("plot", help="draw one run's comparison figure and summary from a results CSV")
@@ -173,25 +175,30 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    try:
-        if args.path.startswith("s3://"):
-            found = checkpoint.verify(S3Storage(args.path, args.s3_endpoint, args.s3_rtt_ms).root, args.strategy)
-        else:
-            found = checkpoint.verify(args.path, args.strategy)
-    except CheckpointError as err:
-        print(f"error: not a checkpoint ckptbench can verify: {err}", file=sys.stderr)
-        return 2
-    for damage in found.damage:
-        print(f"DAMAGED {damage.tensor}: {damage.problem}")
-    state = "intact" if found.intact else f"DAMAGED: {len(found.damage)} of {found.tensors} tensors"
-    print(f"{found.path}: {found.strategy} checkpoint, {found.tensors} tensors, {state}")
-    return 0 if found.intact else 1
+    """Every path in turn; the exit code is the worst: 2 when one is not a checkpoint, 1 when one is damaged."""
+    code = 0
+    for path in args.paths:
+        try:
+            place = S3Storage(path, args.s3_endpoint, args.s3_rtt_ms).root if path.startswith("s3://") else path
+            found = checkpoint.verify(place, args.strategy)
+        except CheckpointError as err:
+            print(f"error: not a checkpoint ckptbench can verify: {err}", file=sys.stderr)
+            code = 2
+            continue
+        for damage in found.damage:
+            print(f"{found.path}: DAMAGED {damage.tensor}: {' '.join(damage.problem.split())}")
+        state = "intact" if found.intact else f"DAMAGED: {len(found.damage)} of {found.tensors} tensors"
+        print(f"{found.path}: {found.strategy} checkpoint, {found.tensors} tensors, {state}")
+        code = max(code, 0 if found.intact else 1)
+    return code
 
 
 def _plot(args: argparse.Namespace) -> int:
     run = report.select_run(read_results(args.results), args.run_id)
     print(f"run {run['run_id'].iloc[0]} ({run['preset'].iloc[0]}): {report.missing_note(run)}")
-    _print_paths(report.export_report(run, args.results.parent if args.out is None else args.out))
+    out = args.results.parent if args.out is None else args.out
+    disk.check_folder(out)
+    _print_paths(report.export_report(run, out))
     return 0
 
 
@@ -251,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except CkptbenchError as err:
             print(f"error: {err}", file=sys.stderr)
             return err.exit_code
+        except OSError as err:  # the environment failed where no step expected it (a disk that filled up)
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             print(
                 "interrupted: an unfinished checkpoint is left only under a .partial- name, which the next run "

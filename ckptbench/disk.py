@@ -7,6 +7,7 @@ walks here spread the top-level entries over many threads and touch each file on
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import os
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from .errors import InsufficientDiskSpaceError
+from .errors import InsufficientDiskSpaceError, OutputFolderError, UsageError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PARTIAL = ".partial-"
@@ -30,17 +31,23 @@ _OWNER = re.compile(rf"(?:{re.escape(PARTIAL)}|{re.escape(WORKING)})(\d+)")
 _WORKERS = 64
 """Threads for the walks over a checkpoint's top-level entries: syscall-bound (unlink, fadvise), so many help
 (deleting 100k files in 200 folders: 64 threads were quicker than 8 or 32 on this machine)."""
+_AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
 
 
 def sync_filesystem(path: Path) -> None:
     """Flush every dirty page of the filesystem holding ``path`` (syncfs; os.sync if unavailable).
 
-    One flush at the end of every timed save makes durability cost the same for all strategies.
+    One flush at the end of every timed save makes durability cost the same for all strategies. A
+    failed writeback (EIO, ENOSPC) is raised: the checkpoint must not then be called complete.
     """
+    if not hasattr(_libc, "syncfs"):
+        os.sync()
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
-        if not hasattr(_libc, "syncfs") or _libc.syncfs(fd) != 0:
-            os.sync()
+        if _libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"syncfs: {os.strerror(code)}", str(path))
     finally:
         os.close(fd)
 
@@ -130,17 +137,61 @@ def _partial_name(path: Path) -> Path:
     )
 
 
-def discard(path: Path) -> None:
-    """Delete a checkpoint, first renaming it to a partial name: interrupted, it never looks complete."""
-    if not path.exists():
-        return
+def _doom(path: Path) -> None:
+    """Rename to this process's partial name, then delete; FileNotFoundError if someone else took it first."""
     doomed = _partial_name(path)
     os.replace(path, doomed)
     remove(doomed)
 
 
+def discard(path: Path) -> None:
+    """Delete a checkpoint, first renaming it to a partial name: interrupted, it never looks complete."""
+    if path.exists():
+        _doom(path)
+
+
+def _renameat2(source: Path, target: Path, flags: int) -> None:
+    if not hasattr(_libc, "renameat2"):  # a C library older than glibc 2.28
+        raise OSError(errno.ENOSYS, "renameat2 is not available", str(source))
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(source), None, str(target))
+
+
 def install(source: Path, final: Path) -> None:
-    """Put the complete checkpoint ``source`` at ``final``, replacing one there; each step leaves no lie."""
+    """Put the complete checkpoint ``source`` at ``final``, replacing one there.
+
+    An atomic exchange (renameat2), so ``final`` is at every moment the old or the new checkpoint,
+    and two runs installing at once both succeed; the old one leaves under a partial name. A
+    filesystem without exchange (NFS) gets two renames, with a moment when ``final`` is absent.
+    """
+    try:
+        replaced = _exchange(source, final)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+        _install_in_two_steps(source, final)
+        return
+    fsync_directory(final.parent)
+    if replaced:
+        discard(source)  # the old checkpoint, now under the working name
+
+
+def _exchange(source: Path, final: Path) -> bool:
+    """Atomically put ``source`` at ``final``; whether an old checkpoint came back in its place."""
+    while True:
+        try:
+            _renameat2(source, final, _RENAME_EXCHANGE)
+            return True
+        except FileNotFoundError:  # nothing at ``final`` yet
+            try:
+                _renameat2(source, final, _RENAME_NOREPLACE)
+                return False
+            except FileExistsError:  # another run installed one meanwhile: exchange with that
+                continue
+
+
+def _install_in_two_steps(source: Path, final: Path) -> None:
     old = None
     if final.exists():
         old = _partial_name(final)
@@ -171,12 +222,39 @@ def staged(final: Path) -> Iterator[Path]:
 
 
 def clean_stale(directory: Path) -> list[Path]:
-    """Remove partial and working checkpoints left by runs that no longer run; a live run's are left alone."""
+    """Remove partial and working checkpoints left by runs that no longer run; a live run's are left alone.
+
+    Each is renamed before it is deleted (a working copy is complete until then), and one that another
+    run starting at the same time takes first is left to it.
+    """
     stale = []
     if directory.is_dir():
         for entry in directory.iterdir():
-            owner = _OWNER.search(entry.name)
-            if owner and not psutil.pid_exists(int(owner[1])):
-                remove(entry)
+            owners = _OWNER.findall(entry.name)  # the last one named it: a live run renames what it deletes
+            if owners and not psutil.pid_exists(int(owners[-1])):
+                try:
+                    _doom(entry)
+                except FileNotFoundError:
+                    continue
                 stale.append(entry)
     return stale
+
+
+def refuse_file_in_the_way(path: Path) -> None:
+    """A folder that is, or would be under, a regular file is a mistake the user can correct."""
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"output folder {path}: {blocker} is a file, not a folder")
+
+
+def check_folder(path: Path) -> None:
+    """Refuse an output folder that cannot be made or written, before anything is built or measured.
+
+    Creates nothing: ``access`` on the folder or its nearest existing parent, which answers for root
+    too (a read-only filesystem, including a read-only bind mount, is refused; permission bits are not).
+    """
+    refuse_file_in_the_way(path)
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        reason = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
+        raise OutputFolderError(f"cannot write into the output folder {path}: {existing}: {reason}")

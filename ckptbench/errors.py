@@ -53,6 +53,10 @@ class InsufficientDiskSpaceError(CkptbenchError):
         self.needed, self.free = needed, free
 
 
+class OutputFolderError(CkptbenchError):
+    """An output folder that cannot be created or written (read-only, no permission)."""
+
+
 class DiskFullError(CkptbenchError):
     """The disk filled up during a write that the free-space check expected to fit."""
 

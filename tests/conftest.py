@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 try:
@@ -15,7 +19,7 @@ except ModuleNotFoundError:  # plain `pytest` from elsewhere: the package sits n
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import ckptbench
 
-from ckptbench import checkpoint, disk, manifest
+from ckptbench import checkpoint, disk, manifest, read_results
 from ckptbench.limits import Limits
 from ckptbench.model import ModelCheckpoint
 from ckptbench.s3server import S3Server
@@ -95,3 +99,47 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         for name, value in server.env.items():
             env.setenv(name, value)
         yield server
+
+
+# --- ``python -m ckptbench`` as a real process, as a user runs it (the fault tests kill, damage and fill) ---
+
+PACKAGE_ROOT = Path(ckptbench.__file__).resolve().parents[1]
+QUICK = ("--preset", "tiny", "--no-warmup", "--no-drift")
+"""The fastest run that still saves, loads and verifies every tensor."""
+
+
+def environment() -> dict[str, str]:
+    """This checkout's package first, whatever is installed."""
+    path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def command(*args: object) -> list[str]:
+    return [sys.executable, "-m", "ckptbench", *map(str, args)]
+
+
+def run(*args: object, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command(*args), cwd=cwd, env=environment(), capture_output=True, text=True, errors="replace", timeout=timeout
+    )
+
+
+def start(*args: object, cwd: Path, log: Path) -> subprocess.Popen:
+    """Start a run whose output (progress bars included) goes to ``log``."""
+    with log.open("wb") as output:
+        return subprocess.Popen(command(*args), cwd=cwd, env=environment(), stdout=output, stderr=subprocess.STDOUT)
+
+
+def one_line_error(stderr: str) -> str:
+    """The single error line of a failed command, which must not have printed a traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]
+
+
+def rows(csv: Path) -> pd.DataFrame:
+    """A results file's rows; any damaged line fails the test (it would have been skipped with a warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return read_results(csv)

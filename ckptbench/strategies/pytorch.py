@@ -91,6 +91,12 @@ def _single_process() -> Iterator[None]:
         yield
 
 
+def _first_failure(err: CheckpointException) -> tuple[int, BaseException]:
+    """The first failed rank and its own exception: its str, unlike the wrapper's, is not every rank's traceback."""
+    rank, (failure, _) = next(iter(err.failures.items()))
+    return rank, failure
+
+
 @dataclass(frozen=True)
 class DistributedCheckpoint(Strategy):
     """``torch.distributed.checkpoint`` in one process: a FileSystemWriter with several threads, one file each."""
@@ -118,7 +124,9 @@ class DistributedCheckpoint(Strategy):
             with _single_process():
                 dcp.save(dict(tensors), storage_writer=dcp.FileSystemWriter(directory, thread_count=self.threads))
         except CheckpointException as err:  # a BaseException: it would slip past ``except Exception``
-            raise OSError(f"dcp save failed: {err}") from err
+            rank, failure = _first_failure(err)
+            # Chained to the rank's exception, whose own context (an ENOSPC) tells a full disk.
+            raise RuntimeError(f"rank {rank}: {type(failure).__name__}: {failure}") from failure
         progress(total_bytes(tensors))
 
     def load(self, directory: Path, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
@@ -126,7 +134,12 @@ class DistributedCheckpoint(Strategy):
         try:
             with _single_process():
                 dcp.load(tensors, storage_reader=dcp.FileSystemReader(directory))
-        except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+        except CheckpointException as err:  # a BaseException: it would slip past ``except Exception``
+            rank, failure = _first_failure(err)
+            raise CheckpointError(
+                f"{directory}: unreadable distributed checkpoint: rank {rank}: {type(failure).__name__}: {failure}"
+            ) from failure
+        except Exception as err:
             raise CheckpointError(f"{directory}: unreadable distributed checkpoint: {err}") from err
         progress(total_bytes(tensors))
         return tensors

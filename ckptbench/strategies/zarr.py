@@ -23,6 +23,7 @@ from .base import Location, MiB, Progress, Strategy, Tensors, nbytes
 _BLOCK = 4096
 _OCDBT_COMMIT_BYTES = 256 << 10
 _SHARD_INDEX_ENTRY = 16
+_CRC32C = 4
 _ZARR_DTYPES = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "bfloat16", torch.float64: "<f8"}
 
 
@@ -46,13 +47,27 @@ class TensorStoreOptions:
     """TensorStore's fsync of every file it writes (``file_io_sync``); the harness's final sync applies either way."""
     inflight_bytes: int = 0
     """Bytes of tensors being written or read at once; 0 is one tensor after another, as the study did."""
+    strict: bool = True
+    """A missing chunk is an error: ``fill_missing_data_reads`` false on read and ``store_data_equal_to_fill_value``
+    true on write (so a chunk of zeros is still stored). False is TensorStore's default, which reads a missing
+    chunk as zeros."""
+    checksum: bool = False
+    """zarr3 only: a crc32c codec on every inner chunk, so TensorStore itself refuses a chunk whose bytes changed
+    (the shard index's crc32c covers only the index)."""
 
     def is_valid(self) -> bool:
         """Whether these knobs make a configuration worth measuring.
 
-        OCDBT packs chunks into its own data files, so zarr3's sharding on top adds only a second index.
+        OCDBT packs chunks into its own data files, so zarr3's sharding on top adds only a second index;
+        zarr v2 has no checksum codec.
         """
-        return not (self.driver == "ocdbt" and self.format == "zarr3")
+        return not (self.driver == "ocdbt" and self.format == "zarr3") and (self.format == "zarr3" or not self.checksum)
+
+    def missing_chunks(self, *, write: bool) -> dict[str, bool]:
+        """The spec members that make a missing chunk an error when ``strict``; none for TensorStore's default."""
+        if not self.strict:
+            return {}
+        return {"store_data_equal_to_fill_value": True} if write else {"fill_missing_data_reads": False}
 
     @classmethod
     def choices(cls, knob: str) -> tuple[Any, ...] | None:
@@ -88,6 +103,8 @@ class TensorStoreOptions:
         inner = [{"name": "bytes", "configuration": {"endian": "little"}}]
         if self.compression is not None:
             inner.append({"name": self.compression})
+        if self.checksum:
+            inner.append({"name": "crc32c"})
         shard = [-(-max(1, d) // c) * c for d, c in zip(shape, chunks, strict=True)]
         sharding = {
             "chunk_shape": chunks,
@@ -113,8 +130,9 @@ class TensorStoreOptions:
 
     def describe(self) -> dict[str, str]:
         chunks = "64 per dim" if self.chunk_bytes is None else f"<= {self.chunk_bytes / MiB:g} MiB (T5X rule)"
+        shards = "zarr v3, one shard per tensor" + (", crc32c per chunk" if self.checksum else "")
         return {
-            "format": "zarr v2, one array per tensor" if self.format == "zarr" else "zarr v3, one shard per tensor",
+            "format": "zarr v2, one array per tensor" if self.format == "zarr" else shards,
             "dtype": self.dtype if self.dtype == "float32" else f"{self.dtype} (wider tensors keep theirs)",
             "chunks": chunks,
             "file_io_concurrency": "default" if self.concurrency is None else str(self.concurrency),
@@ -122,6 +140,7 @@ class TensorStoreOptions:
             "kvstore": self.driver,
             "file_io_sync": "on" if self.sync else "off",
             "in flight": "one tensor" if not self.inflight_bytes else f"<= {self.inflight_bytes / MiB:g} MiB",
+            "missing chunk": "error" if self.strict else "reads as zeros",
         }
 
 
@@ -231,8 +250,7 @@ class TensorStore(Strategy):
         def write(name: str, tensor: torch.Tensor) -> Callable[[], Any]:
             def start() -> Any:
                 metadata = self.options.metadata(list(tensor.shape), self.options.disk_dtype(tensor.dtype))
-                # A chunk equal to the fill value is written too, so a missing chunk always means damage.
-                spec = {**self._spec(directory, name), "metadata": metadata, "store_data_equal_to_fill_value": True}
+                spec = {**self._spec(directory, name), "metadata": metadata, **self.options.missing_chunks(write=True)}
                 return ts.open(spec, create=True, context=context).result().write(_to_numpy(tensor))
 
             return start
@@ -241,8 +259,8 @@ class TensorStore(Strategy):
         self._pipeline(directory, jobs, progress)
 
     def _read(self, directory: Location, entry: Entry, context: ts.Context) -> Any:
-        """Start reading one tensor; a missing chunk is an error, never the fill value."""
-        spec = {**self._spec(directory, entry.name), "open": True, "fill_missing_data_reads": False}
+        """Start reading one tensor; when strict, a missing chunk is an error, never the fill value."""
+        spec = {**self._spec(directory, entry.name), "open": True, **self.options.missing_chunks(write=False)}
         array = ts.open(spec, context=context).result()
         if tuple(array.shape) != entry.shape:
             raise CheckpointError(f"{directory}: tensor {entry.name} has shape {array.shape}, expected {entry.shape}")
@@ -270,6 +288,7 @@ class TensorStore(Strategy):
             count = math.prod(math.ceil(d / c) for d, c in zip(tensor.shape, chunks, strict=True))
             chunk_nbytes = math.prod(chunks) * itemsize
             if self.options.format == "zarr3":
+                chunk_nbytes += _CRC32C if self.options.checksum else 0
                 total += _round_up(count * (chunk_nbytes + _SHARD_INDEX_ENTRY) + _BLOCK)
             elif self.options.driver == "file":
                 total += count * _round_up(chunk_nbytes)

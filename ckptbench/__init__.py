@@ -19,6 +19,7 @@ from .results import ResultsStore, read_results, summarize
 from .strategies import (
     STRATEGIES,
     DistributedCheckpoint,
+    Orbax,
     SafeTensors,
     Strategy,
     TensorStore,
@@ -43,6 +44,7 @@ __all__ = [
     "InsufficientDiskSpaceError",
     "ModelCheckpoint",
     "ModelSourceError",
+    "Orbax",
     "PhaseResult",
     "ResultsFileError",
     "ResultsStore",

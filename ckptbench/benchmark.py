@@ -37,6 +37,10 @@ _PROBE_MIN, _PROBE_MAX = 64 << 20, 1 << 30
 _DRIFT_MIN, _DRIFT_MAX = 32 << 20, 256 << 20
 Order = Literal["interleaved", "shuffled", "sequential"]
 ORDERS: tuple[str, ...] = get_args(Order)
+LoadInto = Literal["fresh", "existing"]
+LOAD_INTO: tuple[str, ...] = get_args(LoadInto)
+_POISON = 0xFF
+"""Every byte of the existing tensors before each load: a load that skipped a tensor cannot verify."""
 
 
 def _warmup_subset(tensors: Tensors) -> OrderedDict[str, torch.Tensor]:
@@ -68,6 +72,9 @@ class RunConfig:
     seed: int = 0
     results_file: str = "results.csv"
     progress: bool = True
+    load_into: LoadInto = "fresh"
+    """fresh: every load returns new tensors; existing: it reads into tensors shaped like the model, allocated
+    and touched outside the timers (what resuming a live model does)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -81,6 +88,8 @@ class RunConfig:
             raise UsageError(f"seed must be 0 or more, got {self.seed}")
         if self.order not in ORDERS:
             raise UsageError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.load_into not in LOAD_INTO:
+            raise UsageError(f"load_into must be one of {', '.join(LOAD_INTO)}, got {self.load_into!r}")
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} is a file, not a folder")
 
@@ -224,9 +233,30 @@ class Benchmark:
             blocking = checkpoint.save(strategy, tensors, layout, partial, bar.update)
         return timing, blocking
 
-    def _timed_load(self, strategy: Strategy, path: Path, label: str) -> tuple[Measurement, Tensors]:
-        with self._bar(f"{label} load", self.checkpoint.nbytes) as bar, measure() as timing:
-            loaded = checkpoint.load(strategy, path, bar.update)
+    def _existing(self, saved: Tensors) -> OrderedDict[str, torch.Tensor] | None:
+        """With ``load_into="existing"``, new tensors shaped like ``saved`` for its loads to fill; else None.
+
+        Made per repeat and dropped after it, outside the timers: an extra model kept through the saves
+        would leave too little memory for the libraries that copy the model while saving.
+        """
+        if self.config.load_into == "fresh":
+            return None
+        return OrderedDict(
+            (name, torch.empty_like(t, memory_format=torch.contiguous_format)) for name, t in saved.items()
+        )
+
+    def _timed_load(
+        self, strategy: Strategy, path: Path, label: str, into: OrderedDict[str, torch.Tensor] | None = None
+    ) -> tuple[Measurement, Tensors]:
+        """A load, into fresh tensors or into ``into``, whose every byte is overwritten (and so touched) first."""
+        if into is not None:
+            for tensor in into.values():
+                tensor.view(-1).view(torch.uint8).fill_(_POISON)
+        total = self.checkpoint.nbytes if into is None else total_bytes(into)
+        with self._bar(f"{label} load", total) as bar, measure() as timing:
+            loaded = checkpoint.load(strategy, path, bar.update, into=into)
+        if into is not None:
+            timing.peak_rss += total_bytes(into)  # allocated before the timer, it is the load's copy of the model
         return timing, loaded
 
     def _verified(self, strategy: Strategy, loaded: Tensors, path: Path) -> bool:
@@ -246,7 +276,7 @@ class Benchmark:
         path = disk.working_name(self.out, f"{strategy.name}.warmup", self._token)
         try:
             self._timed_save(strategy, subset, layout, path, f"{strategy.name} warm-up")
-            self._timed_load(strategy, path, f"{strategy.name} warm-up")
+            self._timed_load(strategy, path, f"{strategy.name} warm-up", self._existing(subset))
         finally:
             disk.discard(path)
         self._warm.add(strategy.name)
@@ -273,6 +303,7 @@ class Benchmark:
             model_bytes=checkpoint.nbytes,
             disk_write_gbps=self.limits.write_gbps,
             disk_read_gbps=self.limits.read_gbps,
+            load_into=self.config.load_into,
             **measured,
         )
 
@@ -288,10 +319,11 @@ class Benchmark:
         try:
             saved, blocking_s = self._timed_save(strategy, self.checkpoint.tensors, self._layout, path, label)
             usage = disk.evict(path)
-            cold, loaded = self._timed_load(strategy, path, f"{label} cold")
+            into = self._existing(self.checkpoint.tensors)
+            cold, loaded = self._timed_load(strategy, path, f"{label} cold", into)
             cold_ok = self._verified(strategy, loaded, path)
             del loaded
-            warm, loaded = self._timed_load(strategy, path, f"{label} warm")
+            warm, loaded = self._timed_load(strategy, path, f"{label} warm", into)
             # Nothing is timed now: delete the checkpoint while the CPU compares the last load.
             with ThreadPoolExecutor(1) as pool:
                 deleted = None if keep else pool.submit(disk.discard, path)
@@ -334,8 +366,9 @@ class Benchmark:
             row = self._row(strategy, repeat, error=message)
             self.log(f"FAILED {strategy.name} [{repeat + 1}/{self.config.repeats}]: {message}")
         else:
+            blocking = f" (blocking {row.save_blocking_s:.2f} s)" if row.save_blocking_s < row.save_s else ""
             self.log(
-                f"{strategy.name} [{repeat + 1}/{self.config.repeats}]: save {row.save_s:.2f} s, "
+                f"{strategy.name} [{repeat + 1}/{self.config.repeats}]: save {row.save_s:.2f} s{blocking}, "
                 f"cold load {row.load_cold_s:.2f} s, warm load {row.load_warm_s:.2f} s, "
                 f"{row.bytes / 1e9:.3f} GB in {row.files} files, {'verified' if row.verified else 'NOT VERIFIED'}"
             )

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import checkpoint, docs, model, plot, report, sweep, targets
-from .benchmark import ORDERS, Benchmark, PhaseResult, RunConfig
+from .benchmark import LOAD_INTO, ORDERS, Benchmark, PhaseResult, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
 from .results import read_results, summarize
 from .strategies import STRATEGIES
@@ -37,6 +37,9 @@ def _session_options() -> argparse.ArgumentParser:
     options.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up")
     options.add_argument("--no-drift", dest="drift", action="store_false", help="skip the drift probe per repeat")
     options.add_argument("--seed", type=int, default=0)
+    options.add_argument(
+        "--load-into", default="fresh", choices=LOAD_INTO, help="load into new tensors or a live model's (existing)"
+    )
     return options
 
 
@@ -82,6 +85,7 @@ def _config(args: argparse.Namespace, **extra) -> RunConfig:
         warmup=args.warmup,
         drift=args.drift,
         seed=args.seed,
+        load_into=args.load_into,
         **extra,
     )
 
@@ -92,7 +96,8 @@ def _session(config: RunConfig) -> Benchmark:
     print(
         f"{checkpoint.source}: {len(checkpoint.tensors)} tensors, {checkpoint.params:,} parameters, "
         f"{checkpoint.nbytes / 1e9:.3g} GB; disk: {bench.limits.write_gbps:.3g} GB/s durable write, "
-        f"{bench.limits.read_gbps:.3g} GB/s cold read; {config.repeats} repeat(s), {config.order} order"
+        f"{bench.limits.read_gbps:.3g} GB/s cold read; {config.repeats} repeat(s), {config.order} order, "
+        f"loads into {config.load_into} tensors"
     )
     return bench
 

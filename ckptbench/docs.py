@@ -60,6 +60,13 @@ def _summary(path: str) -> str:
     return markdown(table.rename_axis("strategy"))
 
 
+def _choices(path: str) -> str:
+    results = _results(path)
+    table = report.choices_table(summarize(results))
+    table["use"] = table["use"].map(lambda name: f"`{name}`")
+    return markdown(table, index=False)
+
+
 def _verdicts(path: str) -> str:
     table = verdict.check(_results(path))
     return markdown(table[["claim", "measured", "verdict", "reason"]], index=False)
@@ -88,6 +95,7 @@ def _environment(path: str) -> str:
 
 
 KINDS: dict[str, Callable[..., str]] = {
+    "choices": _choices,
     "strategies": strategies_markdown,
     "summary": _summary,
     "verdicts": _verdicts,

@@ -72,11 +72,13 @@ class Row:
     cpu_load_cold_s: float | None = None
     cpu_load_warm_s: float | None = None
     schema_version: int = SCHEMA_VERSION
+    load_into: str = "fresh"
+    """Where loads read to: ``fresh`` tensors, or the ``existing`` tensors of a live model."""
 
 
 COLUMNS: list[str] = [f.name for f in fields(Row)]
 TIMES = ("save_s", "load_cold_s", "load_warm_s")
-_TEXT = {"run_id", "timestamp", "preset", "strategy", "config", "error"}
+_TEXT = {"run_id", "timestamp", "preset", "strategy", "config", "error", "load_into"}
 _BOOL = {"verified"}
 _NUMERIC = [c for c in COLUMNS if c not in _TEXT | _BOOL]
 _V1_CORE = [
@@ -86,6 +88,8 @@ _V1_CORE = [
 ]  # fmt: skip
 _V1_ADDED = ["overhead_s", "cpu_save_s", "cpu_load_cold_s", "cpu_load_warm_s"]
 """Schema 1 (before configs were stored): its core columns, then columns added to it over time."""
+_V2_ADDED = ["load_into"]
+"""Columns added to schema 2 at its end, with defaults every earlier row had (loads were fresh)."""
 
 
 def config_json(config: dict[str, Any]) -> str:
@@ -98,6 +102,10 @@ def frame(rows: Iterable[Row]) -> pd.DataFrame:
 
 def _is_schema_1(header: list[str]) -> bool:
     return header[: len(_V1_CORE)] == _V1_CORE and header[len(_V1_CORE) :] == _V1_ADDED[: len(header) - len(_V1_CORE)]
+
+
+def _is_earlier_schema_2(header: list[str]) -> bool:
+    return len(COLUMNS) - len(_V2_ADDED) <= len(header) < len(COLUMNS) and header == COLUMNS[: len(header)]
 
 
 def _cell(column: str, text: str) -> Any:
@@ -128,7 +136,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
         header = next(csv.reader([lines[0].decode("utf-8")]))
     except (UnicodeDecodeError, csv.Error, StopIteration) as err:
         raise ResultsFileError(f"{path} is not a ckptbench results file (unreadable header: {err})") from None
-    if header != COLUMNS and not _is_schema_1(header):
+    if header != COLUMNS and not _is_schema_1(header) and not _is_earlier_schema_2(header):
         raise ResultsFileError(f"{path} is not a ckptbench results file (its columns differ)")
     records, skipped = [], []
     for number, raw in enumerate(lines[1:], start=2):
@@ -144,7 +152,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     if skipped:
         warnings.warn(f"{path}: skipped {len(skipped)} damaged row(s): {'; '.join(skipped[:5])}", stacklevel=2)
     results = pd.DataFrame.from_records(records, columns=header).reindex(columns=COLUMNS)
-    if header != COLUMNS:
+    if _is_schema_1(header):
         results["schema_version"] = 1
         results["config"] = [
             config_json(STRATEGIES[name].config()) if name in STRATEGIES else None for name in results["strategy"]
@@ -153,6 +161,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     results[_NUMERIC] = results[_NUMERIC].apply(pd.to_numeric)
     results["verified"] = results["verified"].fillna(False).astype(bool)
     results["error"] = results["error"].fillna("")
+    results["load_into"] = results["load_into"].astype(object).fillna("fresh")
     return results
 
 

@@ -47,12 +47,16 @@ BENCH: tuple[str, ...] = (*ONE_FILE, BEST, ORBAX, *ASYNC)
 """What ``bench`` measures by default: what its targets compare."""
 EXPECTED_TENSORS = 238
 """OpenLLaMA-3B's 237 weights plus the rotary inv_freq buffer."""
-GROUPS: dict[str, tuple[str, ...]] = {"all": EIGHT_WAY, "every": tuple(STRATEGIES)}
+GROUPS: dict[str, tuple[str, ...]] = {
+    "all": EIGHT_WAY,
+    "every": tuple(STRATEGIES),
+    "peers": tuple(n for n in STRATEGIES if n not in EIGHT_WAY),
+}
 """Names that stand for several strategies on the command line and in the notebook's parameters."""
 
 
 def parse_strategies(spec: str) -> list[str]:
-    """A group name (``all``: the eight, ``every``: the whole registry) or a comma list, validated up front."""
+    """A group name (``all``: the eight, ``every``: the whole registry, ``peers``: every other) or a comma list."""
     if spec.strip() in GROUPS:
         return list(GROUPS[spec.strip()])
     names = [part.strip() for part in spec.split(",") if part.strip()]

@@ -36,6 +36,7 @@ from .results import ResultsStore, read_results, summarize
 from .strategies import (
     STRATEGIES,
     DistributedCheckpoint,
+    Orbax,
     SafeTensors,
     Strategy,
     TensorStore,
@@ -60,6 +61,7 @@ __all__ = [
     "InsufficientDiskSpaceError",
     "ModelCheckpoint",
     "ModelSourceError",
+    "Orbax",
     "OutputFolderError",
     "PhaseResult",
     "ResultsFileError",

@@ -39,6 +39,10 @@ WARMUP_BYTES = 64 << 20
 _DRIFT_MIN, _DRIFT_MAX = 32 << 20, 256 << 20
 Order = Literal["interleaved", "shuffled", "sequential"]
 ORDERS: tuple[str, ...] = get_args(Order)
+LoadInto = Literal["fresh", "existing"]
+LOAD_INTO: tuple[str, ...] = get_args(LoadInto)
+_POISON = 0xFF
+"""Every byte of the existing tensors before each load: a load that skipped a tensor cannot verify."""
 
 
 def _warmup_subset(tensors: Tensors) -> OrderedDict[str, torch.Tensor]:
@@ -79,6 +83,9 @@ class RunConfig:
     s3_rtt_ms: float | None = None
     """Round-trip time to inject in front of ``s3_endpoint`` with a delay proxy on loopback (no netem here);
     0 routes through the proxy without delay, to measure what the proxy itself costs."""
+    load_into: LoadInto = "fresh"
+    """fresh: every load returns new tensors; existing: it reads into tensors shaped like the model, allocated
+    and touched outside the timers (what resuming a live model does)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -102,6 +109,8 @@ class RunConfig:
                 check_endpoint(self.s3_endpoint)
         if self.s3_rtt_ms is not None and self.s3_rtt_ms < 0:
             raise UsageError(f"--s3-rtt-ms must be 0 or more, got {self.s3_rtt_ms:g}")
+        if self.load_into not in LOAD_INTO:
+            raise UsageError(f"load_into must be one of {', '.join(LOAD_INTO)}, got {self.load_into!r}")
 
     @property
     def label(self) -> str:
@@ -267,15 +276,34 @@ class Benchmark:
             blocking = checkpoint.save(strategy, tensors, layout, partial, bar.update)
         return timing, blocking, counted.requests
 
+    def _existing(self, saved: Tensors) -> OrderedDict[str, torch.Tensor] | None:
+        """With ``load_into="existing"``, new tensors shaped like ``saved`` for its loads to fill; else None.
+
+        Made per repeat and dropped after it, outside the timers: an extra model kept through the saves
+        would leave too little memory for the libraries that copy the model while saving.
+        """
+        if self.config.load_into == "fresh":
+            return None
+        return OrderedDict(
+            (name, torch.empty_like(t, memory_format=torch.contiguous_format)) for name, t in saved.items()
+        )
+
     def _timed_load(
-        self, strategy: Strategy, path: Location, label: str
+        self, strategy: Strategy, path: Location, label: str, into: OrderedDict[str, torch.Tensor] | None = None
     ) -> tuple[Measurement, Tensors, Requests | None]:
+        """A load, into fresh tensors or into ``into``, whose every byte is overwritten (and so touched) first."""
+        if into is not None:
+            for tensor in into.values():
+                tensor.view(-1).view(torch.uint8).fill_(_POISON)
+        total = self.checkpoint.nbytes if into is None else total_bytes(into)
         with (
-            self._bar(f"{label} load", self.checkpoint.nbytes) as bar,
+            self._bar(f"{label} load", total) as bar,
             self.storage.counting() as counted,
             measure() as timing,
         ):
-            loaded = checkpoint.load(strategy, path, bar.update)
+            loaded = checkpoint.load(strategy, path, bar.update, into=into)
+        if into is not None:
+            timing.peak_rss += total_bytes(into)  # allocated before the timer, it is the load's copy of the model
         return timing, loaded, counted.requests
 
     def _verified(self, strategy: Strategy, loaded: Tensors, path: Location) -> bool:
@@ -295,7 +323,7 @@ class Benchmark:
         path = self.storage.working(f"{strategy.name}.warmup")
         try:
             self._timed_save(strategy, subset, layout, path, f"{strategy.name} warm-up")
-            self._timed_load(strategy, path, f"{strategy.name} warm-up")
+            self._timed_load(strategy, path, f"{strategy.name} warm-up", self._existing(subset))
         finally:
             self.storage.discard(path)
         self._warm.add(strategy.name)
@@ -326,6 +354,7 @@ class Benchmark:
             fresh_copy_gbps=self.limits.fresh_copy_gbps,
             store=self.storage.url,
             injected_rtt_ms=self.storage.injected_rtt_ms,
+            load_into=self.config.load_into,
             **measured,
         )
 
@@ -350,11 +379,12 @@ class Benchmark:
             )
             with clock("evict"):
                 usage = self.storage.settle(path)
-            cold, loaded, load_requests = self._timed_load(strategy, path, f"{label} cold")
+            into = self._existing(self.checkpoint.tensors)
+            cold, loaded, load_requests = self._timed_load(strategy, path, f"{label} cold", into)
             with clock("verify"):
                 cold_ok = self._verified(strategy, loaded, path)
                 del loaded
-            warm, loaded, _ = self._timed_load(strategy, path, f"{label} warm")
+            warm, loaded, _ = self._timed_load(strategy, path, f"{label} warm", into)
             # Nothing is timed now: delete the checkpoint while the CPU compares the last load.
             with ThreadPoolExecutor(1) as pool:
                 deleted = None if keep else pool.submit(self.storage.discard, path)
@@ -405,8 +435,9 @@ class Benchmark:
             row = self._row(strategy, repeat, error=message)
             self.log(f"FAILED {strategy.name} [{repeat + 1}/{self.config.repeats}]: {message}")
         else:
+            blocking = f" (blocking {row.save_blocking_s:.2f} s)" if row.save_blocking_s < row.save_s else ""
             self.log(
-                f"{strategy.name} [{repeat + 1}/{self.config.repeats}]: save {row.save_s:.2f} s, "
+                f"{strategy.name} [{repeat + 1}/{self.config.repeats}]: save {row.save_s:.2f} s{blocking}, "
                 f"cold load {row.load_cold_s:.2f} s, warm load {row.load_warm_s:.2f} s, "
                 f"{row.bytes / 1e9:.3f} GB in {row.files} files, {'verified' if row.verified else 'NOT VERIFIED'}"
             )

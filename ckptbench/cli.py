@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import checkpoint, cloud, disk, docs, model, plot, report, s3server, sweep, targets
-from .benchmark import ORDERS, Benchmark, PhaseResult, RunConfig
+from .benchmark import LOAD_INTO, ORDERS, Benchmark, PhaseResult, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
 from .results import read_results, summarize
 from .storage import FILE, S3Storage
@@ -41,6 +41,9 @@ def _session_options() -> argparse.ArgumentParser:
         "--reprobe", action="store_true", help="measure the disk's limits again, not today's cached ones"
     )
     options.add_argument("--seed", type=int, default=0)
+    options.add_argument(
+        "--load-into", default="fresh", choices=LOAD_INTO, help="load into new tensors or a live model's (existing)"
+    )
     _store_options(options)
     return options
 
@@ -109,6 +112,7 @@ def _config(args: argparse.Namespace, **extra) -> RunConfig:
         store=args.store,
         s3_endpoint=args.s3_endpoint,
         s3_rtt_ms=args.s3_rtt_ms,
+        load_into=args.load_into,
         **extra,
     )
 
@@ -120,7 +124,7 @@ def _session(config: RunConfig) -> Benchmark:
     print(
         f"{checkpoint.source}: {len(checkpoint.tensors)} tensors, {checkpoint.params:,} parameters, "
         f"{checkpoint.nbytes / 1e9:.3g} GB; {where}: {bench.limits.describe()}; "
-        f"{config.repeats} repeat(s), {config.order} order"
+        f"{config.repeats} repeat(s), {config.order} order, loads into {config.load_into} tensors"
     )
     return bench
 

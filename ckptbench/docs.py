@@ -60,6 +60,13 @@ def _summary(path: str) -> str:
     return markdown(table.rename_axis("strategy"))
 
 
+def _choices(path: str) -> str:
+    results = _results(path)
+    table = report.choices_table(summarize(results))
+    table["use"] = table["use"].map(lambda name: f"`{name}`")
+    return markdown(table, index=False)
+
+
 def _verdicts(path: str) -> str:
     table = verdict.check(_results(path))
     return markdown(table[["claim", "measured", "verdict", "reason"]], index=False)
@@ -104,6 +111,7 @@ def _cloud(path: str, rtt_ms: str = str(cloud.RTT_MS), concurrency: str = str(cl
 
 KINDS: dict[str, Callable[..., str]] = {
     "csv": _csv,
+    "choices": _choices,
     "strategies": strategies_markdown,
     "summary": _summary,
     "verdicts": _verdicts,

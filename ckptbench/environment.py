@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-_PACKAGES = ("torch", "tensorstore", "numpy", "transformers", "pandas", "ckptbench")
+_PACKAGES = ("torch", "tensorstore", "numpy", "transformers", "pandas", "orbax-checkpoint", "jax", "ckptbench")
 
 
 def _version(package: str) -> str | None:

@@ -20,6 +20,7 @@ from .results import succeeded
 from .study import BASELINE, EIGHT_WAY, ordered
 
 BAR = "#4c72b0"
+BLOCKING_BAR = "#1b2a49"
 BASELINE_BAR = "#dd8452"
 DISK = "#c44e52"
 MODEL = "#55a868"
@@ -60,6 +61,8 @@ def _subtitle(results: pd.DataFrame, missing: list[str]) -> str:
         f"{_count(results['params'].max())} parameters ({results['model_bytes'].max() / 1e9:.3g} GB in memory) · "
         f"{spread} repeat{'s' if high > 1 else ''} per strategy: bars at the median, whiskers min-max"
     )
+    if (results["load_into"] == "existing").any():
+        text += " · loads into existing tensors"
     return f"{text}\nnot measured: {', '.join(missing)}" if missing else text
 
 
@@ -101,6 +104,28 @@ def _floor_marks(ax: Axes, x: np.ndarray, floor: pd.Series, width: float, horizo
         ax.vlines(at, low, high, colors=FLOOR, linewidth=2, zorder=3, gid=FLOOR_GID)
     else:
         ax.hlines(at, low, high, colors=FLOOR, linewidth=2, zorder=3, gid=FLOOR_GID)
+
+
+def _inner_bars(ax: Axes, x: np.ndarray, medians: pd.Series, width: float, horizontal: bool) -> None:
+    """Narrow dark bars inside wider ones (no whiskers, which the outer bar already has), labelled inside it."""
+    if horizontal:
+        ax.barh(x, medians, width, color=BLOCKING_BAR)
+    else:
+        ax.bar(x, medians, width, color=BLOCKING_BAR)
+    for xi, median in zip(x, medians, strict=True):
+        if np.isnan(median):
+            continue
+        point, offset = ((median, xi), (2, 0)) if horizontal else ((xi, median), (0, 2))
+        ax.annotate(
+            _value(median),
+            point,
+            xytext=offset,
+            textcoords="offset points",
+            ha="left" if horizontal else "center",
+            va="center" if horizontal else "bottom",
+            fontsize=6,
+            color="white",
+        )
 
 
 def _line(ax: Axes, value: float, color: str, style: str, label: str, horizontal: bool) -> None:
@@ -168,10 +193,16 @@ def comparison_figure(results: pd.DataFrame, *, baseline: str = BASELINE, title:
     save_ax, load_ax, size_ax = fig.subplots(1, 3, sharey=horizontal)
 
     save = _stats(results, "save_s", order)
+    # An async save returns before it is durable: its stall is drawn inside its bar; a synchronous one has none.
+    blocking = _stats(results, "save_blocking_s", order)
+    blocking = blocking.where(blocking["median"] < save["median"], axis=0)
     cold = _stats(results, "load_cold_s", order)
     warm = _stats(results, "load_warm_s", order)
     size = _stats(results, "bytes", order, scale=1e9)
     _bars(save_ax, x, save, colors, 0.7, horizontal)
+    asynchronous = blocking["median"].notna().any()
+    if asynchronous:
+        _inner_bars(save_ax, x, blocking["median"], 0.3, horizontal)
     _bars(load_ax, x - 0.2, cold, colors, 0.4, horizontal)
     _bars(load_ax, x + 0.2, warm, colors, 0.4, horizontal, alpha=WARM_ALPHA, hatch="//")
     _bars(size_ax, x, size, colors, 0.7, horizontal)
@@ -214,6 +245,8 @@ def comparison_figure(results: pd.DataFrame, *, baseline: str = BASELINE, title:
             Patch(color=BASELINE_BAR, label=f"baseline: {baseline}"),
             Line2D([], [], color=BASELINE_BAR, linestyle="--", label="baseline median"),
         ]
+    if asynchronous:
+        handles.append(Patch(color=BLOCKING_BAR, label="async save: blocking until it returns (inner bar)"))
     handles += [
         Patch(facecolor="white", edgecolor="#555555", hatch="//", label="warm load"),
         Line2D(

@@ -55,6 +55,9 @@ def phase_table(phase: PhaseResult) -> pd.DataFrame:
             "verified": rows["verified"].map({True: "yes", False: "NO"}),
         }
     )
+    blocking = rows["save_blocking_s"].where(rows["save_blocking_s"] < rows["save_s"])
+    if blocking.notna().any():
+        table.insert(1, "blocking s", blocking.map(sig))
     table.index = pd.Index([f"{phase.strategy} [{r + 1}]" for r in rows["repeat"]])
     if (rows["error"] != "").any():
         table["error"] = rows["error"].str.slice(0, 120).to_numpy()
@@ -77,6 +80,9 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
         },
         index=summary.index.rename(None),
     )
+    blocking = summary["save_blocking_s_median"].where(summary["save_blocking_s_median"] < summary["save_s_median"])
+    if blocking.notna().any():  # async saves return before they are durable; a synchronous one's blank stays blank
+        table.insert(table.columns.get_loc("save s") + 1, "blocking s", blocking.map(sig))
     if summary["drift_max"].notna().any():
         table["disk drift"] = [
             "" if pd.isna(d) else f"{d:.0%}{' (far from the run median)' if d > DRIFT_FLAG else ''}"
@@ -85,6 +91,28 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     if (summary["error"] != "").any():
         table["error"] = summary["error"].str.slice(0, 80)
     return table
+
+
+CHOICES: dict[str, tuple[str, float]] = {
+    "least stall for training (s until the save returns)": ("save_blocking_s_median", 1.0),
+    "soonest durable (save s)": ("save_s_median", 1.0),
+    "fastest cold load (s)": ("load_cold_s_median", 1.0),
+    "smallest on disk (GB)": ("bytes", 1e9),
+}
+"""The questions "What should I use?" asks of a run, each answered by the lowest median of one column, in its unit."""
+
+
+def choices_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Each question answered from a run's medians: the verified strategy that did best, and the runner-up."""
+    verified = summary[summary["verified"]]
+    rows = []
+    for question, (column, scale) in CHOICES.items():
+        ranked = (verified[column] / scale).dropna().sort_values(kind="stable")  # a tie goes to the first run
+        if ranked.empty:
+            continue
+        runner_up = f"{ranked.index[1]} ({sig(ranked.iloc[1])})" if len(ranked) > 1 else ""
+        rows.append({"question": question, "use": ranked.index[0], "measured": sig(ranked.iloc[0]), "next": runner_up})
+    return pd.DataFrame(rows, columns=["question", "use", "measured", "next"])
 
 
 def styled_summary(summary: pd.DataFrame, baseline: str = BASELINE) -> Styler:

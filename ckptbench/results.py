@@ -102,11 +102,13 @@ class Row:
     injected_rtt_ms: float | None = None
     """Round-trip time the delay proxy added in front of the S3 endpoint (0: through the proxy, no delay: its own
     cost); empty when there was no proxy."""
+    load_into: str = "fresh"
+    """Where loads read to: ``fresh`` tensors, or the ``existing`` tensors of a live model."""
 
 
 COLUMNS: list[str] = [f.name for f in fields(Row)]
 TIMES = ("save_s", "load_cold_s", "load_warm_s")
-_TEXT = {"run_id", "timestamp", "preset", "strategy", "config", "error", "store"}
+_TEXT = {"run_id", "timestamp", "preset", "strategy", "config", "error", "store", "load_into"}
 _BOOL = {"verified"}
 _NUMERIC = [c for c in COLUMNS if c not in _TEXT | _BOOL]
 _V1_CORE = [
@@ -191,6 +193,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     results["verified"] = results["verified"].fillna(False).astype(bool)
     results["error"] = results["error"].fillna("")
     results["store"] = [store if isinstance(store, str) and store else "file" for store in results["store"]]
+    results["load_into"] = results["load_into"].astype(object).fillna("fresh")
     return results
 
 

@@ -35,16 +35,28 @@ SINGLE_KNOB: tuple[str, ...] = ("ts+concurrency", "ts+chunks", "ts+compression",
 """The ablations that change one baseline knob each."""
 TENSORSTORE_EIGHT: tuple[str, ...] = tuple(n for n in EIGHT_WAY if STRATEGIES[n].config()["library"] == "tensorstore")
 """The eight-way approaches that write with TensorStore."""
-BENCH: tuple[str, ...] = ("pytorch", "safetensors", BEST)
-"""What ``bench`` measures by default: the best TensorStore configuration against the one-file peers."""
+ORBAX = "orbax"
+"""Orbax with its defaults as installed: what the library's own maintainers ship on the same TensorStore."""
+ONE_FILE: tuple[str, ...] = ("pytorch", "safetensors")
+"""The one-file peers; the faster of them is the bar for the best TensorStore configuration."""
+BEST_ASYNC = "ts+best+async"
+"""The best TensorStore configuration, saving asynchronously: a copy of the tensors, written in the background."""
+ASYNC: tuple[str, ...] = ("orbax+async", "dcp+async", BEST_ASYNC)
+"""The asynchronous saves: each returns before its checkpoint is durable."""
+BENCH: tuple[str, ...] = (*ONE_FILE, BEST, ORBAX, *ASYNC)
+"""What ``bench`` measures by default: what its targets compare."""
 EXPECTED_TENSORS = 238
 """OpenLLaMA-3B's 237 weights plus the rotary inv_freq buffer."""
-GROUPS: dict[str, tuple[str, ...]] = {"all": EIGHT_WAY, "every": tuple(STRATEGIES)}
+GROUPS: dict[str, tuple[str, ...]] = {
+    "all": EIGHT_WAY,
+    "every": tuple(STRATEGIES),
+    "peers": tuple(n for n in STRATEGIES if n not in EIGHT_WAY),
+}
 """Names that stand for several strategies on the command line and in the notebook's parameters."""
 
 
 def parse_strategies(spec: str) -> list[str]:
-    """A group name (``all``: the eight, ``every``: the whole registry) or a comma list, validated up front."""
+    """A group name (``all``: the eight, ``every``: the whole registry, ``peers``: every other) or a comma list."""
     if spec.strip() in GROUPS:
         return list(GROUPS[spec.strip()])
     names = [part.strip() for part in spec.split(",") if part.strip()]
@@ -233,6 +245,20 @@ TARGETS: tuple[Target, ...] = (
     Target("best_load_vs_safetensors", f"{BEST} cold load / safetensors cold load", "<=", 1.0),
     Target("best_write_share", f"{BEST} bytes written / s as a share of the disk's durable-write ceiling", ">=", 0.8),
     Target("best_read_share", f"{BEST} bytes read / s as a share of the disk's cold-read ceiling", ">=", 0.8),
+    Target("best_save_vs_orbax", f"{BEST} save / {ORBAX} save", "<=", 1.0),
+    Target("best_load_vs_orbax", f"{BEST} cold load / {ORBAX} cold load", "<=", 1.0),
+    Target("best_save_vs_one_file", f"{BEST} save / the faster one-file save ({', '.join(ONE_FILE)})", "<=", 1.0),
+    Target(
+        "best_load_vs_one_file", f"{BEST} cold load / the faster one-file cold load ({', '.join(ONE_FILE)})", "<=", 1.0
+    ),
+    Target("async_blocking", "the best async strategy's blocking save / pytorch save", "<=", 0.1),
+    Target(
+        "existing_read_share",
+        "the best cold load into existing tensors: bytes read / s as a share of the disk's cold-read ceiling",
+        ">=",
+        0.8,
+    ),
+    Target("peak_memory", f"{BEST}, {BEST_ASYNC}: peak memory above the model and one copy of it, GB", "<=", 1.0),
     Target("harness_cost", "harness cost inside a timed region / shortest timed region", "<=", 0.05),
     Target("overhead", "wall time outside timed regions (strategies' and disk probes') / run wall time", "<=", 0.15),
 )

@@ -22,7 +22,7 @@ from .limits import Limits, ProbeSettings
 from .measure import measure
 from .results import TIMES, succeeded, summarize
 from .strategies import Strategy
-from .study import BEST, TARGETS_BY_KEY
+from .study import ASYNC, BEST, BEST_ASYNC, ONE_FILE, ORBAX, TARGETS_BY_KEY
 
 COLUMNS = ["key", "label", "value", "target", "met"]
 TARGETS_FILE = "targets.csv"
@@ -80,16 +80,33 @@ def evaluate(
         rows.append(
             _row("disk_steady_read", end.read_gbps / start.read_gbps, "disk's cold-read ceiling after / before")
         )
-    for key, metric, peer in (
-        ("best_save_vs_torch", "save_s", "pytorch"),
-        ("best_load_vs_safetensors", "load_cold_s", "safetensors"),
+    for key, metric, peers in (
+        ("best_save_vs_torch", "save_s", ("pytorch",)),
+        ("best_load_vs_safetensors", "load_cold_s", ("safetensors",)),
+        ("best_save_vs_orbax", "save_s", (ORBAX,)),
+        ("best_load_vs_orbax", "load_cold_s", (ORBAX,)),
+        ("best_save_vs_one_file", "save_s", ONE_FILE),
+        ("best_load_vs_one_file", "load_cold_s", ONE_FILE),
     ):
-        if {BEST, peer} <= set(summary.index):
-            rows.append(_row(key, summary.loc[BEST, f"{metric}_median"] / summary.loc[peer, f"{metric}_median"]))
+        if {BEST, *peers} <= set(summary.index):
+            fastest = summary.loc[list(peers), f"{metric}_median"].min()
+            rows.append(_row(key, summary.loc[BEST, f"{metric}_median"] / fastest))
     write_gbps, read_gbps = done["disk_write_gbps"].median(), done["disk_read_gbps"].median()
     busy = (done["cpu_load_cold_s"] / done["load_cold_s"] / cores).groupby(done["strategy"]).median()
     floor = floors(done)
     limiting = {(b.strategy, b.op): b for b in bounds(done, cores)}
+    rows += _async_rows(summary, done["model_bytes"].max())
+    rows += _memory_rows(summary, done["model_bytes"].max())
+    existing = summary.index[summary.index.isin(done.loc[done["load_into"] == "existing", "strategy"])]
+    if len(existing):
+        shares = summary.loc[existing, "bytes"] / summary.loc[existing, "load_cold_s_median"] / 1e9 / read_gbps
+        best = shares.idxmax()
+        rows += [
+            _row("existing_read_share", shares[best]),
+            _row(
+                f"existing_best:{best}", busy[best], f"  reached by {best}: CPU time in its cold load / (wall x cores)"
+            ),
+        ]
     for name, s in summary.iterrows():
         write = s["bytes"] / s["save_s_median"] / 1e9 / write_gbps
         read = s["bytes"] / s["load_cold_s_median"] / 1e9 / read_gbps
@@ -144,6 +161,33 @@ def evaluate(
         ),
     ]
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _async_rows(summary: pd.DataFrame, model_bytes: float) -> list[dict]:
+    """How long the async saves stall training against ``torch.save``, and the copy rate that stall is."""
+    names = [n for n in ASYNC if n in summary.index]
+    if not names or "pytorch" not in summary.index:
+        return []
+    blocking = summary.loc[names, "save_blocking_s_median"]
+    torch_save = summary.loc["pytorch", "save_s_median"]
+    rows = [_row("async_blocking", blocking.min() / torch_save)]
+    for name in names:
+        rows += [
+            _row(f"blocking_share:{name}", blocking[name] / torch_save, f"{name}: blocking save / pytorch save"),
+            # Each of them copies the tensors before returning: the stall is that copy's speed.
+            _row(f"copy_gbps:{name}", model_bytes / blocking[name] / 1e9, f"{name}: GB of the model per blocking s"),
+        ]
+    return rows
+
+
+def _memory_rows(summary: pd.DataFrame, model_bytes: float) -> list[dict]:
+    """Peak memory beyond the model and one copy of it (a loaded model, or an async save's snapshot), in GB."""
+    above = (summary[["peak_rss_save", "peak_rss_load"]].max(axis=1) - model_bytes) / 1e9
+    own = [n for n in (BEST, BEST_ASYNC) if n in summary.index]
+    rows = [_row("peak_memory", above[own].max())] if own else []
+    for name, value in above.items():
+        rows.append(_row(f"memory_above_copy:{name}", value, f"{name}: peak memory above the model and one copy, GB"))
+    return rows
 
 
 @dataclass

@@ -8,7 +8,10 @@ import pytest
 from ckptbench import PRESETS, STRATEGIES, TorchSave, limits
 from ckptbench.cli import main
 from ckptbench.results import COLUMNS
-from ckptbench.study import GROUPS
+from ckptbench.strategies.orbax import SUBFOLDER, describe
+from ckptbench.study import ASYNC, GROUPS
+
+from conftest import save_checkpoint
 
 VALID_STRATEGIES = "valid choices: " + ", ".join([*GROUPS, *STRATEGIES])
 RUN = ["run", "--preset", "tiny", "--strategies", "pytorch,ts+chunks", "--no-drift"]
@@ -73,6 +76,31 @@ def test_list_prints_every_strategy_and_its_markdown_table(capsys):
     assert all(f"| `{name}` |" in "\n".join(table) for name in STRATEGIES)
 
 
+def test_list_shows_orbax_and_the_async_saves_with_what_orbax_wrote(tiny, tmp_path, capsys):
+    path = tmp_path / "ckpt"
+    save_checkpoint(STRATEGIES["orbax+uncompressed"], tiny.tensors, path)
+    stored = describe(path / SUBFOLDER, next(iter(tiny.tensors)))
+    assert main(["list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert {"orbax", "orbax+uncompressed", *ASYNC} <= set(lines)
+    assert all(value in lines["orbax+uncompressed"] for value in stored.values())
+    assert all("async" in lines[name].removeprefix(name).lower() for name in ASYNC)  # the save knob says so
+
+
+@pytest.mark.slow
+def test_run_every_strategy_on_tiny_measures_and_verifies_each(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--preset", "tiny", "--strategies", "every", "--out", str(out), "--no-drift"]) == 0
+    assert "blocking s" in capsys.readouterr().out
+    results = pd.read_csv(out / "results.csv")
+    assert results["strategy"].tolist() == list(STRATEGIES)
+    assert results["verified"].all()
+    assert (results["load_into"] == "fresh").all()
+    synchronous = ~results["strategy"].isin(ASYNC)
+    assert (results.loc[synchronous, "save_blocking_s"] == results.loc[synchronous, "save_s"]).all()
+    assert (results.loc[~synchronous, "save_blocking_s"] < results.loc[~synchronous, "save_s"]).all()
+
+
 @pytest.mark.parametrize("existing", [False, True], ids=["new-out", "existing-out"])
 @pytest.mark.parametrize(
     ("argv", "expected"),
@@ -84,8 +112,9 @@ def test_list_prints_every_strategy_and_its_markdown_table(capsys):
         (["--repeats", "two"], ["invalid int value"]),
         (["--seed", "-5"], ["seed must be 0 or more"]),
         (["--order", "random"], ["invalid choice: 'random'"]),
+        (["--load-into", "live"], ["invalid choice: 'live'", "fresh", "existing"]),
     ],
-    ids=["strategy", "no-strategy", "preset", "repeats-0", "repeats-nan", "seed", "order"],
+    ids=["strategy", "no-strategy", "preset", "repeats-0", "repeats-nan", "seed", "order", "load-into"],
 )
 def test_bad_arguments_exit_2_and_write_nothing(argv, expected, existing, tmp_path, capsys):
     out = tmp_path / "out"

@@ -181,6 +181,7 @@ def test_the_committed_notebook_is_clean_and_parameterised():
         "OUT",
         "KEEP_CHECKPOINTS",
         "PROGRESS",
+        "LOAD_INTO",
         "EXTRA",
         "SWEEP_PRESET",
         "SWEEP_KNOBS",

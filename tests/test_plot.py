@@ -192,6 +192,7 @@ SCHEMA_1 = [
         "evict_s",
         "verify_s",
         "cleanup_s",
+        "load_into",
     }
 ]
 

@@ -174,6 +174,24 @@ def test_a_schema_1_file_reads_with_configs_from_the_registry(tmp_path):
     assert table["config"].isna().iloc[1]  # a name the registry does not know has no config
     assert table["cpu_save_s"].isna().all()
     assert table["save_s"].tolist() == [1.5, 1.5]
+    assert table["load_into"].tolist() == ["fresh", "fresh"]
+
+
+def test_a_schema_2_file_from_before_load_into_reads_as_fresh_loads(tmp_path):
+    assert COLUMNS[-1] == "load_into"
+    path = tmp_path / "results.csv"
+    frame([make_row(), make_row(repeat=1)]).drop(columns="load_into").to_csv(path, index=False)
+    table = read_results(path)
+    assert list(table.columns) == COLUMNS
+    assert table["load_into"].tolist() == ["fresh", "fresh"]
+    assert table["schema_version"].tolist() == [SCHEMA_VERSION, SCHEMA_VERSION]
+    assert table["config"].tolist() == [make_row().config] * 2
+
+
+def test_the_load_mode_round_trips(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.append([make_row(load_into="existing"), make_row(repeat=1)])
+    assert store.read()["load_into"].tolist() == ["existing", "fresh"]
 
 
 def test_environment_json_per_run(tmp_path):

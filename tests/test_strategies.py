@@ -239,6 +239,7 @@ def test_get_strategy_unknown_names_the_valid_choices():
 def test_parse_strategies():
     assert parse_strategies("every") == list(STRATEGIES)
     assert parse_strategies("all") == list(EIGHT_WAY)
+    assert parse_strategies("peers") == [name for name in STRATEGIES if name not in EIGHT_WAY]
     assert parse_strategies(" all ") == list(EIGHT_WAY)
     assert parse_strategies("pytorch, ts+chunks") == ["pytorch", "ts+chunks"]
     assert parse_strategies("ts+ocdbt,") == ["ts+ocdbt"]

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import CheckpointError, UnknownChoiceError
 from .base import Location, MiB, Pending, Progress, SingleFile, Strategy, Tensors, nbytes, total_bytes
+from .orbax import Orbax
 from .pytorch import DistributedCheckpoint, SafeTensors, TorchSave
 from .zarr import TensorStore, TensorStoreOptions, divisor_chunks
 
@@ -37,6 +38,11 @@ STRATEGIES: dict[str, Strategy] = {
         TensorStore("ts+zstd", replace(_STUDY, compression="zstd")),
         TensorStore("ts+nosync", replace(_STUDY, sync=False)),
         TensorStore("ts+best", BEST),
+        Orbax("orbax"),
+        Orbax("orbax+uncompressed", compression=False),
+        Orbax("orbax+async", asynchronous=True),
+        DistributedCheckpoint("dcp+async", asynchronous=True),
+        TensorStore("ts+best+async", replace(BEST, background=True)),
     )
 }
 """Every approach ckptbench can measure, one line each; ``study`` says which of them the study compares."""
@@ -72,6 +78,7 @@ __all__ = [
     "DistributedCheckpoint",
     "Location",
     "MiB",
+    "Orbax",
     "Pending",
     "Progress",
     "SafeTensors",

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import ml_dtypes
+import numpy as np
 import torch
 
 from ..errors import CheckpointError
@@ -38,6 +40,24 @@ def nbytes(tensor: torch.Tensor) -> int:
 def total_bytes(tensors: Tensors) -> int:
     """Bytes of model data in a mapping: what progress counts and what throughput is measured against."""
     return sum(nbytes(t) for t in tensors.values())
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A view of the tensor's own memory (strides kept), so libraries can read from it or write into it.
+
+    bfloat16 goes through its bits because numpy has no bfloat16 of its own.
+    """
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def from_numpy(array: np.ndarray) -> torch.Tensor:
+    """The inverse of ``to_numpy``, zero-copy."""
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 class Strategy(ABC):
@@ -120,13 +140,15 @@ class SingleFile(Strategy):
             self.write(tensors, directory / self.filename)
         progress(total_bytes(tensors))
 
+    def path(self, directory: Path) -> Path:
+        """The checkpoint's one file, refused when it is missing."""
+        path = directory / self.filename
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: no {self.filename}; not a complete {self.name} checkpoint")
+        return path
+
     def load(self, directory: Location, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
-        if isinstance(directory, Prefix):
-            source: Path | BinaryIO = directory.download(self.filename)
-        else:
-            source = directory / self.filename
-            if not source.is_file():
-                raise CheckpointError(f"{directory}: no {self.filename}; not a complete {self.name} checkpoint")
+        source = directory.download(self.filename) if isinstance(directory, Prefix) else self.path(directory)
         try:
             tensors = self.read(source, entries)
         except Exception as err:  # the libraries raise their own errors (pickle, zip, SafetensorError) for damage

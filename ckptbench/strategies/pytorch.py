@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import safetensors
 import safetensors.torch
 import torch
@@ -17,8 +20,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import CheckpointError
-from ..manifest import Layout
-from .base import MiB, Progress, SingleFile, Strategy, Tensors, total_bytes
+from ..manifest import Entry, Layout
+from .base import MiB, Pending, Progress, SingleFile, Strategy, Tensors, to_numpy, total_bytes
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,56 @@ class SafeTensors(SingleFile):
         with safetensors.safe_open(source, framework="pt", backend="pread") as f:
             return OrderedDict((e.name, f.get_tensor(e.name)) for e in entries)
 
+    def load_into(self, directory: Path, entries: Layout, into: Tensors, progress: Progress) -> None:
+        """Each tensor's bytes read from the file straight into its existing memory, in file order.
+
+        The library only returns new (or mapped) tensors, so this reads its documented layout: a
+        little-endian u64 header length, then a JSON header with each tensor's dtype, shape and byte range.
+        """
+        path = self.path(directory)
+        with open(path, "rb", buffering=0) as file:
+            try:
+                header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise CheckpointError(f"{path}: unreadable safetensors header: {err}") from err
+            base = file.tell()
+            for begin, end, name in sorted(_byte_range(header, entry, path) for entry in entries):
+                target = into[name]
+                buffer = (
+                    target
+                    if target.is_contiguous()
+                    else torch.empty_like(target, memory_format=torch.contiguous_format)
+                )
+                file.seek(base + begin)
+                _read_exactly(file, memoryview(to_numpy(buffer).reshape(-1).view(np.uint8)), path)
+                if buffer is not target:
+                    target.copy_(buffer)
+                progress(end - begin)
+
+
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+
+
+def _byte_range(header: dict[str, Any], entry: Entry, path: Path) -> tuple[int, int, str]:
+    """Where ``entry``'s bytes lie after the header, refused unless the header agrees with the manifest."""
+    stored = header.get(entry.name)
+    expected = {"dtype": _SAFETENSORS_DTYPES.get(entry.torch_dtype), "shape": list(entry.shape)}
+    if not isinstance(stored, dict) or {k: stored.get(k) for k in expected} != expected:
+        raise CheckpointError(f"{path}: tensor {entry.name} is stored as {stored}, expected {expected}")
+    begin, end = stored["data_offsets"]
+    if end - begin != entry.nbytes:
+        raise CheckpointError(f"{path}: tensor {entry.name} holds {end - begin} bytes, expected {entry.nbytes}")
+    return begin, end, entry.name
+
+
+def _read_exactly(file: io.FileIO, buffer: memoryview, path: Path) -> None:
+    done = 0
+    while done < len(buffer):
+        count = file.readinto(buffer[done:])
+        if not count:
+            raise CheckpointError(f"{path}: ends {len(buffer) - done} bytes early")
+        done += count
+
 
 @contextlib.contextmanager
 def _single_process() -> Iterator[None]:
@@ -103,15 +156,20 @@ class DistributedCheckpoint(Strategy):
 
     name: str
     threads: int = 4
+    asynchronous: bool = False
+    """``dcp.async_save`` (thread type, default stager): returns once its staging copy is made."""
 
     def config(self) -> dict[str, Any]:
-        return {"library": "torch.distributed.checkpoint", "format": "dcp", "threads": self.threads}
+        config = {"library": "torch.distributed.checkpoint", "format": "dcp", "threads": self.threads}
+        # Only when set, so the synchronous strategy's stored configuration stays what it has always been.
+        return {**config, "async": True} if self.asynchronous else config
 
     def knobs(self) -> dict[str, str]:
         return {
             "format": f"torch.distributed.checkpoint, {self.threads} files",
             "dtype": "model's",
             "load": "dcp.load into tensors allocated from the manifest",
+            "save": "async_save (thread): returns after its staging copy" if self.asynchronous else "synchronous",
         }
 
     def unsupported(self, store: str) -> str | None:
@@ -119,18 +177,32 @@ class DistributedCheckpoint(Strategy):
             return "torch.distributed.checkpoint writes through a filesystem (its fsspec writer needs s3fs)"
         return None
 
-    def save(self, tensors: Tensors, directory: Path, progress: Progress) -> None:
+    def save(self, tensors: Tensors, directory: Path, progress: Progress) -> Pending | None:
+        writer = dcp.FileSystemWriter(directory, thread_count=self.threads)
+        if not self.asynchronous:
+            with _single_process(), _as_os_error():
+                dcp.save(dict(tensors), storage_writer=writer)
+            progress(total_bytes(tensors))
+            return None
+        # The save runs in dcp's own thread: the warning filter stays on until it is waited for.
+        quiet = contextlib.ExitStack()
+        quiet.enter_context(_single_process())
         try:
-            with _single_process():
-                dcp.save(dict(tensors), storage_writer=dcp.FileSystemWriter(directory, thread_count=self.threads))
-        except CheckpointException as err:  # a BaseException: it would slip past ``except Exception``
-            rank, failure = _first_failure(err)
-            # Chained to the rank's exception, whose own context (an ENOSPC) tells a full disk.
-            raise RuntimeError(f"rank {rank}: {type(failure).__name__}: {failure}") from failure
-        progress(total_bytes(tensors))
+            with _as_os_error():
+                written = dcp.async_save(dict(tensors), storage_writer=writer)
+        except BaseException:
+            quiet.close()
+            raise
 
-    def load(self, directory: Path, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
-        tensors = OrderedDict((e.name, torch.empty(e.shape, dtype=e.torch_dtype)) for e in entries)
+        def finish() -> None:
+            with quiet, _as_os_error():
+                written.result()
+            progress(total_bytes(tensors))
+
+        return finish
+
+    def _load(self, directory: Path, tensors: OrderedDict[str, torch.Tensor], progress: Progress) -> None:
+        """Fill ``tensors`` in place: ``dcp.load`` writes into the tensors it is given."""
         try:
             with _single_process():
                 dcp.load(tensors, storage_reader=dcp.FileSystemReader(directory))
@@ -142,7 +214,27 @@ class DistributedCheckpoint(Strategy):
         except Exception as err:
             raise CheckpointError(f"{directory}: unreadable distributed checkpoint: {err}") from err
         progress(total_bytes(tensors))
+
+    def load(self, directory: Path, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
+        tensors = OrderedDict((e.name, torch.empty(e.shape, dtype=e.torch_dtype)) for e in entries)
+        self._load(directory, tensors, progress)
         return tensors
+
+    def load_into(self, directory: Path, entries: Layout, into: Tensors, progress: Progress) -> None:
+        self._load(directory, OrderedDict((e.name, into[e.name]) for e in entries), progress)
 
     def estimate_bytes(self, tensors: Tensors) -> int:
         return total_bytes(tensors) + len(tensors) * 4096 + MiB
+
+
+@contextlib.contextmanager
+def _as_os_error() -> Iterator[None]:
+    """dcp's CheckpointException is a BaseException: it would slip past ``except Exception``.
+
+    Raised as the failing rank's own exception, chained to it, so its context (an ENOSPC) tells a full disk.
+    """
+    try:
+        yield
+    except CheckpointException as err:
+        rank, failure = _first_failure(err)
+        raise RuntimeError(f"rank {rank}: {type(failure).__name__}: {failure}") from failure

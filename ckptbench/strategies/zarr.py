@@ -7,18 +7,17 @@ import functools
 import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-import ml_dtypes
-import numpy as np
 import tensorstore as ts
 import torch
 
 from ..errors import CheckpointError
 from ..manifest import Entry, Layout
 from ..objectstore import Prefix
-from .base import Location, MiB, Progress, Strategy, Tensors, nbytes
+from .base import Location, MiB, Pending, Progress, Strategy, Tensors, from_numpy, nbytes, to_numpy
 
 _BLOCK = 4096
 _OCDBT_COMMIT_BYTES = 256 << 10
@@ -54,6 +53,8 @@ class TensorStoreOptions:
     checksum: bool = False
     """zarr3 only: a crc32c codec on every inner chunk, so TensorStore itself refuses a chunk whose bytes changed
     (the shard index's crc32c covers only the index)."""
+    background: bool = False
+    """Copy the tensors, return, and write the copy in a background thread: an asynchronous save."""
 
     def is_valid(self) -> bool:
         """Whether these knobs make a configuration worth measuring.
@@ -141,6 +142,9 @@ class TensorStoreOptions:
             "file_io_sync": "on" if self.sync else "off",
             "in flight": "one tensor" if not self.inflight_bytes else f"<= {self.inflight_bytes / MiB:g} MiB",
             "missing chunk": "error" if self.strict else "reads as zeros",
+            "save": "async: returns after copying the tensors, writes the copy in a thread"
+            if self.background
+            else "synchronous",
         }
 
 
@@ -161,20 +165,6 @@ def divisor_chunks(shape: tuple[int, ...], target_elements: int) -> list[int]:
 def _divisors(n: int) -> list[int]:
     small = [i for i in range(1, math.isqrt(n) + 1) if n % i == 0]
     return sorted({*small, *(n // i for i in small)})
-
-
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """Zero-copy view; bfloat16 goes through its bits because numpy has no bfloat16 of its own."""
-    tensor = tensor.detach().contiguous()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
-
-
-def _from_numpy(array: np.ndarray) -> torch.Tensor:
-    if array.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
 
 
 def _ts_dtype(dtype: torch.dtype) -> ts.dtype:
@@ -244,39 +234,76 @@ class TensorStore(Strategy):
             raise
         return results
 
-    def save(self, tensors: Tensors, directory: Location, progress: Progress) -> None:
+    def save(self, tensors: Tensors, directory: Location, progress: Progress) -> Pending | None:
+        if not self.options.background:
+            self._write(tensors, directory, progress, owned=False)
+            return None
+        # The copy is what lets training change its tensors at once; it is the blocking part and one model of memory.
+        snapshot = OrderedDict(
+            (name, t.detach().clone(memory_format=torch.contiguous_format)) for name, t in tensors.items()
+        )
+        pool = futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name} save")
+        written = pool.submit(self._write, snapshot, directory, progress, owned=True)
+        pool.shutdown(wait=False)
+
+        def finish() -> None:
+            try:
+                written.result()
+            finally:
+                # Interrupted while waiting: whoever handles it may delete the directory, so let the writes end first.
+                futures.wait([written])
+
+        return finish
+
+    def _write(self, tensors: Tensors, directory: Location, progress: Progress, owned: bool) -> None:
+        """Every tensor; ``owned`` tensors are never changed by anyone else, so TensorStore may skip its own copy."""
         context = self.options.context()
 
         def write(name: str, tensor: torch.Tensor) -> Callable[[], Any]:
             def start() -> Any:
                 metadata = self.options.metadata(list(tensor.shape), self.options.disk_dtype(tensor.dtype))
                 spec = {**self._spec(directory, name), "metadata": metadata, **self.options.missing_chunks(write=True)}
-                return ts.open(spec, create=True, context=context).result().write(_to_numpy(tensor))
+                array = ts.open(spec, create=True, context=context).result()
+                return array.write(to_numpy(tensor.contiguous()), can_reference_source_data_indefinitely=owned)
 
             return start
 
         jobs = ((name, nbytes(tensor), write(name, tensor)) for name, tensor in tensors.items())
         self._pipeline(directory, jobs, progress)
 
-    def _read(self, directory: Location, entry: Entry, context: ts.Context) -> Any:
-        """Start reading one tensor; when strict, a missing chunk is an error, never the fill value."""
+    def _open(self, directory: Location, entry: Entry, context: ts.Context) -> ts.TensorStore:
+        """One stored tensor, cast back to the dtype it was saved from; when strict, a missing chunk is an error."""
         spec = {**self._spec(directory, entry.name), "open": True, **self.options.missing_chunks(write=False)}
         array = ts.open(spec, context=context).result()
         if tuple(array.shape) != entry.shape:
             raise CheckpointError(f"{directory}: tensor {entry.name} has shape {array.shape}, expected {entry.shape}")
-        return ts.cast(array, _ts_dtype(entry.torch_dtype)).read()
+        return ts.cast(array, _ts_dtype(entry.torch_dtype))
+
+    def _read(self, directory: Location, entry: Entry, context: ts.Context) -> Any:
+        return self._open(directory, entry, context).read()
+
+    def _read_into(self, directory: Location, entry: Entry, context: ts.Context, into: torch.Tensor) -> Any:
+        """Read straight into ``into``'s memory: TensorStore writes into a view of it, with no array of its own."""
+        return ts.array(to_numpy(into), copy=False, write=True).write(self._open(directory, entry, context))
 
     def load(self, directory: Location, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
         context = self.options.context()
         jobs = ((e.name, e.nbytes, functools.partial(self._read, directory, e, context)) for e in entries)
         arrays = self._pipeline(directory, jobs, progress)
-        return OrderedDict((e.name, _from_numpy(a)) for e, a in zip(entries, arrays, strict=True))
+        return OrderedDict((e.name, from_numpy(a)) for e, a in zip(entries, arrays, strict=True))
+
+    def load_into(self, directory: Location, entries: Layout, into: Tensors, progress: Progress) -> None:
+        context = self.options.context()
+        jobs = (
+            (e.name, e.nbytes, functools.partial(self._read_into, directory, e, context, into[e.name])) for e in entries
+        )
+        self._pipeline(directory, jobs, progress)
 
     def load_each(self, directory: Location, entries: Layout) -> Iterator[tuple[Entry, torch.Tensor | Exception]]:
         context = self.options.context()
         for entry in entries:
             try:
-                yield entry, _from_numpy(self._read(directory, entry, context).result())
+                yield entry, from_numpy(self._read(directory, entry, context).result())
             except (ValueError, CheckpointError) as err:
                 yield entry, err
 

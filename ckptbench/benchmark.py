@@ -68,6 +68,13 @@ class RunConfig:
     seed: int = 0
     results_file: str = "results.csv"
     progress: bool = True
+    ranks: int | None = None
+    """Save with this many processes, each holding its row shard of every tensor (``ckptbench.ranked``);
+    None: one process, no process group."""
+    load_ranks: int | None = None
+    """Load with this many processes (default: ``ranks``); another number reshards."""
+    rank_timeout_s: float = 900.0
+    """How long any collective waits for a rank before the run fails naming it: longer than the slowest phase."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -83,6 +90,12 @@ class RunConfig:
             raise UsageError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} is a file, not a folder")
+        if self.ranks is not None and self.ranks < 1:
+            raise UsageError(f"ranks must be at least 1, got {self.ranks}")
+        if self.load_ranks is not None and (self.ranks is None or self.load_ranks < 1):
+            raise UsageError(f"load_ranks needs ranks and must be at least 1, got {self.load_ranks}")
+        if self.rank_timeout_s <= 0:
+            raise UsageError(f"rank_timeout_s must be positive, got {self.rank_timeout_s}")
 
     @property
     def label(self) -> str:

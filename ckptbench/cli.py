@@ -13,10 +13,10 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import checkpoint, docs, model, plot, report, sweep, targets
+from . import checkpoint, docs, launch, model, plot, ranked, report, scaling, sweep, targets
 from .benchmark import ORDERS, Benchmark, PhaseResult, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
-from .results import read_results, summarize
+from .results import ResultsStore, frame, read_results, summarize
 from .strategies import STRATEGIES
 from .study import BENCH, GROUPS, parse_strategies
 
@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[session], help="save and load the model each way, timed and verified")
     run.add_argument("--strategies", default="all", help=f"{groups} or a comma list of: {', '.join(STRATEGIES)}")
     run.add_argument("--keep-checkpoints", action="store_true", help="keep each strategy's last checkpoint on disk")
+    run.add_argument(
+        "--ranks", type=int, metavar="N", help="save with N processes, each holding its rows of every tensor (gloo)"
+    )
+    run.add_argument("--load-ranks", type=int, metavar="M", help="load with M processes (default N; else a reshard)")
+    run.add_argument(
+        "--rank-timeout", type=float, default=900.0, metavar="S", help="fail a run whose ranks wait longer than S s"
+    )
     sweep_cmd = commands.add_parser("sweep", parents=[session], help="the TensorStore writer over a grid of knobs")
     sweep_cmd.add_argument(
         "--knob",
@@ -65,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     plot_cmd.add_argument("--results", type=Path, default=DEFAULT_OUT / "results.csv")
     plot_cmd.add_argument("--out", type=Path, help="where the figure and summary.csv go (default: the CSV's folder)")
     plot_cmd.add_argument("--run-id", help="the run to draw (default: the latest in the file)")
+    plot_cmd.add_argument(
+        "--by",
+        choices=("strategy", "ranks"),
+        default="strategy",
+        help="ranks: time against the number of ranks, from every run with --ranks of the latest model",
+    )
     list_cmd = commands.add_parser("list", help="the strategies and their knobs")
     list_cmd.add_argument("--markdown", action="store_true", help="as the Markdown table the docs embed")
     docs_cmd = commands.add_parser("docs", help="regenerate the tables in the docs from the registry and results")
@@ -111,12 +124,39 @@ def _print_paths(paths: list[Path]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.ranks is not None or args.load_ranks is not None or launch.under_torchrun():
+        return _run_ranked(args)
     names = parse_strategies(args.strategies)
     bench = _session(_config(args, keep_checkpoints=args.keep_checkpoints))
     phases = bench.run(names)
     print(report.summary_table(bench.summary()).to_string())
     _print_paths(report.export_report(bench.results, args.out))
     return _finish(bench, phases)
+
+
+def _run_ranked(args: argparse.Namespace) -> int:
+    """``run --ranks``: spawned here, or one rank of torchrun's world (whose size is then the default N)."""
+    ranks = args.ranks if args.ranks is not None or not launch.under_torchrun() else launch.torchrun_size()
+    config = _config(
+        args,
+        keep_checkpoints=args.keep_checkpoints,
+        ranks=ranks,
+        load_ranks=args.load_ranks,
+        rank_timeout_s=args.rank_timeout,
+        progress=False,
+    )
+    outcome = ranked.run(config, args.strategies)
+    if outcome is None:
+        return 0
+    results = frame(row for phase in outcome.phases for row in phase.rows)
+    print(report.summary_table(summarize(results)).to_string())
+    _print_paths(report.export_report(results, args.out))
+    store = ResultsStore(config.out, config.results_file)
+    print(f"results: {store.csv}\nenvironment: {store.environment_path(outcome.run_id)}")
+    failed = [p for p in outcome.phases if not p.ok]
+    for phase in failed:
+        print(f"error: {phase.strategy}: {phase.error}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -155,6 +195,13 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    if args.by == "ranks":
+        try:
+            figure = scaling.figure(read_results(args.results))
+        except ValueError as err:
+            raise CkptbenchError(f"{args.results}: {err}") from err
+        _print_paths(plot.export(figure, args.results.parent if args.out is None else args.out, stem=scaling.STEM))
+        return 0
     run = report.select_run(read_results(args.results), args.run_id)
     print(f"run {run['run_id'].iloc[0]} ({run['preset'].iloc[0]}): {report.missing_note(run)}")
     _print_paths(report.export_report(run, args.results.parent if args.out is None else args.out))

@@ -120,7 +120,8 @@ def working_name(directory: Path, name: str, token: str) -> Path:
     return directory / f".{name}{WORKING}{os.getpid()}-{token}"
 
 
-def _partial_name(path: Path) -> Path:
+def partial_name(path: Path) -> Path:
+    """A free name beside ``path`` marking a checkpoint being written or deleted by this process."""
     return next(
         candidate
         for n in itertools.count()
@@ -132,7 +133,7 @@ def discard(path: Path) -> None:
     """Delete a checkpoint, first renaming it to a partial name: interrupted, it never looks complete."""
     if not path.exists():
         return
-    doomed = _partial_name(path)
+    doomed = partial_name(path)
     os.replace(path, doomed)
     remove(doomed)
 
@@ -141,7 +142,7 @@ def install(source: Path, final: Path) -> None:
     """Put the complete checkpoint ``source`` at ``final``, replacing one there; each step leaves no lie."""
     old = None
     if final.exists():
-        old = _partial_name(final)
+        old = partial_name(final)
         os.replace(final, old)
     os.replace(source, final)
     fsync_directory(final.parent)
@@ -156,7 +157,7 @@ def staged(final: Path) -> Iterator[Path]:
     The temporary name carries the writer's pid, so an interrupted save is never mistaken for a
     complete checkpoint and a later run can tell a dead writer's leftovers from a live one's.
     """
-    partial = _partial_name(final)
+    partial = partial_name(final)
     partial.mkdir(parents=True)
     try:
         yield partial

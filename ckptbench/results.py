@@ -72,11 +72,23 @@ class Row:
     cpu_load_cold_s: float | None = None
     cpu_load_warm_s: float | None = None
     schema_version: int = SCHEMA_VERSION
+    ranks: int | None = None
+    """Processes that saved, each holding its row shard of every tensor; empty for a run in one process.
+
+    With ranks, times run from a barrier before the first write (or read) until every rank is done,
+    ``peak_rss_*`` are the largest rank's and ``cpu_*`` the sum over ranks."""
+    load_ranks: int | None = None
+    """Processes that loaded; a number other than ``ranks`` is a reshard."""
+    rank_times: str = ""
+    """Each rank's own seconds as JSON (``save_s``, ``load_cold_s``, ``load_warm_s``: one list each): stragglers."""
+    peak_rss_save_sum: int | None = None
+    """Peak resident memory above the start, summed over the ranks (each rank's own peak)."""
+    peak_rss_load_sum: int | None = None
 
 
 COLUMNS: list[str] = [f.name for f in fields(Row)]
 TIMES = ("save_s", "load_cold_s", "load_warm_s")
-_TEXT = {"run_id", "timestamp", "preset", "strategy", "config", "error"}
+_TEXT = {"run_id", "timestamp", "preset", "strategy", "config", "error", "rank_times"}
 _BOOL = {"verified"}
 _NUMERIC = [c for c in COLUMNS if c not in _TEXT | _BOOL]
 _V1_CORE = [
@@ -98,6 +110,11 @@ def frame(rows: Iterable[Row]) -> pd.DataFrame:
 
 def _is_schema_1(header: list[str]) -> bool:
     return header[: len(_V1_CORE)] == _V1_CORE and header[len(_V1_CORE) :] == _V1_ADDED[: len(header) - len(_V1_CORE)]
+
+
+def _is_schema_2(header: list[str]) -> bool:
+    """Today's columns, or the first of them up to ``schema_version`` at least: columns are only added at the end."""
+    return "schema_version" in header and header == COLUMNS[: len(header)]
 
 
 def _cell(column: str, text: str) -> Any:
@@ -128,7 +145,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
         header = next(csv.reader([lines[0].decode("utf-8")]))
     except (UnicodeDecodeError, csv.Error, StopIteration) as err:
         raise ResultsFileError(f"{path} is not a ckptbench results file (unreadable header: {err})") from None
-    if header != COLUMNS and not _is_schema_1(header):
+    if not _is_schema_2(header) and not _is_schema_1(header):
         raise ResultsFileError(f"{path} is not a ckptbench results file (its columns differ)")
     records, skipped = [], []
     for number, raw in enumerate(lines[1:], start=2):
@@ -144,7 +161,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     if skipped:
         warnings.warn(f"{path}: skipped {len(skipped)} damaged row(s): {'; '.join(skipped[:5])}", stacklevel=2)
     results = pd.DataFrame.from_records(records, columns=header).reindex(columns=COLUMNS)
-    if header != COLUMNS:
+    if not _is_schema_2(header):
         results["schema_version"] = 1
         results["config"] = [
             config_json(STRATEGIES[name].config()) if name in STRATEGIES else None for name in results["strategy"]
@@ -153,6 +170,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     results[_NUMERIC] = results[_NUMERIC].apply(pd.to_numeric)
     results["verified"] = results["verified"].fillna(False).astype(bool)
     results["error"] = results["error"].fillna("")
+    results["rank_times"] = results["rank_times"].astype(object).fillna("")
     return results
 
 

@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     list_cmd = commands.add_parser("list", help="the strategies and their knobs")
     list_cmd.add_argument("--markdown", action="store_true", help="as the Markdown table the docs embed")
+    list_cmd.add_argument("--ranks", action="store_true", help="what each strategy does with ranks (run --ranks)")
     docs_cmd = commands.add_parser("docs", help="regenerate the tables in the docs from the registry and results")
     docs_cmd.add_argument("--check", action="store_true", help="exit 1 if any generated block is out of date")
     return parser
@@ -209,6 +210,9 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    if args.ranks:
+        print(docs.forms_markdown().rstrip("\n") if args.markdown else docs.forms_table().to_string())
+        return 0
     print(docs.strategies_markdown().rstrip("\n") if args.markdown else docs.strategies_table().to_string())
     return 0
 

@@ -34,17 +34,8 @@ PLANNED = ["dcp", "ts+chunks", "ts+ocdbt", "ts+ocdbt+per-process"]
 
 
 def _config(tmp_path: Path, ranks: int, load_ranks: int | None = None, **settings) -> ckptbench.RunConfig:
-    return ckptbench.RunConfig(
-        preset="tiny",
-        out=tmp_path / "out",
-        ranks=ranks,
-        load_ranks=load_ranks,
-        warmup=False,
-        drift=False,
-        progress=False,
-        rank_timeout_s=120.0,
-        **settings,
-    )
+    settings = {"warmup": False, "drift": False, "progress": False, "rank_timeout_s": 120.0, **settings}
+    return ckptbench.RunConfig(preset="tiny", out=tmp_path / "out", ranks=ranks, load_ranks=load_ranks, **settings)
 
 
 def _leftovers(out: Path) -> list[str]:

@@ -145,8 +145,8 @@ class Regions(Sharded):
     base: TensorStore
     form: ClassVar[str] = "regions"
     how: ClassVar[str] = (
-        "rank 0 creates every array, chunk rows dividing each rank's rows; a barrier; each rank writes its rows "
-        "and reads its rows"
+        "rank 0 creates every array, chunk rows dividing each rank's rows (a zarr3 shard: one rank's rows); "
+        "a barrier; each rank writes its rows, and reads its rows"
     )
 
     @contextlib.contextmanager

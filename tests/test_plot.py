@@ -176,6 +176,11 @@ SCHEMA_1 = [
         "cpu_save_s",
         "cpu_load_cold_s",
         "cpu_load_warm_s",
+        "ranks",
+        "load_ranks",
+        "rank_times",
+        "peak_rss_save_sum",
+        "peak_rss_load_sum",
     }
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import io
 import os
 from collections.abc import Iterator
@@ -118,7 +119,7 @@ def test_the_ranks_section_measures_each_count_and_draws_time_against_ranks(exec
     nb, out = executed
     (section,) = _tagged(nb, "ranks")
     assert any("image/png" in o.get("data", {}) for o in section.outputs)
-    assert "save s, 2->2 ranks" in _cell_html(section)
+    assert "save s, 2->2 ranks" in html.unescape(_cell_html(section))
     ranked = pd.read_csv(out / "ranks.csv")
     assert ranked[["ranks", "load_ranks"]].values.tolist() == [[1, 1], [2, 2]]
     assert ranked["strategy"].tolist() == ["ts+chunks", "ts+chunks"]

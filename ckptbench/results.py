@@ -108,13 +108,13 @@ def frame(rows: Iterable[Row]) -> pd.DataFrame:
     return pd.DataFrame([asdict(r) for r in rows], columns=COLUMNS)
 
 
+def _is_schema_2(header: list[str]) -> bool:
+    """Today's columns, or an earlier schema-2 file's: today's up to a column added since."""
+    return "schema_version" in header and header == COLUMNS[: len(header)]
+
+
 def _is_schema_1(header: list[str]) -> bool:
     return header[: len(_V1_CORE)] == _V1_CORE and header[len(_V1_CORE) :] == _V1_ADDED[: len(header) - len(_V1_CORE)]
-
-
-def _is_schema_2(header: list[str]) -> bool:
-    """Today's columns, or the first of them up to ``schema_version`` at least: columns are only added at the end."""
-    return "schema_version" in header and header == COLUMNS[: len(header)]
 
 
 def _cell(column: str, text: str) -> Any:
@@ -132,6 +132,8 @@ def _cell(column: str, text: str) -> Any:
 
 def read_results(path: str | Path) -> pd.DataFrame:
     """Every readable row of a results file (schema 1 or 2) in today's columns; damaged lines skipped and named.
+
+    Columns added since a file was written read as missing.
 
     Schema-1 rows get their ``config`` from the registry when their strategy is known.
     """
@@ -161,7 +163,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     if skipped:
         warnings.warn(f"{path}: skipped {len(skipped)} damaged row(s): {'; '.join(skipped[:5])}", stacklevel=2)
     results = pd.DataFrame.from_records(records, columns=header).reindex(columns=COLUMNS)
-    if not _is_schema_2(header):
+    if _is_schema_1(header):
         results["schema_version"] = 1
         results["config"] = [
             config_json(STRATEGIES[name].config()) if name in STRATEGIES else None for name in results["strategy"]

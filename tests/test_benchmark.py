@@ -12,6 +12,7 @@ import ckptbench
 from ckptbench import Benchmark, RunConfig, TorchSave, UnknownChoiceError, UsageError, get_strategy
 from ckptbench.results import COLUMNS, SCHEMA_VERSION
 from ckptbench.verify import verify
+
 from conftest import load_checkpoint
 
 TWO = ["pytorch", "ts+chunks"]
@@ -201,7 +202,8 @@ def test_a_failing_strategy_is_a_row_and_the_run_goes_on(make_bench, monkeypatch
     stored = bench.store.read()
     failed = stored[stored["strategy"] == "pytorch"]
     assert len(failed) == 1  # a failed strategy stops taking part
-    assert "CheckpointError" in failed["error"].iloc[0] and "the library broke" in failed["error"].iloc[0]
+    assert "CheckpointError" in failed["error"].iloc[0]
+    assert "the library broke" in failed["error"].iloc[0]
     assert failed["save_s"].isna().all()
     assert not failed["verified"].any()
     assert (stored[stored["strategy"] == "ts+chunks"]["error"] == "").all()

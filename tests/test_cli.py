@@ -135,7 +135,9 @@ def test_ctrl_c_during_a_save_exits_130_keeps_earlier_rows_and_no_partial(tmp_pa
     argv = ["run", "--preset", "tiny", "--strategies", "ts+chunks,pytorch", "--out", str(out), "--no-warmup"]
     assert main([*argv, "--no-drift"]) == 130
     assert "interrupted" in capsys.readouterr().err
-    assert len(saves) == 1 and ".partial-" in saves[0].name and not saves[0].exists()
+    assert len(saves) == 1
+    assert ".partial-" in saves[0].name
+    assert not saves[0].exists()
     assert _leftovers(out) == []
     assert pd.read_csv(out / "results.csv")["strategy"].tolist() == ["ts+chunks"]
 
@@ -175,5 +177,6 @@ def test_plot_of_a_binary_file_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "results.csv").write_bytes(b"\x00\x01\x02\xff")
     assert main(["plot", "--results", str(tmp_path / "results.csv")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "not a ckptbench results file" in err
+    assert err.startswith("error:")
+    assert "not a ckptbench results file" in err
     assert err.count("\n") == 1

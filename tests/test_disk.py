@@ -17,6 +17,7 @@ import torch
 
 import ckptbench
 from ckptbench import EIGHT_WAY, CheckpointError, InsufficientDiskSpaceError, disk, get_strategy
+
 from conftest import load_checkpoint
 
 PACKAGE_ROOT = Path(ckptbench.__file__).resolve().parents[1]
@@ -143,7 +144,8 @@ def test_discard_renames_before_deleting(tmp_path, monkeypatch):
 
     monkeypatch.setattr(disk, "remove", watching_remove)
     disk.discard(final)
-    assert removing and ".partial-" in removing[0]
+    assert removing
+    assert ".partial-" in removing[0]
     assert _leftovers(tmp_path) == []
 
 
@@ -223,7 +225,8 @@ def test_killed_save_leaves_only_a_stale_partial_that_the_next_run_removes(make_
             f"the kill was not exercised. Output:\n{log.read_text(errors='replace')[-3000:]}"
         )
     assert child.returncode == -signal.SIGKILL
-    assert partial.name.startswith(f".tensorstore.work-{child.pid}-") and f".partial-{child.pid}-" in partial.name
+    assert partial.name.startswith(f".tensorstore.work-{child.pid}-")
+    assert f".partial-{child.pid}-" in partial.name
     assert partial.is_dir(), "the partial vanished, so the save was not interrupted by the kill"
     assert not (out / "tensorstore").exists()
     with pytest.raises(CheckpointError):
@@ -232,7 +235,8 @@ def test_killed_save_leaves_only_a_stale_partial_that_the_next_run_removes(make_
     messages: list[str] = []
     make_bench(out=out, log=messages.append).prepare()
     assert not partial.exists()
-    assert not list(out.glob(".*.partial-*")) and not list(out.glob(".*.work-*"))
+    assert not list(out.glob(".*.partial-*"))
+    assert not list(out.glob(".*.work-*"))
     assert any(str(partial) in message for message in messages)
 
 
@@ -273,7 +277,9 @@ def test_phase_refuses_before_writing_when_the_disk_is_too_small(name, warmup, m
     assert not any(".partial-" in p.name or p.name == name for p in created)
     assert _leftovers(bench.out) == sorted([*before, "results.csv"])
     (row,) = bench.store.read().itertuples()
-    assert row.strategy == name and row.error == phase.error and not row.verified
+    assert row.strategy == name
+    assert row.error == phase.error
+    assert not row.verified
 
 
 def test_phase_runs_when_the_estimate_just_fits(make_bench, tiny, monkeypatch):

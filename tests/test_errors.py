@@ -13,6 +13,7 @@ from transformers import LlamaForCausalLM
 from ckptbench import CheckpointError, ModelSourceError, get_strategy, model
 from ckptbench.manifest import MANIFEST
 from ckptbench.model import ROTARY_BUFFER
+
 from conftest import load_checkpoint
 
 TENSOR = "model.layers.3.self_attn.q_proj.weight"

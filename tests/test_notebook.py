@@ -146,7 +146,8 @@ def test_rendered_phase_outputs_are_compact_tables_not_truncated_frames(executed
         assert table["verified"].tolist() == ["yes"]
         assert len(table.columns) <= 7
         cell_text = _cell_html(_phase_cell(nb, name))
-        assert "…" not in cell_text and "..." not in cell_text
+        assert "…" not in cell_text
+        assert "..." not in cell_text
         for number in table[["save s", "cold load s", "warm load s", "size GB"]].astype(str).to_numpy().ravel():
             digits = number.replace(",", "").replace(".", "").lstrip("0")
             assert len(digits) <= 3, number  # three significant digits, not six decimals

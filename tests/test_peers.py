@@ -14,6 +14,7 @@ from ckptbench import EIGHT_WAY, STRATEGIES, Benchmark, RunConfig, TensorStore, 
 from ckptbench.limits import Limits
 from ckptbench.measure import measure
 from ckptbench.verify import verify
+
 from conftest import load_checkpoint, save_checkpoint
 
 EXTRA = [name for name in STRATEGIES if name not in EIGHT_WAY]

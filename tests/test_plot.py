@@ -115,7 +115,7 @@ def test_many_strategies_turn_the_bars_horizontal_so_every_name_reads(measured):
     assert len(names) >= plot.HORIZONTAL_FROM
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ordered(names)
     assert [ax.get_xlabel() for ax in fig.axes] == ["save time (s)", "load time (s)", "size on disk (GB)"]
-    width, height = fig.get_size_inches()
+    _width, height = fig.get_size_inches()
     assert height >= 0.4 * len(names)  # at least ~0.4 inch per name
 
 

@@ -20,7 +20,7 @@ import torch
 from ranks_faults import FAULT_TIME, Faulty
 
 import ckptbench
-from ckptbench import checkpoint, launch, manifest, model, ranked, scaling
+from ckptbench import checkpoint, docs, launch, manifest, model, ranked, scaling
 from ckptbench.cli import main
 from ckptbench.limits import Limits
 from ckptbench.results import COLUMNS, Row, config_json, frame, read_results
@@ -217,6 +217,14 @@ def test_the_scaling_figure_and_table_put_time_against_ranks(tmp_path, capsys):
     rows.assign(ranks=None, load_ranks=None).to_csv(results, index=False)
     assert main(["plot", "--by", "ranks", "--results", str(results)]) == 1
     assert "no completed results with ranks" in capsys.readouterr().err
+
+
+def test_the_docs_blocks_for_ranks_come_from_the_forms_and_a_results_file(tmp_path):
+    assert docs.regenerate(check=True, documents=("docs/drafts/ranks.md",)) == []
+    assert "`ts+ocdbt+per-process` | each rank writes its rows into its own OCDBT database" in docs.render("forms")
+    results = tmp_path / "results.csv"
+    _ranked_rows().to_csv(results, index=False)
+    assert "| `dcp` | 4 | 3 | 2.5 | 2 | 2 | 1.5 | 1.25 | 1 |" in docs.render(f"ranks {results}")
 
 
 @pytest.mark.slow

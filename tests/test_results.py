@@ -49,7 +49,9 @@ def test_columns_are_the_row_fields():
     assert [f.name for f in dataclasses.fields(Row)] == COLUMNS
     assert list(frame([make_row()]).columns) == COLUMNS
     assert list(frame([]).columns) == COLUMNS
-    assert "config" in COLUMNS and "schema_version" in COLUMNS and "error" in COLUMNS
+    assert "config" in COLUMNS
+    assert "schema_version" in COLUMNS
+    assert "error" in COLUMNS
 
 
 def test_append_accumulates_rows_under_one_header(tmp_path):
@@ -112,7 +114,8 @@ def test_a_non_utf8_file_is_kept_aside_before_anything_is_measured(tmp_path):
     store.csv.write_bytes(b"\xff\xfe not a csv \x00\x01")
     with pytest.warns(UserWarning, match="not a UTF-8"):
         kept = store.check()
-    assert kept is not None and kept.read_bytes().startswith(b"\xff\xfe")
+    assert kept is not None
+    assert kept.read_bytes().startswith(b"\xff\xfe")
     assert not store.csv.exists()
     store.append([make_row()])
     assert len(store.read()) == 1

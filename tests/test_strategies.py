@@ -14,6 +14,7 @@ from ckptbench.model import ROTARY_BUFFER
 from ckptbench.strategies import MiB, divisor_chunks, from_config, get_strategy
 from ckptbench.study import GROUPS, parse_strategies
 from ckptbench.verify import verify
+
 from conftest import load_checkpoint, save_checkpoint
 
 

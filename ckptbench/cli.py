@@ -153,6 +153,7 @@ def _run_ranked(args: argparse.Namespace) -> int:
     print(report.summary_table(summarize(results)).to_string())
     _print_paths(report.export_report(results, args.out))
     store = ResultsStore(config.out, config.results_file)
+    _print_paths(plot.export(scaling.figure(store.read()), args.out, stem=scaling.STEM))
     print(f"results: {store.csv}\nenvironment: {store.environment_path(outcome.run_id)}")
     failed = [p for p in outcome.phases if not p.ok]
     for phase in failed:

@@ -240,6 +240,7 @@ def test_two_ranks_save_and_one_loads_from_the_command_line(tmp_path):
     assert "NOT VERIFIED" not in done.stdout
     _check_rows(read_results(out / "results.csv"), PLANNED, 2, 1)
     assert _leftovers(out) == []
+    assert (out / f"{scaling.STEM}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow

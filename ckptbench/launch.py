@@ -198,21 +198,23 @@ def _late(rank: int, message: str) -> RankFailed | None:
 
 
 def _first_failure(mailbox: Mailbox, context: mp.ProcessContext, err: Exception) -> RankFailed:
-    """The rank that failed for its own reasons: its own error, else a death without one, else the first error."""
-    errors = {r: e for r in range(len(context.processes)) if (e := mailbox.get(f"error/{r}")) is not None}
-    for rank, (_, message) in sorted(errors.items(), key=lambda item: item[1][0]):
-        if (late := _late(rank, message)) is not None:
-            return late
-    own = sorted((when, rank, message) for rank, (when, message) in errors.items() if not _is_echo(message))
+    """The rank that failed for its own reasons: its own error; else a death without one; else a rank that
+    another's barrier waited for in vain (it hung); else the first error."""
+    reported = {r: e for r in range(len(context.processes)) if (e := mailbox.get(f"error/{r}")) is not None}
+    errors = sorted((when, rank, message) for rank, (when, message) in reported.items())
+    own = [(rank, message) for _, rank, message in errors if not _is_echo(message) and _LATE.search(message) is None]
     if own:
-        return RankFailed(own[0][1], own[0][2])
+        return RankFailed(*own[0])
     for rank, process in enumerate(context.processes):
         code = process.exitcode
-        if rank not in errors and code not in (0, None, -signal.SIGTERM):
+        if rank not in reported and code not in (0, None, -signal.SIGTERM):
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
             return RankFailed(rank, f"{how}, without a Python error")
+    late = [found for _, rank, message in errors if (found := _late(rank, message)) is not None]
+    if late:
+        return late[0]
     if errors:
-        _, rank, message = min((when, rank, message) for rank, (when, message) in errors.items())
+        _, rank, message = errors[0]
         return RankFailed(rank, message)
     return RankFailed(getattr(err, "error_index", None), str(err).strip().splitlines()[-1])
 

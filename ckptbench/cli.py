@@ -49,11 +49,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--strategies", default="all", help=f"{groups} or a comma list of: {', '.join(STRATEGIES)}")
     run.add_argument("--keep-checkpoints", action="store_true", help="keep each strategy's last checkpoint on disk")
     run.add_argument(
-        "--ranks", type=int, metavar="N", help="save with N processes, each holding its rows of every tensor (gloo)"
+        "--ranks",
+        type=int,
+        metavar="N",
+        help="save with N processes, each holding its rows of every tensor (gloo); ts+ocdbt then runs both ways, "
+        "one database and one per process (ts+ocdbt+per-process); `list --ranks` says what each strategy does",
     )
     run.add_argument("--load-ranks", type=int, metavar="M", help="load with M processes (default N; else a reshard)")
     run.add_argument(
-        "--rank-timeout", type=float, default=900.0, metavar="S", help="fail a run whose ranks wait longer than S s"
+        "--rank-timeout",
+        type=float,
+        default=RunConfig.rank_timeout_s,
+        metavar="S",
+        help="fail a run whose ranks wait longer than S seconds for each other",
     )
     sweep_cmd = commands.add_parser("sweep", parents=[session], help="the TensorStore writer over a grid of knobs")
     sweep_cmd.add_argument(

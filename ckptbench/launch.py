@@ -193,7 +193,7 @@ def _late(rank: int, message: str) -> RankFailed | None:
         return None
     waited = int(found[2]) / 1000
     return RankFailed(
-        int(found[1]), f"did not reach a barrier within {waited:g} s (it hung or was too slow; rank {rank})"
+        int(found[1]), f"did not reach a barrier within {waited:g} s: it hung or was too slow (rank {rank} waited)"
     )
 
 

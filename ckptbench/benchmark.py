@@ -86,6 +86,13 @@ class RunConfig:
     load_into: LoadInto = "fresh"
     """fresh: every load returns new tensors; existing: it reads into tensors shaped like the model, allocated
     and touched outside the timers (what resuming a live model does)."""
+    ranks: int | None = None
+    """Save with this many processes, each holding its row shard of every tensor (``ckptbench.ranked``);
+    None: one process, no process group."""
+    load_ranks: int | None = None
+    """Load with this many processes (default: ``ranks``); another number reshards."""
+    rank_timeout_s: float = 900.0
+    """How long any collective waits for a rank before the run fails naming it: longer than the slowest phase."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -111,6 +118,14 @@ class RunConfig:
             raise UsageError(f"--s3-rtt-ms must be 0 or more, got {self.s3_rtt_ms:g}")
         if self.load_into not in LOAD_INTO:
             raise UsageError(f"load_into must be one of {', '.join(LOAD_INTO)}, got {self.load_into!r}")
+        if self.ranks is not None and self.ranks < 1:
+            raise UsageError(f"ranks must be at least 1, got {self.ranks}")
+        if self.load_ranks is not None and (self.ranks is None or self.load_ranks < 1):
+            raise UsageError(f"load_ranks needs ranks and must be at least 1, got {self.load_ranks}")
+        if self.rank_timeout_s <= 0:
+            raise UsageError(f"rank_timeout_s must be positive, got {self.rank_timeout_s}")
+        if self.ranks is not None and self.store != FILE:
+            raise UsageError("--ranks writes to a shared filesystem (--out); an s3:// --store is one process only")
 
     @property
     def label(self) -> str:

@@ -13,10 +13,10 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import checkpoint, cloud, disk, docs, model, plot, report, s3server, sweep, targets
+from . import checkpoint, cloud, disk, docs, launch, model, plot, ranked, report, s3server, scaling, sweep, targets
 from .benchmark import LOAD_INTO, ORDERS, Benchmark, PhaseResult, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
-from .results import read_results, summarize
+from .results import ResultsStore, frame, read_results, summarize
 from .storage import FILE, S3Storage
 from .strategies import STRATEGIES
 from .study import BENCH, GROUPS, parse_strategies
@@ -67,6 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[session], help="save and load the model each way, timed and verified")
     run.add_argument("--strategies", default="all", help=f"{groups} or a comma list of: {', '.join(STRATEGIES)}")
     run.add_argument("--keep-checkpoints", action="store_true", help="keep each strategy's last checkpoint on disk")
+    run.add_argument(
+        "--ranks",
+        type=int,
+        metavar="N",
+        help="save with N processes, each holding its rows of every tensor (gloo); ts+ocdbt then runs both ways, "
+        "one database and one per process (ts+ocdbt+per-process); `list --ranks` says what each strategy does",
+    )
+    run.add_argument("--load-ranks", type=int, metavar="M", help="load with M processes (default N; else a reshard)")
+    run.add_argument(
+        "--rank-timeout",
+        type=float,
+        default=RunConfig.rank_timeout_s,
+        metavar="S",
+        help="fail a run whose ranks wait longer than S seconds for each other",
+    )
     sweep_cmd = commands.add_parser("sweep", parents=[session], help="the TensorStore writer over a grid of knobs")
     sweep_cmd.add_argument(
         "--knob",
@@ -87,8 +102,15 @@ def _parser() -> argparse.ArgumentParser:
     plot_cmd.add_argument("--results", type=Path, default=DEFAULT_OUT / "results.csv")
     plot_cmd.add_argument("--out", type=Path, help="where the figure and summary.csv go (default: the CSV's folder)")
     plot_cmd.add_argument("--run-id", help="the run to draw (default: the latest in the file)")
+    plot_cmd.add_argument(
+        "--by",
+        choices=("strategy", "ranks"),
+        default="strategy",
+        help="ranks: time against the number of ranks, from every run with --ranks of the latest model",
+    )
     list_cmd = commands.add_parser("list", help="the strategies and their knobs")
     list_cmd.add_argument("--markdown", action="store_true", help="as the Markdown table the docs embed")
+    list_cmd.add_argument("--ranks", action="store_true", help="what each strategy does with ranks (run --ranks)")
     docs_cmd = commands.add_parser("docs", help="regenerate the tables in the docs from the registry and results")
     docs_cmd.add_argument("--check", action="store_true", help="exit 1 if any generated block is out of date")
     server_cmd = commands.add_parser("s3-server", help="run a local S3 server (SeaweedFS) until Ctrl-C")
@@ -146,6 +168,8 @@ def _print_paths(paths: list[Path]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.ranks is not None or args.load_ranks is not None or launch.under_torchrun():
+        return _run_ranked(args)
     names = parse_strategies(args.strategies)
     bench = _session(_config(args, keep_checkpoints=args.keep_checkpoints))
     phases = bench.run(names)
@@ -154,6 +178,32 @@ def _run(args: argparse.Namespace) -> int:
     if cloud.is_cloud(bench.results):
         print(cloud.verdicts(bench.results)[["claim", "measured", "verdict"]].to_string(index=False))
     return _finish(bench, phases)
+
+
+def _run_ranked(args: argparse.Namespace) -> int:
+    """``run --ranks``: spawned here, or one rank of torchrun's world (whose size is then the default N)."""
+    ranks = args.ranks if args.ranks is not None or not launch.under_torchrun() else launch.torchrun_size()
+    config = _config(
+        args,
+        keep_checkpoints=args.keep_checkpoints,
+        ranks=ranks,
+        load_ranks=args.load_ranks,
+        rank_timeout_s=args.rank_timeout,
+        progress=False,
+    )
+    outcome = ranked.run(config, args.strategies)
+    if outcome is None:
+        return 0
+    results = frame(row for phase in outcome.phases for row in phase.rows)
+    print(report.summary_table(summarize(results)).to_string())
+    _print_paths(report.export_report(results, args.out))
+    store = ResultsStore(config.out, config.results_file)
+    _print_paths(plot.export(scaling.figure(store.read()), args.out, stem=scaling.STEM))
+    print(f"results: {store.csv}\nenvironment: {store.environment_path(outcome.run_id)}")
+    failed = [p for p in outcome.phases if not p.ok]
+    for phase in failed:
+        print(f"error: {phase.strategy}: {phase.error}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -198,6 +248,13 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    if args.by == "ranks":
+        try:
+            figure = scaling.figure(read_results(args.results))
+        except ValueError as err:
+            raise CkptbenchError(f"{args.results}: {err}") from err
+        _print_paths(plot.export(figure, args.results.parent if args.out is None else args.out, stem=scaling.STEM))
+        return 0
     run = report.select_run(read_results(args.results), args.run_id)
     print(f"run {run['run_id'].iloc[0]} ({run['preset'].iloc[0]}): {report.missing_note(run)}")
     out = args.results.parent if args.out is None else args.out
@@ -207,6 +264,9 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    if args.ranks:
+        print(docs.forms_markdown().rstrip("\n") if args.markdown else docs.forms_table().to_string())
+        return 0
     if args.markdown:
         print(docs.strategies_markdown().rstrip("\n"))
         return 0

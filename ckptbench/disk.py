@@ -129,7 +129,8 @@ def working_name(directory: Path, name: str, token: str) -> Path:
     return directory / f".{name}{WORKING}{os.getpid()}-{token}"
 
 
-def _partial_name(path: Path) -> Path:
+def partial_name(path: Path) -> Path:
+    """A free name beside ``path`` marking a checkpoint being written or deleted by this process."""
     return next(
         candidate
         for n in itertools.count()
@@ -139,7 +140,7 @@ def _partial_name(path: Path) -> Path:
 
 def _doom(path: Path) -> None:
     """Rename to this process's partial name, then delete; FileNotFoundError if someone else took it first."""
-    doomed = _partial_name(path)
+    doomed = partial_name(path)
     os.replace(path, doomed)
     remove(doomed)
 
@@ -194,7 +195,7 @@ def _exchange(source: Path, final: Path) -> bool:
 def _install_in_two_steps(source: Path, final: Path) -> None:
     old = None
     if final.exists():
-        old = _partial_name(final)
+        old = partial_name(final)
         os.replace(final, old)
     os.replace(source, final)
     fsync_directory(final.parent)
@@ -209,7 +210,7 @@ def staged(final: Path) -> Iterator[Path]:
     The temporary name carries the writer's pid, so an interrupted save is never mistaken for a
     complete checkpoint and a later run can tell a dead writer's leftovers from a live one's.
     """
-    partial = _partial_name(final)
+    partial = partial_name(final)
     partial.mkdir(parents=True)
     try:
         yield partial

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import cloud, report, verdict
+from . import cloud, ranked, report, scaling, verdict
 from .errors import CkptbenchError
 from .results import read_results, summarize
 from .strategies import STRATEGIES
@@ -46,6 +46,25 @@ def strategies_markdown(group: str = "every") -> str:
     table = strategies_table(group)
     table.index = [f"`{n}`" for n in table.index]
     return markdown(table.rename_axis("name"))
+
+
+def forms_table() -> pd.DataFrame:
+    """Every strategy's forms with ranks (``run --ranks``): what each rank writes and reads."""
+    forms = ranked.forms("every")
+    return pd.DataFrame({"with ranks": [f.how for f in forms]}, index=[f.name for f in forms]).rename_axis("name")
+
+
+def forms_markdown() -> str:
+    table = forms_table()
+    table.index = [f"`{n}`" for n in table.index]
+    return markdown(table.rename_axis("name"))
+
+
+def _ranks(path: str) -> str:
+    """Median save and cold load per strategy and plan, from every run with ranks in a results file."""
+    table = scaling.table(read_results(ROOT / path))
+    table.index = [f"`{n}`" for n in table.index]
+    return markdown(table.rename_axis("strategy"))
 
 
 def _results(path: str) -> pd.DataFrame:
@@ -118,6 +137,8 @@ KINDS: dict[str, Callable[..., str]] = {
     "targets": _targets,
     "environment": _environment,
     "cloud": _cloud,
+    "forms": forms_markdown,
+    "ranks": _ranks,
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,23 @@ def _collect(source: str, model: LlamaForCausalLM) -> ModelCheckpoint:
     return checkpoint
 
 
+def _meta_model(preset: Preset, dtype: torch.dtype) -> LlamaForCausalLM:
+    with torch.device("meta"):
+        return LlamaForCausalLM(preset.config()).to(dtype)
+
+
+def _seeds(seed: int, count: int) -> np.ndarray:
+    return np.random.SeedSequence(seed).generate_state(count, dtype=np.uint64)
+
+
+def _draw(name: str, tensor: torch.Tensor, seed: np.uint64) -> None:
+    with torch.no_grad():
+        if name.endswith("norm.weight"):
+            tensor.fill_(1.0)
+        else:
+            tensor.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(int(seed)))
+
+
 def build(preset: str | Preset = DEFAULT_PRESET, seed: int = 0, dtype: torch.dtype = torch.float16) -> ModelCheckpoint:
     """Random normal(0, 0.02) weights and unit norms, deterministic from ``seed``.
 
@@ -147,24 +165,36 @@ def build(preset: str | Preset = DEFAULT_PRESET, seed: int = 0, dtype: torch.dty
     one generator per tensor so every core draws and the result does not depend on their number.
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    config = preset.config()
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(dtype)
+    model = _meta_model(preset, dtype)
     model.to_empty(device="cpu")
     params = list(model.named_parameters())
-    seeds = np.random.SeedSequence(seed).generate_state(len(params), dtype=np.uint64)
-
-    def draw(name: str, param: torch.nn.Parameter, seed: np.uint64) -> None:
-        with torch.no_grad():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(int(seed)))
-
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        list(pool.map(draw, *zip(*params, strict=True), seeds))
-    model.model.rotary_emb.inv_freq = _rotary_inv_freq(config)
+        list(pool.map(_draw, *zip(*params, strict=True), _seeds(seed, len(params))))
+    model.model.rotary_emb.inv_freq = _rotary_inv_freq(model.config)
     return _collect(f"preset {preset.name} (seed {seed})", model)
+
+
+def build_each(
+    preset: str | Preset = DEFAULT_PRESET, seed: int = 0, dtype: torch.dtype = torch.float16
+) -> tuple[ModelCheckpoint, Iterator[tuple[str, torch.Tensor]]]:
+    """The model's shapes (weights on the meta device) and ``build``'s tensors one at a time, bit for bit.
+
+    A rank keeps its rows of each tensor and drops the rest, so it never holds the whole model:
+    its peak is its shard plus the largest tensor, at the cost of drawing every tensor on every rank.
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    model = _meta_model(preset, dtype)
+    shapes = _collect(f"preset {preset.name} (seed {seed})", model)
+    params = list(model.named_parameters())
+
+    def each() -> Iterator[tuple[str, torch.Tensor]]:
+        for (name, param), tensor_seed in zip(params, _seeds(seed, len(params)), strict=True):
+            tensor = torch.empty(param.shape, dtype=param.dtype)
+            _draw(name, tensor, tensor_seed)
+            yield name, tensor
+        yield ROTARY_BUFFER, shapes.tensors[ROTARY_BUFFER]
+
+    return shapes, each()
 
 
 def load_local(path: str | Path) -> ModelCheckpoint:

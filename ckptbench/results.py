@@ -104,11 +104,23 @@ class Row:
     cost); empty when there was no proxy."""
     load_into: str = "fresh"
     """Where loads read to: ``fresh`` tensors, or the ``existing`` tensors of a live model."""
+    ranks: int | None = None
+    """Processes that saved, each holding its row shard of every tensor; empty for a run in one process.
+
+    With ranks, times run from a barrier before the first write (or read) until every rank is done,
+    ``peak_rss_*`` are the largest rank's and ``cpu_*`` the sum over ranks."""
+    load_ranks: int | None = None
+    """Processes that loaded; a number other than ``ranks`` is a reshard."""
+    rank_times: str = ""
+    """Each rank's own seconds as JSON (``save_s``, ``load_cold_s``, ``load_warm_s``: one list each): stragglers."""
+    peak_rss_save_sum: int | None = None
+    """Peak resident memory above the start, summed over the ranks (each rank's own peak)."""
+    peak_rss_load_sum: int | None = None
 
 
 COLUMNS: list[str] = [f.name for f in fields(Row)]
 TIMES = ("save_s", "load_cold_s", "load_warm_s")
-_TEXT = {"run_id", "timestamp", "preset", "strategy", "config", "error", "store", "load_into"}
+_TEXT = {"run_id", "timestamp", "preset", "strategy", "config", "error", "store", "load_into", "rank_times"}
 _BOOL = {"verified"}
 _NUMERIC = [c for c in COLUMNS if c not in _TEXT | _BOOL]
 _V1_CORE = [
@@ -194,6 +206,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     results["error"] = results["error"].fillna("")
     results["store"] = [store if isinstance(store, str) and store else "file" for store in results["store"]]
     results["load_into"] = results["load_into"].astype(object).fillna("fresh")
+    results["rank_times"] = results["rank_times"].astype(object).fillna("")
     return results
 
 

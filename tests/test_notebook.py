@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import io
 import os
 from collections.abc import Iterator
@@ -42,7 +43,14 @@ def executed(kernel_env, tmp_path_factory: pytest.TempPathFactory) -> tuple[nbfo
     papermill.execute_notebook(
         str(NOTEBOOK),
         str(work / "executed.ipynb"),
-        parameters={"PRESET": "tiny", "SWEEP_PRESET": "tiny", "OUT": str(out), "PROGRESS": False},
+        parameters={
+            "PRESET": "tiny",
+            "SWEEP_PRESET": "tiny",
+            "OUT": str(out),
+            "PROGRESS": False,
+            "RANKS": [1, 2],
+            "RANK_STRATEGIES": "ts+chunks",
+        },
         kernel_name="python3",
         cwd=str(work),
         progress_bar=False,
@@ -104,6 +112,18 @@ def test_the_comparison_and_verdict_cells_show_their_tables_and_the_figure(execu
     assert "HELD" in html
     (measure,) = _tagged(nb, "measure")
     assert "8 strategies x 1 repeats, interleaved order" in "".join(o.get("text", "") for o in measure.outputs)
+
+
+@pytest.mark.slow
+def test_the_ranks_section_measures_each_count_and_draws_time_against_ranks(executed):
+    nb, out = executed
+    (section,) = _tagged(nb, "ranks")
+    assert any("image/png" in o.get("data", {}) for o in section.outputs)
+    assert "save s, 2->2 ranks" in html.unescape(_cell_html(section))
+    ranked = pd.read_csv(out / "ranks.csv")
+    assert ranked[["ranks", "load_ranks"]].values.tolist() == [[1, 1], [2, 2]]
+    assert ranked["strategy"].tolist() == ["ts+chunks", "ts+chunks"]
+    assert ranked["verified"].all()
 
 
 def _cell_html(cell: nbformat.NotebookNode) -> str:
@@ -190,6 +210,9 @@ def test_the_committed_notebook_is_clean_and_parameterised():
         "S3_RTT_MS",
         "CLOUD_RTT_MS",
         "CLOUD_CONCURRENCY",
+        "RANKS",
+        "LOAD_RANKS",
+        "RANK_STRATEGIES",
     }
     assert len(_tagged(nb, "phase")) == len(EIGHT_WAY)
     assert nb.metadata.kernelspec.name == "python3"

@@ -193,6 +193,11 @@ SCHEMA_1 = [
         "verify_s",
         "cleanup_s",
         "load_into",
+        "ranks",
+        "load_ranks",
+        "rank_times",
+        "peak_rss_save_sum",
+        "peak_rss_load_sum",
     }
 ]
 

@@ -178,9 +178,9 @@ def test_a_schema_1_file_reads_with_configs_from_the_registry(tmp_path):
 
 
 def test_a_schema_2_file_from_before_load_into_reads_as_fresh_loads(tmp_path):
-    assert COLUMNS[-1] == "load_into"
     path = tmp_path / "results.csv"
-    frame([make_row(), make_row(repeat=1)]).drop(columns="load_into").to_csv(path, index=False)
+    written = COLUMNS[: COLUMNS.index("load_into")]  # a file from before this column and every later one
+    frame([make_row(), make_row(repeat=1)])[written].to_csv(path, index=False)
     table = read_results(path)
     assert list(table.columns) == COLUMNS
     assert table["load_into"].tolist() == ["fresh", "fresh"]

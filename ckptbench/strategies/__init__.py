@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import CheckpointError, UnknownChoiceError
+from . import sharded
 from .base import Location, MiB, Pending, Progress, SingleFile, Strategy, Tensors, nbytes, total_bytes
 from .orbax import Orbax
 from .pytorch import DistributedCheckpoint, SafeTensors, TorchSave
@@ -57,6 +58,10 @@ def get_strategy(name: str) -> Strategy:
 
 def from_config(name: str, config: dict[str, Any]) -> Strategy:
     """The strategy that wrote a checkpoint, rebuilt from its stored configuration (a sweep's ad-hoc ones too)."""
+    if "sharded" in config:
+        base = {key: value for key, value in config.items() if key != "sharded"}
+        same = next((s for s in STRATEGIES.values() if s.config() == base), None)
+        return sharded.rebuild(name, same or from_config(name, base), config["sharded"])
     registered = STRATEGIES.get(name)
     if registered is not None and registered.config() == config:
         return registered

@@ -89,15 +89,20 @@ class TensorStoreOptions:
             return [max(1, min(64, d)) for d in shape]
         return divisor_chunks(shape, max(1, self.chunk_bytes // itemsize))
 
-    def context(self) -> ts.Context:
+    def context(self, **resources: Any) -> ts.Context:
+        """These knobs' context; ``resources`` adds others (a process's thread share, OCDBT's coordinator)."""
         limit = {"limit": self.concurrency}
         spec: dict = {} if self.concurrency is None else {"file_io_concurrency": limit, "s3_request_concurrency": limit}
         if not self.sync:
             spec["file_io_sync"] = False
-        return ts.Context(spec)
+        return ts.Context({**spec, **resources})
 
-    def metadata(self, shape: list[int], disk: torch.dtype) -> dict:
+    def metadata(self, shape: list[int], disk: torch.dtype, block_rows: int | None = None) -> dict:
+        """The array's zarr metadata; with ``block_rows`` (the rows each of several writers holds), chunk rows
+        divide it and a zarr3 shard is one writer's block, so no chunk or shard file has two writers."""
         chunks = self.chunk_shape(tuple(shape), disk.itemsize)
+        if block_rows is not None and block_rows < shape[0] and block_rows % chunks[0]:
+            chunks[0] = max(d for d in _divisors(block_rows) if d <= chunks[0])
         if self.format == "zarr":
             compressor = None if self.compression is None else {"id": self.compression}
             return {"shape": shape, "chunks": chunks, "dtype": _ZARR_DTYPES[disk], "compressor": compressor}
@@ -107,6 +112,8 @@ class TensorStoreOptions:
         if self.checksum:
             inner.append({"name": "crc32c"})
         shard = [-(-max(1, d) // c) * c for d, c in zip(shape, chunks, strict=True)]
+        if block_rows is not None and block_rows < shape[0]:
+            shard[0] = block_rows
         sharding = {
             "chunk_shape": chunks,
             "codecs": inner,

@@ -1,0 +1,93 @@
+"""Time against the number of ranks: how each strategy's save and cold load change as more processes share them.
+
+Rows come from runs with ``--ranks`` (any number of runs, one model); a resharded load (saved with
+another number of ranks) is drawn apart, as a hollow marker, since it reads another layout.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from .report import sig
+from .results import succeeded
+from .study import ordered
+
+STEM = "ranks_scaling"
+
+
+def ranked_rows(results: pd.DataFrame) -> pd.DataFrame:
+    """The completed rows of runs with ranks, of the model whose row came last."""
+    rows = succeeded(results)
+    rows = rows[rows["ranks"].notna()]
+    if rows.empty:
+        raise ValueError("no completed results with ranks to draw (measure some with `run --ranks N`)")
+    return rows[rows["preset"] == rows["preset"].iloc[-1]]
+
+
+def table(results: pd.DataFrame) -> pd.DataFrame:
+    """Median save and cold-load seconds, a line per strategy, a column per plan (ranks saving -> loading)."""
+    rows = ranked_rows(results)
+    rows = rows.assign(plan=[(int(n), int(m)) for n, m in zip(rows["ranks"], rows["load_ranks"], strict=True)])
+    medians = rows.pivot_table(index="strategy", columns="plan", values=["save_s", "load_cold_s"], aggfunc="median")
+    medians = medians.reindex(index=ordered(rows["strategy"]), columns=["save_s", "load_cold_s"], level=0)
+    medians.columns = [
+        f"{'save' if what == 'save_s' else 'cold load'} s, {n}->{m} ranks" for what, (n, m) in medians.columns
+    ]
+    return medians.map(sig).rename_axis(None)
+
+
+def _medians(rows: pd.DataFrame, x: str, column: str) -> pd.DataFrame:
+    return rows.groupby(x)[column].agg(["median", "min", "max"]).sort_index()
+
+
+def figure(results: pd.DataFrame) -> Figure:
+    """Save and cold-load time against ranks, one line per strategy: medians, whiskers min-max."""
+    rows = ranked_rows(results)
+    names = ordered(rows["strategy"])
+    fig = Figure(figsize=(13.0, 5.2))
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.8, bottom=0.24, wspace=0.22)
+    fig.suptitle("Checkpoint I/O with ranks: time against the number of processes", fontsize=14, fontweight="bold")
+    fig.text(
+        0.5,
+        0.875,
+        f"preset {rows['preset'].iloc[0]} · {rows['model_bytes'].max() / 1e9:.3g} GB · each rank holds its rows of "
+        "every tensor · lines at the median, whiskers min-max over repeats",
+        ha="center",
+        fontsize=9,
+    )
+    save_ax, load_ax = fig.subplots(1, 2)
+    colors = [f"C{i % 10}" for i in range(len(names))]
+    resharded = rows["load_ranks"] != rows["ranks"]
+    for name, color in zip(names, colors, strict=True):
+        mine = rows[rows["strategy"] == name]
+        same = mine["load_ranks"] == mine["ranks"]
+        for ax, part, x, column, style in (
+            (save_ax, mine, "ranks", "save_s", {}),
+            (load_ax, mine[same], "load_ranks", "load_cold_s", {}),
+            (load_ax, mine[~same], "load_ranks", "load_cold_s", {"linestyle": "none", "markerfacecolor": "white"}),
+        ):
+            if part.empty:
+                continue
+            stats = _medians(part, x, column)
+            spread = [stats["median"] - stats["min"], stats["max"] - stats["median"]]
+            ax.errorbar(stats.index, stats["median"], yerr=spread, marker="o", color=color, capsize=3, **style)
+    for ax, heading, xlabel in (
+        (save_ax, "Save (until every rank's data is durable)", "ranks saving"),
+        (load_ax, "Cold load (until every rank holds its rows)", "ranks loading"),
+    ):
+        ax.set_title(heading, fontsize=12)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("time (s)")
+        ax.set_xticks(sorted(set(rows["ranks"]) | set(rows["load_ranks"])))
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=c, marker="o", label=n) for n, c in zip(names, colors, strict=True)]
+    if resharded.any():
+        label = "resharded: loaded by another number of ranks"
+        handles.append(
+            Line2D([], [], color="#555555", marker="o", markerfacecolor="white", linestyle="none", label=label)
+        )
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=9, frameon=False)
+    return fig

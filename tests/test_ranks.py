@@ -1,0 +1,337 @@
+"""Runs with ranks: N processes save their row shards, M load them back (a reshard when M differs), bit-exact.
+
+The runs launch real processes (torch.distributed, gloo) on the tiny preset, so they are slow; the
+row arithmetic, the layouts, the refusals and the figure are checked without any.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from ranks_faults import FAULT_TIME, Faulty
+
+import ckptbench
+from ckptbench import checkpoint, docs, launch, manifest, model, ranked, scaling
+from ckptbench.cli import main
+from ckptbench.errors import UsageError
+from ckptbench.limits import Limits
+from ckptbench.results import COLUMNS, Row, config_json, frame, read_results
+from ckptbench.shards import Ranks, block_rows, contiguous_stride, row_range
+from ckptbench.strategies import Strategy, TensorStoreOptions, from_config, get_strategy, sharded
+from ckptbench.verify import verify
+
+PACKAGE_ROOT = Path(ckptbench.__file__).resolve().parents[1]
+FAKE_LIMITS = Limits(write_gbps=1.0, read_gbps=2.0, probe_bytes=0)
+PLANNED = ["dcp", "ts+chunks", "ts+ocdbt", "ts+ocdbt+per-process"]
+"""What ``--strategies dcp,ts+chunks,ts+ocdbt`` runs with ranks: OCDBT both ways."""
+
+
+def _config(tmp_path: Path, ranks: int, load_ranks: int | None = None, **settings) -> ckptbench.RunConfig:
+    settings = {"warmup": False, "drift": False, "progress": False, "rank_timeout_s": 120.0, **settings}
+    return ckptbench.RunConfig(preset="tiny", out=tmp_path / "out", ranks=ranks, load_ranks=load_ranks, **settings)
+
+
+def _leftovers(out: Path) -> list[str]:
+    """Anything that looks like a checkpoint, complete or not."""
+    return sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "runs")
+
+
+def _check_rows(rows: pd.DataFrame, names: list[str], ranks: int, load_ranks: int) -> None:
+    assert rows["strategy"].tolist() == names
+    assert rows["verified"].all(), rows[["strategy", "error"]]
+    assert (rows["error"] == "").all()
+    assert (rows["ranks"] == ranks).all()
+    assert (rows["load_ranks"] == load_ranks).all()
+    assert (rows["tensors"] == 238).all()
+    for text in rows["rank_times"]:
+        times = json.loads(text)
+        assert [len(times[k]) for k in ("save_s", "load_cold_s", "load_warm_s")] == [ranks, load_ranks, load_ranks]
+    assert (rows["save_s"] >= rows["rank_times"].map(lambda t: max(json.loads(t)["save_s"]))).all()
+    assert (rows["peak_rss_save_sum"] >= rows["peak_rss_save"]).all()
+    assert all("sharded" in json.loads(c) for c in rows["config"])
+
+
+def test_rows_follow_torch_chunk():
+    for rows in (0, 1, 2, 5, 7, 10, 17, 136, 2000):
+        for ranks in (1, 2, 3, 4):
+            expected = [len(c) for c in torch.arange(rows).chunk(ranks)] + [0] * ranks
+            assert [hi - lo for lo, hi in (row_range(rows, ranks, r) for r in range(ranks))] == expected[:ranks]
+            assert row_range(rows, ranks, ranks - 1)[1] == rows
+    assert [row_range(5, 4, r) for r in range(4)] == [(0, 2), (2, 4), (4, 5), (5, 5)]
+    assert contiguous_stride((7, 3, 2)) == torch.empty(7, 3, 2).stride()
+
+
+def test_build_each_draws_build_bit_for_bit_one_tensor_at_a_time(tiny):
+    shapes, each = model.build_each("tiny")
+    assert shapes.params == tiny.params
+    assert shapes.nbytes == tiny.nbytes
+    assert all(t.device.type == "meta" for n, t in shapes.tensors.items() if n != model.ROTARY_BUFFER)
+    names = []
+    for name, tensor in each:
+        names.append(name)
+        want = tiny.tensors[name]
+        assert tensor.dtype == want.dtype
+        assert torch.equal(tensor.view(torch.uint8), want.view(torch.uint8)), name
+    assert names == list(tiny.tensors)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "zarr3"])
+@pytest.mark.parametrize("chunk_bytes", [None, 1 << 20])
+def test_no_chunk_or_shard_has_two_writers(fmt, chunk_bytes, tiny):
+    options = TensorStoreOptions(format=fmt, chunk_bytes=chunk_bytes)
+    for writers in (2, 3, 4):
+        for tensor in tiny.tensors.values():
+            shape, block = list(tensor.shape), block_rows(tensor.shape[0], writers)
+            metadata = options.metadata(shape, tensor.dtype, block)
+            if fmt == "zarr":
+                assert block % metadata["chunks"][0] == 0 or block >= shape[0]
+            else:
+                shard = metadata["chunk_grid"]["configuration"]["chunk_shape"][0]
+                inner = metadata["codecs"][0]["configuration"]["chunk_shape"][0]
+                assert shard == block or block >= shape[0]
+                assert shard % inner == 0
+    alone = options.metadata([136, 360], torch.float16, 136)
+    assert alone == options.metadata([136, 360], torch.float16)
+
+
+def test_every_registered_strategy_has_a_form_and_ocdbt_has_two():
+    for name, strategy in ckptbench.STRATEGIES.items():
+        if isinstance(strategy, ckptbench.Orbax):  # one process by design: refused by name, left out of groups
+            with pytest.raises(UsageError, match="has no form with ranks"):
+                ranked.forms(name)
+        else:
+            assert sharded.forms(get_strategy(name))
+    assert [f.name for f in ranked.forms("dcp,ts+chunks,ts+ocdbt")] == PLANNED
+    assert [f.name for f in ranked.forms("ts+ocdbt+per-process")] == ["ts+ocdbt+per-process"]
+    assert "gather to rank 0, save there" in ranked.forms("pytorch")[0].knobs()["ranks"]
+    assert "gather to rank 0, save there" in ranked.forms("safetensors")[0].knobs()["ranks"]
+    for form in ranked.forms("every"):
+        assert from_config(form.name, form.config()) == form
+
+
+@pytest.mark.parametrize("name", ["ts+chunks", "ts+zarr3", "ts+ocdbt+per-process"])
+def test_rows_written_by_three_ranks_read_back_by_two_and_by_four(name, tmp_path):
+    """Every writer and reader rank in turn in this process (no group: the barriers are no-ops), rows bit-exact."""
+    (form,) = ranked.forms(name)
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "wide": torch.randn(10, 6, generator=generator).half(),
+        "two rows": torch.randn(2, 3, generator=generator),  # fewer rows than ranks: some hold none
+        "vector": torch.randn(7, generator=generator).half(),
+    }
+    entries = manifest.layout(tensors, dict.fromkeys(tensors, ""))
+
+    def rows(ranks: Ranks, name: str) -> torch.Tensor:
+        lo, hi = ranks.rows(tensors[name].shape[0])
+        return tensors[name][lo:hi]
+
+    for rank in range(3):
+        ranks = Ranks(rank, 3)
+        with form.session(ranks, writing=True) as session:
+            form.save_shards(session, {n: rows(ranks, n) for n in tensors}, entries, tmp_path, ranks)
+    for readers in (2, 4):
+        for rank in range(readers):
+            ranks = Ranks(rank, readers)
+            with form.session(ranks, writing=False) as session:
+                loaded = form.load_shards(session, tmp_path, entries, ranks)
+            verify(loaded, {n: rows(ranks, n) for n in tensors}, f"{name}, rank {rank} of {readers}")
+
+
+class _Unsharded(Strategy):
+    name = "unsharded"
+    config = knobs = save = load = estimate_bytes = None
+
+
+def test_a_strategy_without_a_form_is_refused_and_an_unknown_name_too():
+    with pytest.raises(ckptbench.UsageError, match="unsharded has no form with ranks"):
+        ranked.forms([_Unsharded()])
+    with pytest.raises(ckptbench.UnknownChoiceError, match="ts\\+ocdbt\\+per-process"):
+        ranked.forms("nosuch")
+
+
+def test_bad_rank_settings_are_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(ckptbench.UsageError, match="ranks must be at least 1"):
+        _config(tmp_path, 0)
+    with pytest.raises(ckptbench.UsageError, match="load_ranks needs ranks"):
+        ckptbench.RunConfig(preset="tiny", load_ranks=2)
+    with pytest.raises(ckptbench.UsageError, match="needs ranks"):
+        ranked.run(ckptbench.RunConfig(preset="tiny", out=tmp_path))
+    out = str(tmp_path / "cli")
+    for argv in (["--load-ranks", "2"], ["--ranks", "0"], ["--ranks", "2", "--strategies", "nosuch"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["run", "--preset", "tiny", "--out", out, *argv])
+        assert exit_info.value.code == 2
+    assert "unknown strategy 'nosuch'" in capsys.readouterr().err
+    assert not (tmp_path / "cli" / "results.csv").exists()
+
+
+def test_under_torchrun_the_world_must_hold_every_rank(tmp_path, monkeypatch):
+    env = {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "3", "MASTER_ADDR": "h"}
+    for name, value in {**env, "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert launch.under_torchrun()
+    with pytest.raises(ckptbench.UsageError, match="torchrun started 3 processes; --ranks 2 --load-ranks 1 needs 2"):
+        ranked.run(_config(tmp_path, 2, 1), "ts+chunks")
+
+
+def test_a_results_file_from_before_the_rank_columns_still_reads(tmp_path):
+    older = COLUMNS[: COLUMNS.index("schema_version") + 1]
+    row = frame([Row("r", "t", "tiny", "pytorch", config_json({}), 0, 238, 1, 2, save_s=1.0, verified=True)])
+    path = tmp_path / "results.csv"
+    row[older].to_csv(path, index=False)
+    read = read_results(path)
+    assert list(read.columns) == COLUMNS
+    assert read["save_s"].tolist() == [1.0]
+    assert read["ranks"].isna().all()
+    assert read["rank_times"].tolist() == [""]
+
+
+def _ranked_rows() -> pd.DataFrame:
+    rows = []
+    for ranks, load_ranks, seconds in ((1, 1, 4.0), (2, 2, 2.5), (4, 4, 2.0), (2, 1, 3.0)):
+        for name in ("dcp", "ts+chunks"):
+            measured = {"save_s": seconds, "load_cold_s": seconds / 2, "ranks": ranks, "load_ranks": load_ranks}
+            rows.append(Row("r", "t", "tiny", name, "{}", 0, 238, 1, 10**7, verified=True, **measured))
+    return frame(rows)
+
+
+def test_the_scaling_figure_and_table_put_time_against_ranks(tmp_path, capsys):
+    rows = _ranked_rows()
+    figure = scaling.figure(rows)
+    save_ax, load_ax = figure.axes
+    assert [t.get_text() for t in save_ax.get_xticklabels()] == ["1", "2", "4"]
+    assert len(save_ax.lines) >= 2  # a line per strategy
+    assert len(load_ax.lines) >= 4  # resharded points apart
+    table = scaling.table(rows)
+    assert table.loc["dcp", "save s, 4->4 ranks"] == "2"
+    assert table.loc["dcp", "save s, 2->1 ranks"] == "3"
+
+    results = tmp_path / "results.csv"
+    rows.to_csv(results, index=False)
+    assert main(["plot", "--by", "ranks", "--results", str(results)]) == 0
+    assert (tmp_path / f"{scaling.STEM}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows.assign(ranks=None, load_ranks=None).to_csv(results, index=False)
+    assert main(["plot", "--by", "ranks", "--results", str(results)]) == 1
+    assert "no completed results with ranks" in capsys.readouterr().err
+
+
+def test_the_docs_blocks_for_ranks_come_from_the_forms_and_a_results_file(tmp_path):
+    assert docs.regenerate(check=True, documents=("docs/drafts/ranks.md",)) == []
+    assert "`ts+ocdbt+per-process` | each rank writes its rows into its own OCDBT database" in docs.render("forms")
+    results = tmp_path / "results.csv"
+    _ranked_rows().to_csv(results, index=False)
+    assert "| `dcp` | 4 | 3 | 2.5 | 2 | 2 | 1.5 | 1.25 | 1 |" in docs.render(f"ranks {results}")
+
+
+@pytest.mark.slow
+def test_two_ranks_save_and_one_loads_from_the_command_line(tmp_path):
+    """The issue's own command, bit-exact for dcp, ts+chunks and OCDBT both ways."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "ckptbench", "run", "--preset", "tiny", "--ranks", "2", "--load-ranks", "1"]
+    command += ["--strategies", "dcp,ts+chunks,ts+ocdbt", "--out", str(out), "--no-drift", "--no-warmup"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "2->1 ranks" in done.stdout
+    assert "NOT VERIFIED" not in done.stdout
+    _check_rows(read_results(out / "results.csv"), PLANNED, 2, 1)
+    assert _leftovers(out) == []
+    assert (out / f"{scaling.STEM}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_one_rank_saves_and_two_load_and_a_corrupted_rank_fails_the_row(tmp_path):
+    corrupt = Faulty("ts+chunks+corrupt", get_strategy("ts+chunks"), fault="corrupt")
+    outcome = ranked.run(_config(tmp_path, 1, 2), [*PLANNED[:3], corrupt], limits=FAKE_LIMITS)
+    rows = read_results(tmp_path / "out" / "results.csv")
+    _check_rows(rows[rows["strategy"] != corrupt.name], PLANNED, 1, 2)
+    (bad,) = rows[rows["strategy"] == corrupt.name].itertuples()
+    assert not bad.verified  # rank 0's rows were right; rank 1's were not
+    assert bad.error == ""
+    assert [p.ok for p in outcome.phases] == [True] * 4 + [False]
+    assert _leftovers(tmp_path / "out") == []
+
+
+@pytest.mark.slow
+def test_two_ranks_save_and_load_and_kept_checkpoints_verify_in_one_process(tmp_path):
+    strategies = "dcp,ts+chunks,ts+ocdbt,pytorch,safetensors"
+    config = _config(tmp_path, 2, keep_checkpoints=True)
+    outcome = ranked.run(config, strategies, limits=FAKE_LIMITS)
+    names = [*PLANNED, "pytorch", "safetensors"]
+    assert [p.strategy for p in outcome.phases] == names
+    _check_rows(read_results(config.out / "results.csv"), names, 2, 2)
+    environment = json.loads((config.out / "runs" / f"{outcome.run_id}.json").read_text())
+    assert environment["ranks"]["save"] == 2
+    assert environment["ranks"]["launcher"] == "spawn"
+    assert len(list((config.out / "dcp").glob("*.distcp"))) == 2 * 4  # two ranks, four writer threads each
+    assert sorted(p.name for p in (config.out / "ts+ocdbt+per-process").glob("ocdbt.process_*")) == [
+        "ocdbt.process_0",
+        "ocdbt.process_1",
+    ]
+    for name in names:
+        found = checkpoint.verify(config.out / name)
+        assert found.intact, (name, found.damage)
+        assert found.tensors == 238
+
+
+def _fails(tmp_path: Path, fault: str, **settings) -> tuple[launch.RankFailed, float]:
+    """Run a strategy that fails on rank 1; the error and how long after the fault it ended the run."""
+    faulty = Faulty("faulty", get_strategy("ts+chunks"), fault=fault)
+    config = _config(tmp_path, 2, **settings)
+    with pytest.raises(launch.RankFailed) as failure:
+        ranked.run(config, ["ts+chunks", faulty], limits=FAKE_LIMITS)
+    after = time.time() - float((config.out / FAULT_TIME).read_text())
+    rows = read_results(config.out / "results.csv")
+    assert rows["strategy"].tolist() == ["ts+chunks", "faulty"]  # the interrupted repeat is a failed row
+    assert rows["verified"].tolist() == [True, False]
+    assert rows["error"].iloc[1] == str(failure.value)
+    assert _leftovers(config.out) == []  # nothing complete-looking, nothing partial
+    return failure.value, after
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_run_at_once_naming_it(tmp_path):
+    failure, after = _fails(tmp_path, "kill")
+    assert failure.rank == 1
+    assert str(failure) == "rank 1 failed: killed by SIGKILL, without a Python error"
+    assert after < 15
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_ends_the_run_with_its_message(tmp_path):
+    failure, after = _fails(tmp_path, "raise")
+    assert str(failure) == "rank 1 failed: ValueError: boom on rank 1"
+    assert after < 15
+
+
+@pytest.mark.slow
+def test_a_rank_that_hangs_is_named_after_the_timeout(tmp_path):
+    failure, after = _fails(tmp_path, "hang", rank_timeout_s=10.0)
+    assert failure.rank == 1
+    assert "did not reach a barrier within 10 s" in str(failure)
+    assert 10 <= after < 10 + 15
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_torchrun_starts_the_same_command_as_ranks(tmp_path):
+    """What runs across hosts: torchrun starts every process, each joins as its rank, rank 0 records."""
+    out = tmp_path / "out"
+    command = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "ckptbench", "run", "--preset", "tiny"]
+    command += ["--strategies", "ts+ocdbt", "--out", str(out), "--no-drift", "--no-warmup"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_results(out / "results.csv")
+    _check_rows(rows, ["ts+ocdbt", "ts+ocdbt+per-process"], 2, 2)
+    (environment,) = (out / "runs").glob("*.json")
+    assert json.loads(environment.read_text())["ranks"]["launcher"] == "torchrun"

@@ -122,7 +122,7 @@ def probe(directory: Path, settings: ProbeSettings, backend: probes.Backend | No
     backend = backend or probes.backend()
     directory.mkdir(parents=True, exist_ok=True)
     needed = settings.total_bytes + settings.small_files * max(settings.small_file_bytes, 4096)
-    ensure_free(directory, needed, f"the {settings.total_bytes / _MIB:.0f} MiB disk probe")
+    ensure_free(directory, needed, f"the disk probe ({settings.total_bytes / _MIB:.0f} MiB of streams, small files)")
     work = directory / f".limits-probe{PARTIAL}{os.getpid()}"
     taken: dict[str, probes.Measured] = {}
     try:

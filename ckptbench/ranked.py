@@ -285,7 +285,7 @@ class RankedBenchmark(Benchmark):
         held = _shards(config, world.rank, self.saving_ranks, self.loading_ranks)
         self.shards, self.expected = held.save, held.expected
         super().__init__(config, checkpoint=held.shapes, limits=limits, log=log if world.rank == 0 else _quiet)
-        self.run_id, self._token = self.everyone.broadcast((self.run_id, self._token))
+        self.run_id = self.everyone.broadcast(self.run_id)
         self._layout = self.everyone.broadcast(
             manifest.layout(held.shapes.tensors, held.digests) if world.rank == 0 else None
         )
@@ -358,7 +358,7 @@ class RankedBenchmark(Benchmark):
         self._warm.add(strategy.name)
 
     def _path(self, name: str) -> Path:
-        return self.everyone.broadcast(disk.working_name(self.out, name, self._token) if self._lead else None)
+        return self.everyone.broadcast(self.storage.working(name) if self._lead else None)
 
     def _repeat(self, strategy: Strategy, repeat: int) -> Row:
         started = time.perf_counter()

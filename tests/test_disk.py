@@ -293,7 +293,7 @@ def test_phase_runs_when_the_estimate_just_fits(make_bench, tiny, monkeypatch):
 def test_probe_refuses_when_the_disk_is_too_small_and_says_it_is_the_probe(make_bench, monkeypatch):
     bench = make_bench(limits=None)
     _free(monkeypatch, 1 << 20)
-    with pytest.raises(InsufficientDiskSpaceError, match="the 64 MiB disk probe needs"):
+    with pytest.raises(InsufficientDiskSpaceError, match=r"the disk probe \(64 MiB of streams, small files\) needs"):
         bench.prepare()
     assert _leftovers(bench.out) == []
 

@@ -131,7 +131,7 @@ def test_probe_refuses_a_disk_without_room(tmp_path, monkeypatch):
         raise InsufficientDiskSpaceError(str(directory), needed, 0, what)
 
     monkeypatch.setattr(limits, "ensure_free", refuse)
-    with pytest.raises(InsufficientDiskSpaceError, match="the 4 MiB disk probe"):
+    with pytest.raises(InsufficientDiskSpaceError, match=r"the disk probe \(4 MiB of streams"):
         limits.probe(tmp_path, TINY, probes.Threads())
     assert list(tmp_path.iterdir()) == []
 

@@ -23,7 +23,7 @@ import ckptbench
 from ckptbench import checkpoint, docs, launch, manifest, model, ranked, scaling
 from ckptbench.cli import main
 from ckptbench.errors import UsageError
-from ckptbench.limits import Limits
+from ckptbench.limits import CACHE_DIR, Limits
 from ckptbench.results import COLUMNS, Row, config_json, frame, read_results
 from ckptbench.shards import Ranks, block_rows, contiguous_stride, row_range
 from ckptbench.strategies import Strategy, TensorStoreOptions, from_config, get_strategy, sharded
@@ -42,7 +42,7 @@ def _config(tmp_path: Path, ranks: int, load_ranks: int | None = None, **setting
 
 def _leftovers(out: Path) -> list[str]:
     """Anything that looks like a checkpoint, complete or not."""
-    return sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "runs")
+    return sorted(p.name for p in out.iterdir() if p.is_dir() and p.name not in ("runs", CACHE_DIR))
 
 
 def _check_rows(rows: pd.DataFrame, names: list[str], ranks: int, load_ranks: int) -> None:

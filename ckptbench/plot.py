@@ -81,19 +81,23 @@ def _bars(
     else:
         ax.bar(x, stats["median"], width, color=colors, yerr=spread, capsize=3, error_kw={"lw": 1}, **style)
     for xi, median, top in zip(x, stats["median"], stats["max"], strict=True):
-        if np.isnan(median):
-            continue
-        point, offset = ((top, xi), (2, 0)) if horizontal else ((xi, top), (0, 2))
-        ax.annotate(
-            _value(median),
-            point,
-            xytext=offset,
-            textcoords="offset points",
-            ha="left" if horizontal else "center",
-            va="center" if horizontal else "bottom",
-            fontsize=7,
-            rotation=0 if horizontal or width > 0.5 else 90,
-        )
+        _label(ax, xi, median, top, horizontal, fontsize=7, rotation=0 if horizontal or width > 0.5 else 90)
+
+
+def _label(ax: Axes, xi: float, median: float, at: float, horizontal: bool, **style) -> None:
+    """A bar's median written just beyond ``at`` (its whisker's end, or the bar's own end)."""
+    if np.isnan(median):
+        return
+    point, offset = ((at, xi), (2, 0)) if horizontal else ((xi, at), (0, 2))
+    ax.annotate(
+        _value(median),
+        point,
+        xytext=offset,
+        textcoords="offset points",
+        ha="left" if horizontal else "center",
+        va="center" if horizontal else "bottom",
+        **style,
+    )
 
 
 def _floor_marks(ax: Axes, x: np.ndarray, floor: pd.Series, width: float, horizontal: bool) -> None:
@@ -113,19 +117,7 @@ def _inner_bars(ax: Axes, x: np.ndarray, medians: pd.Series, width: float, horiz
     else:
         ax.bar(x, medians, width, color=BLOCKING_BAR)
     for xi, median in zip(x, medians, strict=True):
-        if np.isnan(median):
-            continue
-        point, offset = ((median, xi), (2, 0)) if horizontal else ((xi, median), (0, 2))
-        ax.annotate(
-            _value(median),
-            point,
-            xytext=offset,
-            textcoords="offset points",
-            ha="left" if horizontal else "center",
-            va="center" if horizontal else "bottom",
-            fontsize=6,
-            color="white",
-        )
+        _label(ax, xi, median, median, horizontal, fontsize=6, color="white")
 
 
 def _line(ax: Axes, value: float, color: str, style: str, label: str, horizontal: bool) -> None:

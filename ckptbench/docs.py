@@ -79,6 +79,14 @@ def _summary(path: str) -> str:
     return markdown(table.rename_axis("strategy"))
 
 
+def _untimed(path: str) -> str:
+    """Where a run's wall time went: per strategy, the timed regions and each untimed part, summed over repeats."""
+    results = _results(path)
+    table = report.time_spent(results)
+    table.index = [f"`{n}`" for n in table.index]
+    return markdown(table.rename_axis("strategy"))
+
+
 def _choices(path: str) -> str:
     results = _results(path)
     table = report.choices_table(summarize(results))
@@ -129,6 +137,7 @@ def _cloud(path: str, rtt_ms: str = str(cloud.RTT_MS), concurrency: str = str(cl
 
 
 KINDS: dict[str, Callable[..., str]] = {
+    "untimed": _untimed,
     "csv": _csv,
     "choices": _choices,
     "strategies": strategies_markdown,

@@ -115,6 +115,32 @@ def choices_table(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["question", "use", "measured", "next"])
 
 
+TIME_PARTS = {
+    "save_s": "save",
+    "load_cold_s": "cold load",
+    "load_warm_s": "warm load",
+    "warmup_s": "warm-up",
+    "evict_s": "eviction",
+    "verify_s": "verification",
+    "cleanup_s": "deletion",
+    "overhead_s": "all untimed",
+}
+"""What a repeat's wall time is made of: the timed regions, then the harness's work around them."""
+
+
+def time_spent(results: pd.DataFrame) -> pd.DataFrame:
+    """Minutes per strategy in each part of its repeats, summed over them, with the rows' span as a total."""
+    done = results[results["error"] == ""]
+    parts = done.groupby("strategy", sort=False)[list(TIME_PARTS)].sum(min_count=1)
+    table = parts.reindex(ordered(done["strategy"])) / 60
+    table = table.rename(columns={k: f"{v} min" for k, v in TIME_PARTS.items()}).map(sig)
+    stamps = pd.to_datetime(results["timestamp"], format="%Y-%m-%dT%H:%M:%S%z", errors="coerce").dropna()
+    if len(stamps) > 1:
+        span = (stamps.max() - stamps.min()).total_seconds() / 60
+        table.loc["first to last row"] = [""] * (len(table.columns) - 1) + [f"{sig(span)} (wall)"]
+    return table
+
+
 def styled_summary(summary: pd.DataFrame, baseline: str = BASELINE) -> Styler:
     """The summary table, the baseline's row shaded and unverified strategies in red."""
     return (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 import pytest
 
@@ -69,3 +71,18 @@ def test_phases_show_the_measured_run_then_measure_again_when_re_run(make_bench)
     assert again.ok
     assert len(bench.store.read()) == 3
     assert phases("t5x") is None  # not selected
+
+
+def test_time_spent_sums_each_part_per_strategy_and_spans_the_rows():
+    rows = [
+        _row(0, save_s=60.0, load_cold_s=30.0, load_warm_s=30.0, evict_s=6.0, verify_s=12.0, cleanup_s=18.0),
+        _row(1, save_s=60.0, load_cold_s=30.0, load_warm_s=30.0, evict_s=6.0, verify_s=12.0, cleanup_s=18.0),
+    ]
+    frame = pd.DataFrame([dataclasses.asdict(r) for r in rows]).assign(
+        timestamp=["2026-11-30T10:00:00+0000", "2026-11-30T10:05:00+0000"]
+    )
+    table = report.time_spent(frame)
+    assert table.loc["pytorch", "save min"] == "2"
+    assert table.loc["pytorch", "deletion min"] == "0.6"
+    assert table.loc["pytorch", "warm-up min"] == ""  # not recorded: blank, not zero
+    assert table.loc["first to last row", "all untimed min"] == "5 (wall)"

@@ -144,6 +144,8 @@ class Claim:
     """All must hold for HELD; any that clearly fails makes it NOT HELD."""
     store: Literal["file", "s3"] = "file"
     """The store whose runs judge it: the study measured a local disk; a cloud claim needs object storage."""
+    model_tensors: int | None = None
+    """The claim is about a model with this many tensors: a run of another model (2 layers) does not judge it."""
 
     @property
     def strategies(self) -> tuple[str, ...]:
@@ -209,6 +211,7 @@ CLAIMS: tuple[Claim, ...] = (
         f"every approach saved {EXPECTED_TENSORS} tensors",
         f"{EXPECTED_TENSORS} tensors in every checkpoint",
         (Each("tensors", EXPECTED_TENSORS),),
+        model_tensors=EXPECTED_TENSORS,
     ),
     Claim("verified", "every approach verified", "every load bit-exact", (Each("verified", True),)),
     Claim(

@@ -109,6 +109,11 @@ def judge(claim: Claim, results: pd.DataFrame, run_drift: float | None) -> dict[
         return _table_row(
             claim, f"not measured: {', '.join(missing)}", NOT_MEASURED, "a strategy it compares did not run"
         )
+    if claim.model_tensors is not None and not results["tensors"].eq(claim.model_tensors).any():
+        counts = ", ".join(str(n) for n in sorted(set(results["tensors"].dropna().astype(int))))
+        return _table_row(
+            claim, f"this run's model has {counts} tensors", NOT_MEASURED, f"about a model of {claim.model_tensors}"
+        )
     measured, outcomes = [], []
     for criterion in claim.criteria:
         if isinstance(criterion, Each):

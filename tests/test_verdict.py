@@ -163,6 +163,13 @@ def test_every_approach_claims_are_exact():
     assert verdict.check(_results({})).set_index("key").loc["verified", "verdict"] == NOT_MEASURED
 
 
+def test_the_238_tensors_claim_is_not_judged_on_another_model():
+    results = _results(tensors=dict.fromkeys(STUDY_LIKE, 22))
+    row = verdict.check(results).set_index("key").loc["tensors"]
+    assert row["verdict"] == NOT_MEASURED
+    assert row["measured"] == "this run's model has 22 tensors"
+
+
 def test_criteria_read_as_their_ratio_and_limit():
     criterion = Criterion(Ratio("save_s", "ts+chunks", "tensorstore"), "<=", 0.2)
     assert str(criterion) == "ts+chunks save / tensorstore save <= 0.2"

@@ -72,7 +72,7 @@ class Limits:
     fresh_copy_gbps: float | None = None
     """Copy into never-touched memory, page faults included: the best over the thread counts."""
     tool: str = ""
-    """``fio 3.33`` when fio measured the disk, ``builtin`` when Python threads did."""
+    """``fio 3.33`` when fio measured the disk, ``builtin`` when Python threads did; on S3, one object through boto3."""
     write_by_streams: dict[int, float] = field(default_factory=dict)
     read_by_streams: dict[int, float] = field(default_factory=dict)
     files_by_writers: dict[int, float] = field(default_factory=dict)

@@ -311,6 +311,7 @@ class S3Storage(Storage):
             read_gbps=size / statistics.median(reads) / 1e9,
             probe_bytes=size,
             probe_s=sum(writes) + sum(reads),
+            tool="one object, boto3",
         )
 
 

@@ -165,7 +165,7 @@ def targets_table(table: pd.DataFrame) -> pd.DataFrame:
         {
             "figure": table["label"],
             "value": table["value"].map(sig),
-            "target": table["target"],
+            "target": table["target"].fillna(""),
             "met": table["met"].map({True: "yes", False: "NO"}).fillna(""),
         }
     )

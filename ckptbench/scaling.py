@@ -27,15 +27,27 @@ def ranked_rows(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def table(results: pd.DataFrame) -> pd.DataFrame:
-    """Median save and cold-load seconds, a line per strategy, a column per plan (ranks saving -> loading)."""
+    """Median save and cold-load seconds, a line per strategy, a column per plan (ranks saving -> loading).
+
+    A plan every one of whose repeats failed says ``failed``, so a missing measurement is never a blank.
+    """
     rows = ranked_rows(results)
-    rows = rows.assign(plan=[(int(n), int(m)) for n, m in zip(rows["ranks"], rows["load_ranks"], strict=True)])
-    medians = rows.pivot_table(index="strategy", columns="plan", values=["save_s", "load_cold_s"], aggfunc="median")
-    medians = medians.reindex(index=ordered(rows["strategy"]), columns=["save_s", "load_cold_s"], level=0)
-    medians.columns = [
-        f"{'save' if what == 'save_s' else 'cold load'} s, {n}->{m} ranks" for what, (n, m) in medians.columns
+    tried = results[results["ranks"].notna() & (results["preset"] == rows["preset"].iloc[-1])]
+    tried = tried.assign(plan=[(int(n), int(m)) for n, m in zip(tried["ranks"], tried["load_ranks"], strict=True)])
+    done = tried.loc[tried.index.isin(rows.index)]
+    plans = sorted(set(tried["plan"]))
+    medians = done.pivot_table(index="strategy", columns="plan", values=["save_s", "load_cold_s"], aggfunc="median")
+    columns = pd.MultiIndex.from_product([["save_s", "load_cold_s"], plans])
+    shown = medians.reindex(index=ordered(tried["strategy"]), columns=columns).map(sig)
+    failed = set(zip(tried["strategy"], tried["plan"], strict=True)) - set(
+        zip(done["strategy"], done["plan"], strict=True)
+    )
+    for name, plan in failed:
+        shown.loc[name, [("save_s", plan), ("load_cold_s", plan)]] = "failed"
+    shown.columns = [
+        f"{'save' if what == 'save_s' else 'cold load'} s, {n}->{m} ranks" for what, (n, m) in shown.columns
     ]
-    return medians.map(sig).rename_axis(None)
+    return shown.rename_axis(None)
 
 
 def _medians(rows: pd.DataFrame, x: str, column: str) -> pd.DataFrame:

@@ -224,6 +224,14 @@ def test_the_scaling_figure_and_table_put_time_against_ranks(tmp_path, capsys):
     assert "no completed results with ranks" in capsys.readouterr().err
 
 
+def test_a_plan_whose_every_repeat_failed_says_failed_in_the_table():
+    killed = Row("r", "t", "tiny", "ts+best", "{}", 0, 238, 1, 10**7, ranks=2, load_ranks=2, error="rank 1 failed")
+    table = scaling.table(pd.concat([_ranked_rows(), frame([killed])], ignore_index=True))
+    assert table.loc["ts+best", "save s, 2->2 ranks"] == "failed"
+    assert table.loc["ts+best", "cold load s, 2->2 ranks"] == "failed"
+    assert table.loc["dcp", "save s, 2->2 ranks"] == "2.5"
+
+
 def test_the_docs_blocks_for_ranks_come_from_the_forms_and_a_results_file(tmp_path):
     assert "`ts+ocdbt+per-process` | each rank writes its rows into its own OCDBT database" in docs.render("forms")
     results = tmp_path / "results.csv"

@@ -22,7 +22,7 @@ from .strategies import STRATEGIES
 from .study import EIGHT_WAY, GROUPS, ordered
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = ("README.md", "8WAY_COMPARISON_GUIDE.md", "docs/results/README.md")
+DOCUMENTS = ("README.md", "8WAY_COMPARISON_GUIDE.md", "docs/results/README.md", "docs/reference/ranks.md")
 _BLOCK = re.compile(r"(<!-- ckptbench:(?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /ckptbench -->)", re.DOTALL)
 
 

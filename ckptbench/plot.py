@@ -175,8 +175,8 @@ def comparison_figure(results: pd.DataFrame, *, baseline: str = BASELINE, title:
         fig.subplots_adjust(left=0.12, right=0.98, top=1 - 1.45 / fig.get_figheight(), bottom=1.1 / fig.get_figheight())
         fig.subplots_adjust(wspace=0.35)
     else:
-        fig = Figure(figsize=(max(16.0, 2.0 * len(order)), 6.4))
-        fig.subplots_adjust(left=0.05, right=0.99, top=0.82, bottom=0.26, wspace=0.22)
+        fig = Figure(figsize=(max(16.0, 2.0 * len(order)), 7.0))
+        fig.subplots_adjust(left=0.05, right=0.99, top=0.82, bottom=0.3, wspace=0.22)
     top = fig.subplotpars.top
     fig.suptitle(
         title or "Checkpoint I/O: the 8-way comparison", fontsize=15, fontweight="bold", y=top + (1 - top) * 0.8
@@ -252,7 +252,7 @@ def comparison_figure(results: pd.DataFrame, *, baseline: str = BASELINE, title:
         Line2D([], [], color=FLOOR, linewidth=2, label=_floor_label(results)),
         Line2D([], [], color=MODEL, linestyle=":", label=f"model in memory ({model_gb:.3g} GB)"),
     ]
-    fig.legend(handles=handles, loc="lower center", ncol=3 if horizontal else 4, fontsize=9, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=9, frameon=False)
     return fig
 
 

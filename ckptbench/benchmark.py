@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import pandas as pd
+import psutil
 import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, disk, environment, manifest
 from . import model as model_lib
-from .errors import UsageError, VerificationError
+from .errors import InsufficientMemoryError, UsageError, VerificationError
 from .limits import Limits, ProbeSettings
 from .measure import Measurement, measure
 from .objectstore import Requests, check_endpoint, parse_url
@@ -311,6 +312,10 @@ class Benchmark:
             for tensor in into.values():
                 tensor.view(-1).view(torch.uint8).fill_(_POISON)
         total = self.checkpoint.nbytes if into is None else total_bytes(into)
+        needed = int(self.checkpoint.nbytes * strategy.load_copies()) - (0 if into is None else total)
+        available = psutil.virtual_memory().available
+        if needed > available:
+            raise InsufficientMemoryError(f"{label} load", needed, available)
         with (
             self._bar(f"{label} load", total) as bar,
             self.storage.counting() as counted,

@@ -53,6 +53,16 @@ class InsufficientDiskSpaceError(CkptbenchError):
         self.needed, self.free = needed, free
 
 
+class InsufficientMemoryError(CkptbenchError):
+    """Refused before loading: the load would take more memory than is available, and the kernel would kill the run."""
+
+    def __init__(self, what: str, needed: int, available: int) -> None:
+        super().__init__(
+            f"not enough memory: {what} needs about {needed / 1e9:.2f} GB, {available / 1e9:.2f} GB are available"
+        )
+        self.needed, self.available = needed, available
+
+
 class OutputFolderError(CkptbenchError):
     """An output folder that cannot be created or written (read-only, no permission)."""
 

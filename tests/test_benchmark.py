@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import ckptbench
-from ckptbench import Benchmark, RunConfig, TorchSave, UnknownChoiceError, UsageError, get_strategy
+from ckptbench import Benchmark, RunConfig, TorchSave, UnknownChoiceError, UsageError, benchmark, get_strategy
 from ckptbench import limits as limits_lib
 from ckptbench.results import COLUMNS, SCHEMA_VERSION
 from ckptbench.verify import verify
@@ -271,3 +272,22 @@ def test_a_local_model_path_names_the_preset(tmp_path):
     with pytest.raises(ckptbench.ModelSourceError):
         bench.prepare()
     assert not (tmp_path / "out").exists()
+
+
+def test_a_load_that_would_not_fit_in_memory_is_refused_as_a_failed_row(make_bench, tiny, monkeypatch):
+    bench = make_bench(warmup=False)
+    memory = SimpleNamespace(available=tiny.nbytes - 1, total=2**34)
+    monkeypatch.setattr(benchmark.psutil, "virtual_memory", lambda: memory)
+    phase = bench.run_phase("pytorch")
+    assert not phase.ok
+    assert phase.error.startswith("InsufficientMemoryError: not enough memory: pytorch [1/1] cold load needs about")
+    (row,) = bench.store.read().itertuples()
+    assert row.strategy == "pytorch"
+    assert row.error == phase.error
+    memory.available = tiny.nbytes
+    assert bench.run_phase("pytorch").ok
+
+
+def test_orbax_asks_for_two_copies_of_the_model_to_restore():
+    assert get_strategy("orbax").load_copies() == 2.0
+    assert get_strategy("ts+best").load_copies() == 1.0

@@ -114,6 +114,10 @@ class Strategy(ABC):
     def estimate_bytes(self, tensors: Tensors) -> int:
         """An upper bound of the disk space a save needs, checked before writing."""
 
+    def load_copies(self) -> float:
+        """Copies of the model a load into fresh tensors holds at its peak, checked against free memory first."""
+        return 1.0
+
 
 class SingleFile(Strategy):
     """A library that writes the whole mapping into one file; subclasses say how it is written and read.

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 
 try:
@@ -52,6 +53,19 @@ def save_checkpoint(strategy: Strategy, tensors, path: Path, progress=lambda n: 
 
 def load_checkpoint(strategy: Strategy, path: Path, progress=lambda n: None):
     return checkpoint.load(strategy, path, progress)
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Every name in ``directory`` (none when it does not exist), sorted."""
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def dead_pid() -> int:
+    """The process id of a process that has just exited: what a dead run's leftovers carry in their names."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not psutil.pid_exists(child.pid), "the pid was reused at once; cannot make a dead run's leftovers"
+    return child.pid
 
 
 @pytest.fixture(scope="session")

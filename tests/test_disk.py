@@ -18,17 +18,13 @@ import torch
 import ckptbench
 from ckptbench import EIGHT_WAY, CheckpointError, InsufficientDiskSpaceError, disk, get_strategy
 
-from conftest import load_checkpoint
+from conftest import dead_pid, leftovers, load_checkpoint
 
 PACKAGE_ROOT = Path(ckptbench.__file__).resolve().parents[1]
 
 
 def _ignore(nbytes: int) -> None:
     pass
-
-
-def _leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
 class InterruptingTensors(Mapping):
@@ -56,13 +52,6 @@ def _staged(final: Path, save: Callable[[Path], None]) -> None:
         save(partial)
 
 
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    assert not psutil.pid_exists(child.pid), "the pid was reused at once; cannot make a dead writer's partial"
-    return child.pid
-
-
 @pytest.mark.parametrize("name", ["tensorstore", "ts+ocdbt"])
 def test_interrupted_save_leaves_no_checkpoint_and_no_partial(name, tiny, tmp_path):
     strategy = get_strategy(name)
@@ -80,7 +69,7 @@ def test_interrupted_save_leaves_no_checkpoint_and_no_partial(name, tiny, tmp_pa
     assert [p.name for p in partials] == [f".{name}.partial-{os.getpid()}-0"]
     assert written, "the save was interrupted before it wrote anything"
     assert not final.exists()
-    assert _leftovers(final.parent) == []
+    assert leftovers(final.parent) == []
     with pytest.raises(CheckpointError):
         load_checkpoint(strategy, final)
 
@@ -101,7 +90,7 @@ def test_interrupt_from_progress_after_data_was_written(name, tiny, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _staged(final, save)
     assert seen, "nothing was on disk when the save was interrupted"
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
     with pytest.raises(CheckpointError):
         load_checkpoint(strategy, final)
 
@@ -112,7 +101,7 @@ def test_staged_success_renames_into_place(tiny, tmp_path):
         get_strategy("pytorch").save(tiny.tensors, partial, _ignore)
         assert not final.exists()
     assert final.is_dir()
-    assert _leftovers(final.parent) == ["pytorch"]
+    assert leftovers(final.parent) == ["pytorch"]
     assert (final / "model.pt").is_file()
 
 
@@ -125,7 +114,7 @@ def test_staged_never_writes_into_an_existing_partial(tmp_path):
         assert partial != old
         assert list(partial.iterdir()) == []
         (partial / "data").write_text("new")
-    assert _leftovers(tmp_path) == [old.name, "ckpt"]
+    assert leftovers(tmp_path) == [old.name, "ckpt"]
     assert (final / "data").read_text() == "new"
     assert (old / "junk").read_text() == "someone else's"
 
@@ -146,25 +135,15 @@ def test_discard_renames_before_deleting(tmp_path, monkeypatch):
     disk.discard(final)
     assert removing
     assert ".partial-" in removing[0]
-    assert _leftovers(tmp_path) == []
-
-
-def test_install_replaces_a_checkpoint_without_a_moment_of_two_or_a_half(tmp_path):
-    final, source = tmp_path / "ckpt", tmp_path / ".ckpt.work-1-x"
-    for directory, text in ((final, "old"), (source, "new")):
-        directory.mkdir()
-        (directory / "data").write_text(text)
-    disk.install(source, final)
-    assert (final / "data").read_text() == "new"
-    assert _leftovers(tmp_path) == ["ckpt"]
+    assert leftovers(tmp_path) == []
 
 
 def test_clean_stale_removes_dead_runs_partials_and_working_copies_only(tmp_path):
-    dead = tmp_path / f".tensorstore.partial-{_dead_pid()}-0"
-    dead_working = tmp_path / f".pytorch.work-{_dead_pid()}-abc123"
+    dead = tmp_path / f".tensorstore.partial-{dead_pid()}-0"
+    dead_working = tmp_path / f".pytorch.work-{dead_pid()}-abc123"
     live = tmp_path / f".tensorstore.partial-{os.getpid()}-0"
     live_working = tmp_path / f".pytorch.work-{os.getpid()}-abc123"
-    dead_file = tmp_path / f".disk-probe.partial-{_dead_pid()}"
+    dead_file = tmp_path / f".disk-probe.partial-{dead_pid()}"
     not_a_pid = tmp_path / ".t5x.partial-abc"
     complete = tmp_path / "tensorstore"
     for directory in (dead, dead_working, live, live_working, not_a_pid, complete):
@@ -185,7 +164,7 @@ def test_clean_stale_removes_dead_runs_partials_and_working_copies_only(tmp_path
 
 def test_benchmark_prepare_cleans_stale_partials(make_bench, tmp_path):
     out = tmp_path / "out"
-    dead = out / f".ts+chunks.partial-{_dead_pid()}-0"
+    dead = out / f".ts+chunks.partial-{dead_pid()}-0"
     live = out / f".ts+chunks.partial-{os.getpid()}-0"
     for directory in (dead, live):
         directory.mkdir(parents=True)
@@ -259,7 +238,7 @@ def test_ensure_free_boundary(tmp_path, monkeypatch):
 def test_phase_refuses_before_writing_when_the_disk_is_too_small(name, warmup, make_bench, tiny, tmp_path, monkeypatch):
     bench = make_bench(warmup=warmup)
     bench.prepare()
-    before = _leftovers(bench.out)
+    before = leftovers(bench.out)
     needed = get_strategy(name).estimate_bytes(tiny.tensors)
     _free(monkeypatch, needed - 1)
     created: list[Path] = []
@@ -275,7 +254,7 @@ def test_phase_refuses_before_writing_when_the_disk_is_too_small(name, warmup, m
     assert phase.error.startswith("InsufficientDiskSpaceError: not enough free disk")
     assert "the next checkpoint needs about" in phase.error
     assert not any(".partial-" in p.name or p.name == name for p in created)
-    assert _leftovers(bench.out) == sorted([*before, "results.csv"])
+    assert leftovers(bench.out) == sorted([*before, "results.csv"])
     (row,) = bench.store.read().itertuples()
     assert row.strategy == name
     assert row.error == phase.error
@@ -295,7 +274,7 @@ def test_probe_refuses_when_the_disk_is_too_small_and_says_it_is_the_probe(make_
     _free(monkeypatch, 1 << 20)
     with pytest.raises(InsufficientDiskSpaceError, match=r"the disk probe \(64 MiB of streams, small files\) needs"):
         bench.prepare()
-    assert _leftovers(bench.out) == []
+    assert leftovers(bench.out) == []
 
 
 def test_evict_accounts_for_files_and_sizes(tmp_path):
@@ -318,4 +297,4 @@ def test_remove_trees_files_and_absent_paths(tmp_path):
     disk.remove(tmp_path / "t")
     disk.remove(tmp_path / "file")
     disk.remove(tmp_path / "absent")
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []

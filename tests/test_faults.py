@@ -17,14 +17,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import pytest
 
 from ckptbench import checkpoint, disk, plot, read_results
@@ -32,7 +30,7 @@ from ckptbench.limits import CACHE_DIR
 from ckptbench.manifest import MANIFEST
 from ckptbench.results import COLUMNS
 
-from conftest import QUICK, one_line_error, rows, run, start
+from conftest import QUICK, dead_pid, one_line_error, rows, run, start
 
 pytestmark = pytest.mark.slow  # every test here runs ckptbench as a process, several of them more than once
 _TIMEOUT = 600
@@ -370,16 +368,9 @@ def test_a_damaged_results_file_loses_no_row(damage, kept_aside, kept, tmp_path)
 # --- two runs, one folder -------------------------------------------------------------------------------------
 
 
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    assert not psutil.pid_exists(child.pid), "the pid was reused at once"
-    return child.pid
-
-
 def test_two_runs_on_one_folder_both_finish_and_lose_no_row(kept, tmp_path):
     out = shutil.copytree(kept, tmp_path / "out")
-    dead = _dead_pid()
+    dead = dead_pid()
     stale = [
         out / f".tensorstore{disk.WORKING}{dead}-abc123",
         out / f".pytorch{disk.WORKING}{dead}-abc123{disk.PARTIAL}{dead}-0",

@@ -7,13 +7,10 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
-import psutil
 import pytest
 
 from ckptbench import (
@@ -31,28 +28,22 @@ from ckptbench.checkpoint import _disk_full
 from ckptbench.strategies import MiB
 from ckptbench.verify import verify
 
-from conftest import load_checkpoint, save_checkpoint
-
-
-def _leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
-
-
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    assert not psutil.pid_exists(child.pid), "the pid was reused at once; cannot make a dead run's leftovers"
-    return child.pid
-
+from conftest import dead_pid, leftovers, load_checkpoint, save_checkpoint
 
 # --- replacing, cleaning, the output folder ---------------------------------------------------------------------
 
 
-def test_install_exchanges_so_the_name_always_holds_a_checkpoint(tmp_path, monkeypatch):
+def _old_and_new(tmp_path: Path) -> tuple[Path, Path]:
+    """A complete checkpoint holding "old" and a staged one holding "new", to install over it."""
     final, source = tmp_path / "ckpt", tmp_path / ".ckpt.work-1-x"
     for directory, text in ((final, "old"), (source, "new")):
         directory.mkdir()
         (directory / "data").write_text(text)
+    return final, source
+
+
+def test_install_exchanges_so_the_name_always_holds_a_checkpoint(tmp_path, monkeypatch):
+    final, source = _old_and_new(tmp_path)
     seen: list[str] = []
     real_remove = disk.remove
 
@@ -64,7 +55,7 @@ def test_install_exchanges_so_the_name_always_holds_a_checkpoint(tmp_path, monke
     disk.install(source, final)
     assert seen == ["new"]
     assert (final / "data").read_text() == "new"
-    assert _leftovers(tmp_path) == ["ckpt"]
+    assert leftovers(tmp_path) == ["ckpt"]
 
 
 def test_two_installs_at_once_both_succeed_and_leave_one_checkpoint(tmp_path):
@@ -80,7 +71,7 @@ def test_two_installs_at_once_both_succeed_and_leave_one_checkpoint(tmp_path):
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(install_many, ["a", "b"]))
     assert (final / "data").read_text() in {"a29", "b29"}
-    assert _leftovers(tmp_path) == ["ckpt"]
+    assert leftovers(tmp_path) == ["ckpt"]
 
 
 def test_install_without_exchange_falls_back_to_two_renames(tmp_path, monkeypatch):
@@ -88,17 +79,14 @@ def test_install_without_exchange_falls_back_to_two_renames(tmp_path, monkeypatc
         raise OSError(errno.EINVAL, "Invalid argument", str(source))
 
     monkeypatch.setattr(disk, "_renameat2", unsupported)
-    final, source = tmp_path / "ckpt", tmp_path / ".ckpt.work-1-x"
-    for directory, text in ((final, "old"), (source, "new")):
-        directory.mkdir()
-        (directory / "data").write_text(text)
+    final, source = _old_and_new(tmp_path)
     disk.install(source, final)
     assert (final / "data").read_text() == "new"
-    assert _leftovers(tmp_path) == ["ckpt"]
+    assert leftovers(tmp_path) == ["ckpt"]
 
 
 def test_a_stale_entry_is_cleaned_by_one_of_two_cleaners_and_a_live_deletion_is_left_alone(tmp_path):
-    dead = _dead_pid()
+    dead = dead_pid()
     stale = [tmp_path / f".t{n}{disk.WORKING}{dead}-abc" for n in range(20)]
     for path in stale:
         (path / "sub").mkdir(parents=True)
@@ -107,7 +95,7 @@ def test_a_stale_entry_is_cleaned_by_one_of_two_cleaners_and_a_live_deletion_is_
     with ThreadPoolExecutor(2) as pool:
         cleaned = list(pool.map(disk.clean_stale, [tmp_path, tmp_path]))
     assert sorted(cleaned[0] + cleaned[1]) == sorted(stale)
-    assert _leftovers(tmp_path) == [being_deleted.name]
+    assert leftovers(tmp_path) == [being_deleted.name]
 
 
 def test_an_output_folder_under_a_file_or_unwritable_is_refused(tmp_path, monkeypatch):
@@ -115,7 +103,7 @@ def test_an_output_folder_under_a_file_or_unwritable_is_refused(tmp_path, monkey
     with pytest.raises(UsageError, match="file is a file, not a folder"):
         disk.check_folder(tmp_path / "file" / "out")
     disk.check_folder(tmp_path / "new" / "out")
-    assert _leftovers(tmp_path) == ["file"]
+    assert leftovers(tmp_path) == ["file"]
     monkeypatch.setattr(disk.os, "access", lambda path, mode: False)
     with pytest.raises(OutputFolderError, match=rf"output folder {tmp_path / 'new'}: {tmp_path}: permission denied"):
         disk.check_folder(tmp_path / "new")

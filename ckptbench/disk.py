@@ -12,6 +12,7 @@ import itertools
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,6 +33,9 @@ _WORKERS = 64
 """Threads for the walks over a checkpoint's top-level entries: syscall-bound (unlink, fadvise), so many help
 (deleting 100k files in 200 folders: 64 threads were quicker than 8 or 32 on this machine)."""
 _AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
+_QUIET_S = 0.25
+"""How long a failed save's folder must stay gone before its writer's library is taken to have stopped."""
+_QUIET_TIMEOUT_S = 60.0
 
 
 def sync_filesystem(path: Path) -> None:
@@ -115,6 +119,28 @@ def remove(path: Path) -> None:
     with ThreadPoolExecutor(_WORKERS) as pool:
         list(pool.map(lambda p: shutil.rmtree(p) if p.is_dir() else p.unlink(), _entries(path)))
     path.rmdir()
+
+
+def remove_when_quiet(path: Path) -> None:
+    """Delete what a failed save wrote, again and again until it stays gone.
+
+    A library can report a failure before the writes it queued have ended: TensorStore resolves a
+    failed write at its first error, then still writes every chunk it had queued, creating their
+    folders again. A removal racing those writes meets a folder that fills up as it empties.
+    """
+    deadline = time.monotonic() + _QUIET_TIMEOUT_S
+    while True:
+        try:
+            remove(path)
+        except OSError as err:  # a file appeared (ENOTEMPTY) or vanished (ENOENT) under the walk
+            if err.errno not in (errno.ENOTEMPTY, errno.ENOENT) or time.monotonic() > deadline:
+                raise
+            continue
+        time.sleep(_QUIET_S)
+        if not path.exists():
+            return
+        if time.monotonic() > deadline:
+            raise OSError(errno.ENOTEMPTY, f"still written to {_QUIET_TIMEOUT_S:g} s after the save failed", str(path))
 
 
 def ensure_free(directory: Path, needed: int, what: str = "the next checkpoint") -> None:
@@ -217,8 +243,11 @@ def staged(final: Path) -> Iterator[Path]:
         sync_filesystem(partial)
         os.replace(partial, final)
         fsync_directory(final.parent)
-    except BaseException:
-        remove(partial)
+    except BaseException as failure:
+        try:
+            remove_when_quiet(partial)
+        except OSError as err:  # what stopped the save is the news; a later run removes this dead writer's partial
+            failure.add_note(f"{partial} was left behind: {err}")
         raise
 
 

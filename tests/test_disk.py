@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -117,6 +119,35 @@ def test_staged_never_writes_into_an_existing_partial(tmp_path):
     assert leftovers(tmp_path) == [old.name, "ckpt"]
     assert (final / "data").read_text() == "new"
     assert (old / "junk").read_text() == "someone else's"
+
+
+def test_a_failed_save_whose_library_goes_on_writing_leaves_nothing_and_keeps_its_error(tmp_path):
+    """TensorStore resolves a failed write at its first error and then writes its queued chunks, making folders."""
+    final = tmp_path / "ckpt"
+    stop = threading.Event()
+
+    def late_writes(partial: Path) -> None:
+        for n in itertools.count():
+            if stop.wait(0.001) or n > 2000:
+                return
+            chunk = partial / "tensor" / f"{n}.0"
+            chunk.parent.mkdir(parents=True, exist_ok=True)
+            chunk.write_bytes(b"late")
+
+    writers: list[threading.Thread] = []
+
+    def failing_save() -> None:
+        with disk.staged(final) as partial:
+            writers.append(threading.Thread(target=late_writes, args=(partial,)))
+            writers[0].start()
+            threading.Timer(0.2, stop.set).start()
+            time.sleep(0.05)
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        failing_save()
+    writers[0].join()
+    assert leftovers(tmp_path) == []
 
 
 def test_discard_renames_before_deleting(tmp_path, monkeypatch):

@@ -90,16 +90,22 @@ def _judge(criterion: Criterion, span: Interval) -> str:
     return HELD if low and high else NOT_HELD if not (low or high) else INCONCLUSIVE
 
 
-def _each(results: pd.DataFrame, each: Each) -> tuple[str, str, str]:
+def _exact(results: pd.DataFrame, eaches: list[Each]) -> tuple[list[str], str]:
+    """Each criterion's verdict, and what was measured: the approaches run, then each condition or who broke it."""
     present = [n for n in EIGHT_WAY if n in set(results["strategy"])]
     if not present:
-        return NOT_MEASURED, "none of the eight was run", "exact"
+        return [NOT_MEASURED] * len(eaches), "none of the eight was run"
     rows = results[results["strategy"].isin(present)]
-    failing = sorted(set(rows.loc[rows[each.column] != each.value, "strategy"]), key=present.index)
-    scope = f"{len(present)} of {len(EIGHT_WAY)} approaches run"
-    if not failing:
-        return HELD, f"{scope}, each with {each.column} = {each.value}", "exact"
-    return NOT_HELD, f"{scope}; not {each.column} = {each.value}: {', '.join(failing)}", "exact"
+    verdicts, held, broken = [], [], []
+    for each in eaches:
+        failing = sorted(set(rows.loc[rows[each.column] != each.value, "strategy"]), key=present.index)
+        verdicts.append(NOT_HELD if failing else HELD)
+        if failing:
+            broken.append(f"; not {each.column} = {each.value}: {', '.join(failing)}")
+        else:
+            held.append(f"{each.column} = {each.value}")
+    text = f"{len(present)} of {len(EIGHT_WAY)} approaches run" + (f", each with {' and '.join(held)}" if held else "")
+    return verdicts, text + "".join(broken)
 
 
 def judge(claim: Claim, results: pd.DataFrame, run_drift: float | None) -> dict[str, str]:
@@ -115,18 +121,18 @@ def judge(claim: Claim, results: pd.DataFrame, run_drift: float | None) -> dict[
             claim, f"this run's model has {counts} tensors", NOT_MEASURED, f"about a model of {claim.model_tensors}"
         )
     measured, outcomes = [], []
-    for criterion in claim.criteria:
-        if isinstance(criterion, Each):
-            verdict, text, method = _each(results, criterion)
-            measured.append(text)
-        else:
-            span = interval(results, criterion.ratio, run_drift)
-            if span is None:
-                missing = f"no {METRICS[criterion.ratio.metric]} recorded"
-                return _table_row(claim, missing, NOT_MEASURED, f"needs a run on a {claim.store} store")
-            verdict, method = _judge(criterion, span), span.method
-            measured.append(f"{criterion.ratio} = {span}")
-        outcomes.append((verdict, str(criterion), method))
+    eaches = [c for c in claim.criteria if isinstance(c, Each)]
+    if eaches:
+        verdicts, text = _exact(results, eaches)
+        measured.append(text)
+        outcomes += [(v, str(c), "exact") for v, c in zip(verdicts, eaches, strict=True)]
+    for criterion in (c for c in claim.criteria if not isinstance(c, Each)):
+        span = interval(results, criterion.ratio, run_drift)
+        if span is None:
+            missing = f"no {METRICS[criterion.ratio.metric]} recorded"
+            return _table_row(claim, missing, NOT_MEASURED, f"needs a run on a {claim.store} store")
+        measured.append(f"{criterion.ratio} = {span}")
+        outcomes.append((_judge(criterion, span), str(criterion), span.method))
     shown = "; ".join(dict.fromkeys(measured))
     for outcome, label in ((NOT_MEASURED, "not measured"), (NOT_HELD, "fails"), (INCONCLUSIVE, "straddles its limit")):
         picked = [(c, m) for v, c, m in outcomes if v == outcome]

@@ -163,6 +163,14 @@ def test_every_approach_claims_are_exact():
     assert verdict.check(_results({})).set_index("key").loc["verified", "verdict"] == NOT_MEASURED
 
 
+def test_the_238_tensors_claim_needs_every_load_to_give_them_back():
+    results = _results()
+    results.loc[results["strategy"] == "ts+float16", "verified"] = False  # a load that lost a tensor
+    row = verdict.check(results).set_index("key").loc["tensors"]
+    assert row["verdict"] == NOT_HELD
+    assert "not verified = True: ts+float16" in row["measured"]
+
+
 def test_the_238_tensors_claim_is_not_judged_on_another_model():
     results = _results(tensors=dict.fromkeys(STUDY_LIKE, 22))
     row = verdict.check(results).set_index("key").loc["tensors"]

@@ -28,7 +28,7 @@ from . import checkpoint, disk, environment, manifest
 from . import model as model_lib
 from .errors import InsufficientMemoryError, UsageError, VerificationError
 from .limits import Limits, ProbeSettings
-from .measure import Measurement, measure
+from .measure import Measurement, measure, return_freed_memory
 from .objectstore import Requests, check_endpoint, parse_url
 from .results import ResultsStore, Row, config_json, frame, summarize
 from .storage import FILE, Location, open_storage
@@ -313,6 +313,7 @@ class Benchmark:
                 tensor.view(-1).view(torch.uint8).fill_(_POISON)
         total = self.checkpoint.nbytes if into is None else total_bytes(into)
         needed = int(self.checkpoint.nbytes * strategy.load_copies()) - (0 if into is None else total)
+        return_freed_memory()
         available = psutil.virtual_memory().available
         if needed > available:
             raise InsufficientMemoryError(f"{label} load", needed, available)

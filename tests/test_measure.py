@@ -33,6 +33,19 @@ def test_peak_rss_grows_when_allocating_and_touching_200_mb():
     assert timing.peak_rss >= 150 * MB, f"peak {timing.peak_rss / MB:.0f} MB above the start"
 
 
+def test_memory_an_earlier_region_freed_is_not_lent_to_the_next():
+    """Heap pages freed before a region stay resident unless returned; reused inside it, they would hide its growth."""
+    freed, survivors = [], []
+    for _ in range(3000):
+        freed.append(np.ones(100_000, np.uint8))
+        survivors.append(np.ones(2000, np.uint8))  # keeps each freed piece off the top of the heap, where it stays
+    del freed
+    with measure() as timing:
+        held = [np.ones(100_000, np.uint8) for _ in range(3000)]  # below malloc's mmap threshold: from its heap
+    assert timing.peak_rss >= 200 * MB, f"peak {timing.peak_rss / MB:.0f} MB above the start for 300 MB allocated"
+    del held, survivors
+
+
 def test_peak_rss_is_small_without_allocation():
     with measure() as timing:
         time.sleep(0.05)

@@ -121,26 +121,30 @@ def remove(path: Path) -> None:
     path.rmdir()
 
 
-def remove_when_quiet(path: Path) -> None:
-    """Delete what a failed save wrote, again and again until it stays gone.
+def remove_failed(path: Path, failure: BaseException) -> None:
+    """Delete what a failed save wrote, again and again until it stays gone; ``failure`` stays the error.
 
     A library can report a failure before the writes it queued have ended: TensorStore resolves a
     failed write at its first error, then still writes every chunk it had queued, creating their
-    folders again. A removal racing those writes meets a folder that fills up as it empties.
+    folders again (and other ranks may still be writing theirs). A removal racing those writes meets a
+    folder that fills up as it empties. If it never empties, what stopped the save is still the news:
+    the leftover is named in a note, and a later run removes this dead writer's partial.
     """
     deadline = time.monotonic() + _QUIET_TIMEOUT_S
     while True:
         try:
             remove(path)
         except OSError as err:  # a file appeared (ENOTEMPTY) or vanished (ENOENT) under the walk
-            if err.errno not in (errno.ENOTEMPTY, errno.ENOENT) or time.monotonic() > deadline:
-                raise
-            continue
+            if err.errno in (errno.ENOTEMPTY, errno.ENOENT) and time.monotonic() < deadline:
+                continue
+            failure.add_note(f"{path} was left behind: {err}")
+            return
         time.sleep(_QUIET_S)
         if not path.exists():
             return
         if time.monotonic() > deadline:
-            raise OSError(errno.ENOTEMPTY, f"still written to {_QUIET_TIMEOUT_S:g} s after the save failed", str(path))
+            failure.add_note(f"{path} was left behind: still written to {_QUIET_TIMEOUT_S:g} s after the save failed")
+            return
 
 
 def ensure_free(directory: Path, needed: int, what: str = "the next checkpoint") -> None:
@@ -244,10 +248,7 @@ def staged(final: Path) -> Iterator[Path]:
         os.replace(partial, final)
         fsync_directory(final.parent)
     except BaseException as failure:
-        try:
-            remove_when_quiet(partial)
-        except OSError as err:  # what stopped the save is the news; a later run removes this dead writer's partial
-            failure.add_note(f"{partial} was left behind: {err}")
+        remove_failed(partial, failure)
         raise
 
 

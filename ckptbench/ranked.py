@@ -404,9 +404,9 @@ class RankedBenchmark(Benchmark):
         try:
             timing = None if self.saving is None else self._save_shards(strategy, entries, partial, path)
             self.everyone.barrier()  # committed before any rank evicts or reads it
-        except BaseException:
+        except BaseException as failure:
             if self._lead:
-                disk.remove(partial)
+                disk.remove_failed(partial, failure)
             raise
         return timing
 

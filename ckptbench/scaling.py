@@ -17,13 +17,15 @@ from .study import ordered
 STEM = "ranks_scaling"
 
 
-def ranked_rows(results: pd.DataFrame) -> pd.DataFrame:
-    """The completed rows of runs with ranks, of the model whose row came last."""
-    rows = succeeded(results)
-    rows = rows[rows["ranks"].notna()]
-    if rows.empty:
+def ranked_rows(results: pd.DataFrame, completed: bool = True) -> pd.DataFrame:
+    """The rows of runs with ranks (only the completed ones unless ``completed`` is False), of the model whose
+    completed row came last."""
+    rows = results[results["ranks"].notna()]
+    done = succeeded(rows)
+    if done.empty:
         raise ValueError("no completed results with ranks to draw (measure some with `run --ranks N`)")
-    return rows[rows["preset"] == rows["preset"].iloc[-1]]
+    chosen = done if completed else rows
+    return chosen[chosen["preset"] == done["preset"].iloc[-1]]
 
 
 def table(results: pd.DataFrame) -> pd.DataFrame:
@@ -31,10 +33,9 @@ def table(results: pd.DataFrame) -> pd.DataFrame:
 
     A plan every one of whose repeats failed says ``failed``, so a missing measurement is never a blank.
     """
-    rows = ranked_rows(results)
-    tried = results[results["ranks"].notna() & (results["preset"] == rows["preset"].iloc[-1])]
+    tried = ranked_rows(results, completed=False)
     tried = tried.assign(plan=[(int(n), int(m)) for n, m in zip(tried["ranks"], tried["load_ranks"], strict=True)])
-    done = tried.loc[tried.index.isin(rows.index)]
+    done = succeeded(tried)
     plans = sorted(set(tried["plan"]))
     medians = done.pivot_table(index="strategy", columns="plan", values=["save_s", "load_cold_s"], aggfunc="median")
     columns = pd.MultiIndex.from_product([["save_s", "load_cold_s"], plans])

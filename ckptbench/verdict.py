@@ -101,11 +101,11 @@ def _exact(results: pd.DataFrame, eaches: list[Each]) -> tuple[list[str], str]:
         failing = sorted(set(rows.loc[rows[each.column] != each.value, "strategy"]), key=present.index)
         verdicts.append(NOT_HELD if failing else HELD)
         if failing:
-            broken.append(f"; not {each.column} = {each.value}: {', '.join(failing)}")
+            broken.append(f"not {each.column} = {each.value}: {', '.join(failing)}")
         else:
             held.append(f"{each.column} = {each.value}")
-    text = f"{len(present)} of {len(EIGHT_WAY)} approaches run" + (f", each with {' and '.join(held)}" if held else "")
-    return verdicts, text + "".join(broken)
+    scope = f"{len(present)} of {len(EIGHT_WAY)} approaches run" + (f", each with {' and '.join(held)}" if held else "")
+    return verdicts, "; ".join([scope, *broken])
 
 
 def judge(claim: Claim, results: pd.DataFrame, run_drift: float | None) -> dict[str, str]:

@@ -288,6 +288,14 @@ def test_a_load_that_would_not_fit_in_memory_is_refused_as_a_failed_row(make_ben
     assert bench.run_phase("pytorch").ok
 
 
-def test_orbax_asks_for_two_copies_of_the_model_to_restore():
-    assert get_strategy("orbax").load_copies() == 2.0
-    assert get_strategy("ts+best").load_copies() == 1.0
+def test_a_strategy_whose_load_holds_more_copies_is_refused_sooner(make_bench, tiny, monkeypatch):
+    """The check asks each strategy how many copies its load holds: Orbax's two do not fit where one does."""
+    assert get_strategy("orbax").load_copies() > get_strategy("ts+best").load_copies()
+    bench = make_bench(warmup=False)
+    memory = SimpleNamespace(available=int(tiny.nbytes * 1.5), total=2**34)
+    monkeypatch.setattr(benchmark.psutil, "virtual_memory", lambda: memory)
+    assert bench.run_phase("pytorch").ok
+    monkeypatch.setattr(TorchSave, "load_copies", lambda self: get_strategy("orbax").load_copies())
+    phase = bench.run_phase("pytorch")
+    assert not phase.ok
+    assert phase.error.startswith("InsufficientMemoryError: not enough memory")

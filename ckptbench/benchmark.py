@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, get_args
 
 import pandas as pd
 import psutil
@@ -26,22 +25,19 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, disk, environment, manifest
 from . import model as model_lib
-from .errors import InsufficientMemoryError, UsageError, VerificationError
+from .bitwise import check_identical
+from .config import Order, RunConfig
+from .errors import InsufficientMemoryError, VerificationError
 from .limits import Limits, ProbeSettings
 from .measure import Measurement, measure, return_freed_memory
-from .objectstore import Requests, check_endpoint, parse_url
-from .results import ResultsStore, Row, config_json, frame, summarize
-from .storage import FILE, Location, open_storage
+from .objectstore import Requests
+from .results import ResultsFile, Row, config_json, frame, summarize
+from .storage import Location, open_storage
 from .strategies import Strategy, Tensors, get_strategy, nbytes, total_bytes
 from .study import ordered
-from .verify import verify
 
 WARMUP_BYTES = 64 << 20
 _DRIFT_MIN, _DRIFT_MAX = 32 << 20, 256 << 20
-Order = Literal["interleaved", "shuffled", "sequential"]
-ORDERS: tuple[str, ...] = get_args(Order)
-LoadInto = Literal["fresh", "existing"]
-LOAD_INTO: tuple[str, ...] = get_args(LoadInto)
 _POISON = 0xFF
 """Every byte of the existing tensors before each load: a load that skipped a tensor cannot verify."""
 
@@ -54,84 +50,6 @@ def _warmup_subset(tensors: Tensors) -> OrderedDict[str, torch.Tensor]:
         if total + size <= WARMUP_BYTES:
             subset[name], total = tensor, total + size
     return subset
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """What a run measures and how; validated when made, so a bad setting fails before anything is written."""
-
-    preset: str = model_lib.DEFAULT_PRESET
-    model_path: Path | None = None
-    """A local Hugging Face Llama directory; replaces the preset."""
-    out: Path = Path("saved_models")
-    repeats: int = 1
-    order: Order = "interleaved"
-    """interleaved: repeat 1 of every strategy, then repeat 2, ...; shuffled: the same, each round in a
-    seeded random order; sequential: every repeat of one strategy before the next."""
-    keep_checkpoints: bool = False
-    warmup: bool = True
-    drift: bool = True
-    """Probe the disk briefly before every repeat, so each row says how fast the disk was at the time."""
-    reprobe: bool = False
-    """Measure the disk's limits again even when the output folder holds today's for its filesystem."""
-    seed: int = 0
-    results_file: str = "results.csv"
-    progress: bool = True
-    store: str = FILE
-    """Where checkpoints are written: ``file`` (``out``) or ``s3://bucket/prefix`` (credentials from AWS_*)."""
-    s3_endpoint: str | None = None
-    """The S3 server's URL, e.g. ``http://127.0.0.1:8333`` (``python -m ckptbench s3-server``); None is AWS."""
-    s3_rtt_ms: float | None = None
-    """Round-trip time to inject in front of ``s3_endpoint`` with a delay proxy on loopback (no netem here);
-    0 routes through the proxy without delay, to measure what the proxy itself costs."""
-    load_into: LoadInto = "fresh"
-    """fresh: every load returns new tensors; existing: it reads into tensors shaped like the model, allocated
-    and touched outside the timers (what resuming a live model does)."""
-    ranks: int | None = None
-    """Save with this many processes, each holding its row shard of every tensor (``ckptbench.ranked``);
-    None: one process, no process group."""
-    load_ranks: int | None = None
-    """Load with this many processes (default: ``ranks``); another number reshards."""
-    rank_timeout_s: float = 900.0
-    """How long any collective waits for a rank before the run fails naming it: longer than the slowest phase."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "out", Path(self.out))
-        if self.model_path is not None:
-            object.__setattr__(self, "model_path", Path(self.model_path))
-        else:
-            model_lib.get_preset(self.preset)
-        if self.repeats < 1:
-            raise UsageError(f"repeats must be at least 1, got {self.repeats}")
-        if self.seed < 0:
-            raise UsageError(f"seed must be 0 or more, got {self.seed}")
-        if self.order not in ORDERS:
-            raise UsageError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
-        disk.refuse_file_in_the_way(self.out)
-        if self.store == FILE:
-            if self.s3_endpoint is not None or self.s3_rtt_ms is not None:
-                raise UsageError("--s3-endpoint and --s3-rtt-ms need an s3:// --store")
-        else:
-            parse_url(self.store)
-            if self.s3_endpoint is not None:
-                check_endpoint(self.s3_endpoint)
-        if self.s3_rtt_ms is not None and self.s3_rtt_ms < 0:
-            raise UsageError(f"--s3-rtt-ms must be 0 or more, got {self.s3_rtt_ms:g}")
-        if self.load_into not in LOAD_INTO:
-            raise UsageError(f"load_into must be one of {', '.join(LOAD_INTO)}, got {self.load_into!r}")
-        if self.ranks is not None and self.ranks < 1:
-            raise UsageError(f"ranks must be at least 1, got {self.ranks}")
-        if self.load_ranks is not None and (self.ranks is None or self.load_ranks < 1):
-            raise UsageError(f"load_ranks needs ranks and must be at least 1, got {self.load_ranks}")
-        if self.rank_timeout_s <= 0:
-            raise UsageError(f"rank_timeout_s must be positive, got {self.rank_timeout_s}")
-        if self.ranks is not None and self.store != FILE:
-            raise UsageError("--ranks writes to a shared filesystem (--out); an s3:// --store is one process only")
-
-    @property
-    def label(self) -> str:
-        """The model as results name it: the preset, or ``local:DIR`` for real weights."""
-        return self.preset if self.model_path is None else f"local:{self.model_path.name}"
 
 
 @dataclass
@@ -153,16 +71,6 @@ class PhaseResult:
     @property
     def frame(self) -> pd.DataFrame:
         return frame(self.rows)
-
-    def _repr_html_(self) -> str:
-        from .report import phase_table
-
-        return phase_table(self).to_html()
-
-    def __repr__(self) -> str:
-        from .report import phase_table
-
-        return phase_table(self).to_string()
 
 
 class _Stopwatch:
@@ -190,7 +98,7 @@ class Benchmark:
     """One benchmark session: a model, an output folder, and the rows measured so far.
 
     Phases can run in any order and be re-run; a re-run replaces that strategy's rows in
-    ``results`` (this session's view) and appends to the results store (the history).
+    ``results`` (this session's view) and appends to the results file (the history).
     """
 
     def __init__(
@@ -207,9 +115,9 @@ class Benchmark:
         self.limits = limits
         self.log = log
         self.run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        self.store = ResultsStore(self.config.out, self.config.results_file)
+        self.results_file = ResultsFile(self.config.out, self.config.results_file)
         self.storage = open_storage(self.config.store, self.config.out, self.config.s3_endpoint, self.config.s3_rtt_ms)
-        """Where the checkpoints go (``config.store``); ``store`` is the results'."""
+        """Where the checkpoints go (``config.store``); ``results_file`` is where the rows go."""
         self.prepare_s = 0.0
         """Set-up so far: building or loading the model, cleaning leftovers, probing the limits."""
         self.probe_s = 0.0
@@ -240,9 +148,9 @@ class Benchmark:
             tensors = self.checkpoint.tensors
             self._layout = manifest.layout(tensors, manifest.digests(tensors))
         self.out.mkdir(parents=True, exist_ok=True)
-        kept = self.store.check()
+        kept = self.results_file.check()
         if kept is not None:
-            self.log(f"{self.store.csv} could not be appended to safely; kept it as {kept.name}")
+            self.log(f"{self.results_file.csv} could not be appended to safely; kept it as {kept.name}")
         for stale in self.storage.clean_stale():
             self.log(f"removed the leftovers of an interrupted run: {stale}")
         if self.limits is None:
@@ -250,8 +158,8 @@ class Benchmark:
             self.limits = self.storage.limits(settings, reprobe=self.config.reprobe)
             self.probe_s += self.limits.probe_s
         self.prepare_s += time.perf_counter() - started
-        if not self.store.environment_path(self.run_id).exists():
-            self.store.write_environment(self.run_id, self.environment())
+        if not self.results_file.environment_path(self.run_id).exists():
+            self.results_file.write_environment(self.run_id, self.environment())
         return self.checkpoint
 
     def environment(self) -> dict:
@@ -329,7 +237,7 @@ class Benchmark:
 
     def _verified(self, strategy: Strategy, loaded: Tensors, path: Location) -> bool:
         try:
-            verify(loaded, self.checkpoint.tensors, f"{strategy.name} checkpoint {path}")
+            check_identical(loaded, self.checkpoint.tensors, f"{strategy.name} checkpoint {path}")
         except VerificationError as err:
             self.log(f"VERIFICATION FAILED: {err}")
             return False
@@ -462,7 +370,7 @@ class Benchmark:
                 f"cold load {row.load_cold_s:.2f} s, warm load {row.load_warm_s:.2f} s, "
                 f"{row.bytes / 1e9:.3f} GB in {row.files} files, {'verified' if row.verified else 'NOT VERIFIED'}"
             )
-        self.store.append([row])
+        self.results_file.append([row])
         return row
 
     def _skipped(self, strategy: Strategy) -> str | None:
@@ -516,7 +424,8 @@ class Benchmark:
             rows = self._rows[strategy.name]
             error = failed.get(strategy.name)
             if error is None and not all(r.verified for r in rows):
-                error = f"{strategy.name}: a load did not match what was saved (rows recorded in {self.store.csv})"
+                recorded = self.results_file.csv
+                error = f"{strategy.name}: a load did not match what was saved (rows recorded in {recorded})"
             results.append(PhaseResult(strategy.name, rows, error))
         return results
 

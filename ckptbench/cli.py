@@ -14,9 +14,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import checkpoint, cloud, disk, docs, launch, model, plot, ranked, report, s3server, scaling, sweep, targets
-from .benchmark import LOAD_INTO, ORDERS, Benchmark, PhaseResult, RunConfig
+from .benchmark import Benchmark, PhaseResult
+from .config import LOAD_INTO, ORDERS, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
-from .results import ResultsStore, frame, read_results, summarize
+from .results import ResultsFile, frame, read_results, summarize
 from .storage import FILE, S3Storage
 from .strategies import STRATEGIES
 from .study import BENCH, GROUPS, parse_strategies
@@ -155,7 +156,7 @@ def _finish(bench: Benchmark, phases: list[PhaseResult]) -> int:
     if cloud.is_cloud(bench.results):
         print(f"on {bench.storage.url}; times MODELLED at a real round trip = measured + requests x RTT / concurrency:")
         print(cloud.table(bench.results).to_string())
-    print(f"results: {bench.store.csv}\nenvironment: {bench.store.environment_path(bench.run_id)}")
+    print(f"results: {bench.results_file.csv}\nenvironment: {bench.results_file.environment_path(bench.run_id)}")
     failed = [p for p in phases if not p.ok]
     for phase in failed:
         print(f"error: {phase.strategy}: {phase.error}", file=sys.stderr)
@@ -197,7 +198,7 @@ def _run_ranked(args: argparse.Namespace) -> int:
     results = frame(row for phase in outcome.phases for row in phase.rows)
     print(report.summary_table(summarize(results)).to_string())
     _print_paths(report.export_report(results, args.out))
-    store = ResultsStore(config.out, config.results_file)
+    store = ResultsFile(config.out, config.results_file)
     _print_paths(plot.export(scaling.figure(store.read()), args.out, stem=scaling.STEM))
     print(f"results: {store.csv}\nenvironment: {store.environment_path(outcome.run_id)}")
     failed = [p for p in outcome.phases if not p.ok]

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import cloud, ranked, report, scaling, verdict
+from . import cloud, report, scaling, study, verdict
 from .errors import CkptbenchError
+from .formatting import sig
 from .results import read_results, summarize
 from .strategies import STRATEGIES
 from .study import EIGHT_WAY, GROUPS, ordered
@@ -50,7 +51,7 @@ def strategies_markdown(group: str = "every") -> str:
 
 def forms_table() -> pd.DataFrame:
     """Every strategy's forms with ranks (``run --ranks``): what each rank writes and reads."""
-    forms = ranked.forms("every")
+    forms = study.forms("every")
     return pd.DataFrame({"with ranks": [f.how for f in forms]}, index=[f.name for f in forms]).rename_axis("name")
 
 
@@ -126,7 +127,7 @@ def _csv(path: str, columns: str = "") -> str:
     table = pd.read_csv(ROOT / path)
     if columns:
         table = table[columns.split(",")]
-    shown = table.apply(lambda c: c.map(report.sig) if pd.api.types.is_float_dtype(c) else c)
+    shown = table.apply(lambda c: c.map(sig) if pd.api.types.is_float_dtype(c) else c)
     return markdown(shown, index=False)
 
 

@@ -36,20 +36,19 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import disk, launch, manifest
+from . import disk, launch, manifest, study
 from . import model as model_lib
-from .benchmark import Benchmark, PhaseResult, RunConfig, _Drift, _warmup_subset
-from .errors import CheckpointError, UnknownChoiceError, UsageError, VerificationError
+from .benchmark import Benchmark, PhaseResult, _Drift, _warmup_subset
+from .bitwise import check_identical
+from .config import RunConfig
+from .errors import CheckpointError, UsageError, VerificationError
 from .limits import Limits
 from .manifest import Layout, Manifest
 from .measure import Measurement, measure
-from .results import ResultsStore, Row, frame
+from .results import ResultsFile, Row, frame
 from .shards import Ranks, row_range
-from .strategies import STRATEGIES, Strategy, Tensors
+from .strategies import Strategy, Tensors
 from .strategies.sharded import Sharded
-from .strategies.sharded import forms as forms_of
-from .study import GROUPS
-from .verify import verify
 
 RESULTS_FILE = "ranks.csv"
 """Where the notebook's scaling section keeps its rows, apart from the comparison's."""
@@ -65,48 +64,6 @@ class Outcome:
     phases: list[PhaseResult]
 
 
-def _derived() -> dict[str, Sharded]:
-    """Forms that are not a registered strategy's own name (per-process OCDBT), by name."""
-    found = {}
-    for strategy in STRATEGIES.values():
-        try:
-            found.update((form.name, form) for form in forms_of(strategy) if form.name not in STRATEGIES)
-        except UsageError:
-            continue
-    return found
-
-
-def forms(strategies: str | Iterable[str | Strategy]) -> list[Sharded]:
-    """The forms with ranks of a strategy list: a group, names (``ts+ocdbt`` gives both OCDBT ways; a
-    derived name such as ``ts+ocdbt+per-process`` gives one) or strategies. A strategy named on its own
-    without a form is refused; a group leaves such strategies out (Orbax's checkpointer is one process)."""
-    if isinstance(strategies, str):
-        parts = [part.strip() for part in strategies.split(",") if part.strip()]
-        items = [(name, part in GROUPS) for part in parts for name in GROUPS.get(part, (part,))]
-    else:
-        items = [(item, False) for item in strategies]
-    derived = _derived()
-    chosen: dict[str, Sharded] = {}
-    for item, from_group in items:
-        try:
-            if isinstance(item, Strategy):
-                found = forms_of(item)
-            elif item in STRATEGIES:
-                found = forms_of(STRATEGIES[item])
-            elif item in derived:
-                found = (derived[item],)
-            else:
-                raise UnknownChoiceError("strategy", str(item), [*GROUPS, *STRATEGIES, *derived])
-        except UsageError:
-            if from_group:
-                continue
-            raise
-        chosen.update((form.name, form) for form in found)
-    if not chosen:
-        raise UnknownChoiceError("strategy", str(strategies), [*GROUPS, *STRATEGIES, *derived])
-    return list(chosen.values())
-
-
 def run(
     config: RunConfig, strategies: str | Iterable[str | Strategy] = "all", *, limits: Limits | None = None
 ) -> Outcome | None:
@@ -118,7 +75,7 @@ def run(
     """
     if config.ranks is None:
         raise UsageError("a run with ranks needs ranks (--ranks N)")
-    chosen = forms(strategies)
+    chosen = study.forms(strategies)
     size = max(config.ranks, config.load_ranks or config.ranks)
     if launch.under_torchrun():
         if launch.torchrun_size() != size:
@@ -168,7 +125,7 @@ def _on_rank(world: launch.World, config: RunConfig, chosen: list[Sharded], limi
 def _record_failure(config: RunConfig, mailbox: launch.Mailbox, error: str) -> None:
     pending = mailbox.get(PENDING)
     if pending is not None:
-        ResultsStore(config.out, config.results_file).append([replace(pending, error=" ".join(error.split()))])
+        ResultsFile(config.out, config.results_file).append([replace(pending, error=" ".join(error.split()))])
 
 
 @dataclass(frozen=True)
@@ -333,7 +290,7 @@ class RankedBenchmark(Benchmark):
         row = self._repeat(strategy, repeat)
         if self._lead:
             self.world.mailbox.drop(PENDING)
-            self.store.append([row])
+            self.results_file.append([row])
             times = json.loads(row.rank_times)
             self.log(
                 f"{strategy.name} [{repeat + 1}/{self.config.repeats}] {row.ranks}->{row.load_ranks} ranks: "
@@ -444,7 +401,7 @@ class RankedBenchmark(Benchmark):
             return True
         expected = OrderedDict((e.name, self.expected[e.name]) for e in entries)
         try:
-            verify(loaded, expected, f"{strategy.name} checkpoint {path}, rank {self.world.rank}'s rows")
+            check_identical(loaded, expected, f"{strategy.name} checkpoint {path}, rank {self.world.rank}'s rows")
         except VerificationError as err:
             tqdm.write(f"VERIFICATION FAILED: {err}")
             return False

@@ -225,7 +225,7 @@ def _dated(path: Path, label: str) -> Path:
     )
 
 
-class ResultsStore:
+class ResultsFile:
     """``results.csv`` plus one environment JSON per run, in the output folder."""
 
     def __init__(self, directory: Path, filename: str = "results.csv") -> None:

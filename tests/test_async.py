@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from ckptbench import STRATEGIES, disk, manifest, plot, report
+from ckptbench.bitwise import check_identical
 from ckptbench.manifest import Manifest
 from ckptbench.results import Row, frame, summarize
 from ckptbench.study import ASYNC
-from ckptbench.verify import verify
 
 from conftest import load_checkpoint
 
@@ -41,7 +41,7 @@ def test_an_async_save_keeps_what_it_was_given_when_training_changes_it_at_once(
         Manifest(strategy.name, strategy.config(), layout).write(partial)
     assert sum(written) == tiny.nbytes
     assert set(threading.enumerate()) <= before
-    verify(load_checkpoint(strategy, tmp_path / "ckpt"), original, name)
+    check_identical(load_checkpoint(strategy, tmp_path / "ckpt"), original, name)
 
 
 @pytest.mark.parametrize("name", [n for n in STRATEGIES if n not in ASYNC])

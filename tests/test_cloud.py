@@ -31,7 +31,7 @@ from ckptbench.delayproxy import DelayProxy
 from ckptbench.limits import Limits
 from ckptbench.manifest import MANIFEST
 from ckptbench.objectstore import Prefix
-from ckptbench.results import COLUMNS, ResultsStore, Row
+from ckptbench.results import COLUMNS, ResultsFile, Row
 from ckptbench.s3server import S3Server, S3ServerError
 from ckptbench.storage import S3Storage
 
@@ -419,7 +419,7 @@ def test_the_docs_render_a_cloud_table_from_a_results_file(tmp_path):
         "requests_save": 1600, "bytes_sent": 10**9, "bytes_received": 10**9, "verified": True, "store": "s3://b/p",
         "schema_version": 2,
     }  # fmt: skip
-    ResultsStore(tmp_path).append([Row(**row)])
+    ResultsFile(tmp_path).append([Row(**row)])
     rendered = docs.render(f"cloud {tmp_path / 'results.csv'} 50 16")
     header, _, line = rendered.splitlines()
     assert "save s MODELLED @ 50 ms x 16" in header

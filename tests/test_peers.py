@@ -11,9 +11,9 @@ import torch
 
 import ckptbench
 from ckptbench import EIGHT_WAY, STRATEGIES, Benchmark, RunConfig, TensorStore, TensorStoreOptions, disk, model
+from ckptbench.bitwise import check_identical
 from ckptbench.limits import Limits
 from ckptbench.measure import measure
-from ckptbench.verify import verify
 
 from conftest import load_checkpoint, save_checkpoint
 
@@ -37,7 +37,7 @@ def test_each_extra_strategy_round_trips_bit_exactly(name, tiny, extra_saved):
     path, usage = extra_saved[name]
     loaded = load_checkpoint(STRATEGIES[name], path)
     assert len(loaded) == 238
-    verify(loaded, tiny.tensors, name)
+    check_identical(loaded, tiny.tensors, name)
     assert usage.bytes <= STRATEGIES[name].estimate_bytes(tiny.tensors)
 
 
@@ -76,7 +76,7 @@ def test_lazy_formats_are_materialised_inside_the_load(name, tmp_path):
     with measure() as timing:
         loaded = load_checkpoint(strategy, tmp_path / name)
     assert timing.peak_rss >= 0.9 * nbytes
-    verify(loaded, tensors, name)
+    check_identical(loaded, tensors, name)
 
 
 @pytest.mark.parametrize("inflight", [0, 1 << 20, 1 << 30])
@@ -86,7 +86,7 @@ def test_inflight_overlap_keeps_order_and_bits(inflight, tiny, tmp_path):
     save_checkpoint(strategy, tiny.tensors, tmp_path / "ckpt", progress.append)
     assert sum(progress) == tiny.nbytes
     loaded = load_checkpoint(strategy, tmp_path / "ckpt")
-    verify(loaded, tiny.tensors, f"inflight {inflight}")
+    check_identical(loaded, tiny.tensors, f"inflight {inflight}")
 
 
 @pytest.fixture(scope="module")

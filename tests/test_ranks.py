@@ -20,14 +20,14 @@ import torch
 from ranks_faults import FAULT_TIME, Faulty
 
 import ckptbench
-from ckptbench import checkpoint, docs, launch, manifest, model, ranked, scaling
+from ckptbench import checkpoint, docs, launch, manifest, model, ranked, scaling, study
+from ckptbench.bitwise import check_identical
 from ckptbench.cli import main
 from ckptbench.errors import UsageError
 from ckptbench.limits import CACHE_DIR, Limits
 from ckptbench.results import COLUMNS, Row, config_json, frame, read_results
 from ckptbench.shards import Ranks, block_rows, contiguous_stride, row_range
 from ckptbench.strategies import Strategy, TensorStoreOptions, from_config, get_strategy, sharded
-from ckptbench.verify import verify
 
 PACKAGE_ROOT = Path(ckptbench.__file__).resolve().parents[1]
 FAKE_LIMITS = Limits(write_gbps=1.0, read_gbps=2.0, probe_bytes=0)
@@ -107,21 +107,21 @@ def test_every_registered_strategy_has_a_form_and_ocdbt_has_two():
     for name, strategy in ckptbench.STRATEGIES.items():
         if isinstance(strategy, ckptbench.Orbax):  # one process by design: refused by name, left out of groups
             with pytest.raises(UsageError, match="has no form with ranks"):
-                ranked.forms(name)
+                study.forms(name)
         else:
             assert sharded.forms(get_strategy(name))
-    assert [f.name for f in ranked.forms("dcp,ts+chunks,ts+ocdbt")] == PLANNED
-    assert [f.name for f in ranked.forms("ts+ocdbt+per-process")] == ["ts+ocdbt+per-process"]
-    assert "gather to rank 0, save there" in ranked.forms("pytorch")[0].knobs()["ranks"]
-    assert "gather to rank 0, save there" in ranked.forms("safetensors")[0].knobs()["ranks"]
-    for form in ranked.forms("every"):
+    assert [f.name for f in study.forms("dcp,ts+chunks,ts+ocdbt")] == PLANNED
+    assert [f.name for f in study.forms("ts+ocdbt+per-process")] == ["ts+ocdbt+per-process"]
+    assert "gather to rank 0, save there" in study.forms("pytorch")[0].knobs()["ranks"]
+    assert "gather to rank 0, save there" in study.forms("safetensors")[0].knobs()["ranks"]
+    for form in study.forms("every"):
         assert from_config(form.name, form.config()) == form
 
 
 @pytest.mark.parametrize("name", ["ts+chunks", "ts+zarr3", "ts+ocdbt+per-process"])
 def test_rows_written_by_three_ranks_read_back_by_two_and_by_four(name, tmp_path):
     """Every writer and reader rank in turn in this process (no group: the barriers are no-ops), rows bit-exact."""
-    (form,) = ranked.forms(name)
+    (form,) = study.forms(name)
     generator = torch.Generator().manual_seed(0)
     tensors = {
         "wide": torch.randn(10, 6, generator=generator).half(),
@@ -143,7 +143,7 @@ def test_rows_written_by_three_ranks_read_back_by_two_and_by_four(name, tmp_path
             ranks = Ranks(rank, readers)
             with form.session(ranks, writing=False) as session:
                 loaded = form.load_shards(session, tmp_path, entries, ranks)
-            verify(loaded, {n: rows(ranks, n) for n in tensors}, f"{name}, rank {rank} of {readers}")
+            check_identical(loaded, {n: rows(ranks, n) for n in tensors}, f"{name}, rank {rank} of {readers}")
 
 
 class _Unsharded(Strategy):
@@ -153,9 +153,9 @@ class _Unsharded(Strategy):
 
 def test_a_strategy_without_a_form_is_refused_and_an_unknown_name_too():
     with pytest.raises(ckptbench.UsageError, match="unsharded has no form with ranks"):
-        ranked.forms([_Unsharded()])
+        study.forms([_Unsharded()])
     with pytest.raises(ckptbench.UnknownChoiceError, match="ts\\+ocdbt\\+per-process"):
-        ranked.forms("nosuch")
+        study.forms("nosuch")
 
 
 def test_bad_rank_settings_are_refused_before_anything_runs(tmp_path, capsys):

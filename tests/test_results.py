@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 
-from ckptbench import ResultsStore, get_strategy, read_results, summarize
+from ckptbench import ResultsFile, get_strategy, read_results, summarize
 from ckptbench.errors import ResultsFileError
 from ckptbench.results import COLUMNS, SCHEMA_VERSION, Row, config_json, configs, frame
 
@@ -56,7 +56,7 @@ def test_columns_are_the_row_fields():
 
 
 def test_append_accumulates_rows_under_one_header(tmp_path):
-    store = ResultsStore(tmp_path / "out")
+    store = ResultsFile(tmp_path / "out")
     assert store.read().empty
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -72,7 +72,7 @@ def test_append_accumulates_rows_under_one_header(tmp_path):
 
 
 def test_a_failed_row_round_trips_with_its_error_and_no_numbers(tmp_path):
-    store = ResultsStore(tmp_path)
+    store = ResultsFile(tmp_path)
     failed = Row("run-1", "t", "tiny", "pytorch", "{}", 0, 238, 1, 2, error="DiskFullError: disk full, needs 1 GB")
     store.append([failed, make_row()])
     table = store.read()
@@ -89,7 +89,7 @@ def test_configs_become_columns():
 
 
 def test_a_file_with_another_schema_is_kept_and_a_new_one_started(tmp_path):
-    store = ResultsStore(tmp_path)
+    store = ResultsFile(tmp_path)
     old = "strategy,seconds\npytorch,1.0\ntensorstore,9.0\n"
     store.csv.write_text(old)
     with pytest.warns(UserWarning, match="another schema"):
@@ -100,7 +100,7 @@ def test_a_file_with_another_schema_is_kept_and_a_new_one_started(tmp_path):
 
 
 def test_a_file_cut_short_is_ended_before_the_next_row(tmp_path):
-    store = ResultsStore(tmp_path)
+    store = ResultsFile(tmp_path)
     store.append([make_row("pytorch", 0)])
     with open(store.csv, "a") as f:
         f.write("run-1,2024,tiny,pytorch,{},1,238")  # a writer killed mid-row
@@ -111,7 +111,7 @@ def test_a_file_cut_short_is_ended_before_the_next_row(tmp_path):
 
 
 def test_a_non_utf8_file_is_kept_aside_before_anything_is_measured(tmp_path):
-    store = ResultsStore(tmp_path)
+    store = ResultsFile(tmp_path)
     store.csv.write_bytes(b"\xff\xfe not a csv \x00\x01")
     with pytest.warns(UserWarning, match="not a UTF-8"):
         kept = store.check()
@@ -123,7 +123,7 @@ def test_a_non_utf8_file_is_kept_aside_before_anything_is_measured(tmp_path):
 
 
 def test_a_bad_cell_skips_its_row_only_and_names_the_line(tmp_path):
-    store = ResultsStore(tmp_path)
+    store = ResultsFile(tmp_path)
     store.append([make_row("pytorch", 0), make_row("pytorch", 1), make_row("t5x", 0)])
     lines = store.csv.read_text().splitlines()
     lines[2] = lines[2].replace(",1.0,", ",fast,", 1)
@@ -189,13 +189,13 @@ def test_a_schema_2_file_from_before_load_into_reads_as_fresh_loads(tmp_path):
 
 
 def test_the_load_mode_round_trips(tmp_path):
-    store = ResultsStore(tmp_path)
+    store = ResultsFile(tmp_path)
     store.append([make_row(load_into="existing"), make_row(repeat=1)])
     assert store.read()["load_into"].tolist() == ["existing", "fresh"]
 
 
 def test_environment_json_per_run(tmp_path):
-    store = ResultsStore(tmp_path)
+    store = ResultsFile(tmp_path)
     path = store.write_environment("abc", {"packages": {"torch": "x"}})
     assert path == tmp_path / "runs" / "abc.json"
     assert json.loads(path.read_text()) == {"packages": {"torch": "x"}}
@@ -203,7 +203,7 @@ def test_environment_json_per_run(tmp_path):
 
 
 def _append_many(directory: str, name: str, count: int) -> None:
-    store = ResultsStore(directory)
+    store = ResultsFile(directory)
     for i in range(count):
         store.append([make_row(name, i, config=config_json({"padding": "x" * 3000}))])
 
@@ -218,10 +218,10 @@ def test_two_processes_appending_at_once_lose_no_row(tmp_path):
         assert writer.exitcode == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        table = ResultsStore(tmp_path).read()
+        table = ResultsFile(tmp_path).read()
     assert sorted(table.groupby("strategy").size().items()) == [("a", 150), ("b", 150)]
     assert sorted(table[table["strategy"] == "a"]["repeat"]) == list(range(150))
-    assert ResultsStore(tmp_path).csv.read_text().count("run_id") == 1
+    assert ResultsFile(tmp_path).csv.read_text().count("run_id") == 1
 
 
 def _rows() -> list[Row]:
@@ -237,7 +237,7 @@ def _rows() -> list[Row]:
 def test_summarize_median_min_max(tmp_path, via_csv):
     table = frame(_rows())
     if via_csv:
-        store = ResultsStore(tmp_path)
+        store = ResultsFile(tmp_path)
         store.append(_rows())
         table = store.read()
     summary = summarize(table)

@@ -1,9 +1,11 @@
-"""The harness: each repeat saves, evicts, loads cold, loads warm and verifies one strategy.
+"""The harness: what to measure and when; a ``Cycle`` measures each repeat.
 
-Only the I/O a user would wait for is timed. Building the model, digests, verification, cache
-eviction, size accounting and deletion all happen between the timed regions. A run's settings are
-a frozen ``RunConfig``; a ``Benchmark`` holds what one session has measured. Every phase returns a
-``PhaseResult``; a failure becomes a recorded row and the run goes on.
+A run's settings are a frozen ``RunConfig``; a ``Benchmark`` holds what one session has measured.
+It prepares the run (the model, the results file, the disk's limits), orders the repeats in
+rounds, warms each strategy up and probes the disk's drift before every repeat, and keeps a
+failure as a recorded row while the run goes on. The cycle it is given (one process by default,
+or one rank of many: ``ranked``) saves, evicts, loads, verifies and returns the ``Measured``
+record that ``results.row`` turns into a row. Every phase returns a ``PhaseResult``.
 """
 
 from __future__ import annotations
@@ -11,38 +13,36 @@ from __future__ import annotations
 import random
 import secrets
 import time
-from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
-import psutil
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, disk, environment, manifest
+from . import disk, environment, manifest
 from . import model as model_lib
-from .bitwise import check_identical
 from .config import Order, RunConfig
-from .errors import InsufficientMemoryError, VerificationError
+from .cycle import Cycle, LocalCycle
 from .limits import Limits, ProbeSettings
-from .measure import Measurement, measure, return_freed_memory
-from .objectstore import Requests
-from .results import ResultsFile, Row, config_json, frame, summarize
-from .storage import Location, open_storage
-from .strategies import Strategy, Tensors, get_strategy, nbytes, total_bytes
+from .results import Measured, ResultsFile, Row, config_json, frame, row, summarize
+from .storage import open_storage
+from .strategies import Strategy, Tensors, get_strategy, nbytes
 from .study import ordered
 
 WARMUP_BYTES = 64 << 20
 _DRIFT_MIN, _DRIFT_MAX = 32 << 20, 256 << 20
-_POISON = 0xFF
-"""Every byte of the existing tensors before each load: a load that skipped a tensor cannot verify."""
 
 
-def _warmup_subset(tensors: Tensors) -> OrderedDict[str, torch.Tensor]:
+def new_run_id() -> str:
+    """A run's name: when it started, and a token that tells two runs of the same second apart."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def warmup_subset(tensors: Tensors) -> OrderedDict[str, torch.Tensor]:
     """A few tensors (<= WARMUP_BYTES) that exercise a strategy's code paths without a full save."""
     subset, total = OrderedDict(), 0
     for name, tensor in tensors.items():
@@ -73,27 +73,6 @@ class PhaseResult:
         return frame(self.rows)
 
 
-class _Stopwatch:
-    """Seconds per named untimed step, summed over the step's occurrences."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, step: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[step] += time.perf_counter() - started
-
-
-@dataclass
-class _Drift:
-    write_gbps: float | None = None
-    read_gbps: float | None = None
-
-
 class Benchmark:
     """One benchmark session: a model, an output folder, and the rows measured so far.
 
@@ -105,7 +84,9 @@ class Benchmark:
         self,
         config: RunConfig | None = None,
         *,
+        cycle: Cycle | None = None,
         checkpoint: model_lib.ModelCheckpoint | None = None,
+        layout: manifest.Layout | None = None,
         limits: Limits | None = None,
         log: Callable[[str], None] = tqdm.write,
         run_id: str | None = None,
@@ -114,9 +95,16 @@ class Benchmark:
         self.checkpoint = checkpoint
         self.limits = limits
         self.log = log
-        self.run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        self.run_id = run_id or new_run_id()
         self.results_file = ResultsFile(self.config.out, self.config.results_file)
-        self.storage = open_storage(self.config.store, self.config.out, self.config.s3_endpoint, self.config.s3_rtt_ms)
+        config = self.config
+        self.cycle = cycle or LocalCycle(
+            open_storage(config.store, config.out, config.s3_endpoint, config.s3_rtt_ms),
+            config.load_into,
+            config.progress,
+            log,
+        )
+        self.storage = self.cycle.storage
         """Where the checkpoints go (``config.store``); ``results_file`` is where the rows go."""
         self.prepare_s = 0.0
         """Set-up so far: building or loading the model, cleaning leftovers, probing the limits."""
@@ -124,7 +112,7 @@ class Benchmark:
         """Seconds inside the disk probes' own timed I/O (start probe and drift probes): measurement, not overhead."""
         self._rows: dict[str, list[Row]] = {}
         self._warm: set[str] = set()
-        self._layout: manifest.Layout | None = None
+        self._layout = layout
 
     @property
     def out(self) -> Path:
@@ -135,7 +123,15 @@ class Benchmark:
         return self.config.label
 
     def prepare(self) -> model_lib.ModelCheckpoint:
-        """Check the output folder, build or load the model, make the results safe, clean leftovers, probe the disk."""
+        """Check the output folder, build or load the model, make the results safe, clean leftovers, probe the disk.
+
+        With ranks only the lead does; the others wait for it."""
+        if self.cycle.lead:
+            self._prepare()
+        self.cycle.barrier()
+        return self.checkpoint
+
+    def _prepare(self) -> None:
         started = time.perf_counter()
         disk.check_folder(self.out)
         self.storage.check()
@@ -160,7 +156,6 @@ class Benchmark:
         self.prepare_s += time.perf_counter() - started
         if not self.results_file.environment_path(self.run_id).exists():
             self.results_file.write_environment(self.run_id, self.environment())
-        return self.checkpoint
 
     def environment(self) -> dict:
         checkpoint = self.checkpoint
@@ -178,200 +173,92 @@ class Benchmark:
             "prepare_s": self.prepare_s,
             "probe_s": self.probe_s,
             **environment.collect(self.out),
+            **self.cycle.environment(),
         }
 
-    def _bar(self, description: str, total: int) -> tqdm:
-        return tqdm(
-            total=total, desc=description, unit="B", unit_scale=True, leave=False, disable=not self.config.progress
-        )
-
-    def _timed_save(
-        self, strategy: Strategy, tensors: Tensors, layout: manifest.Layout, path: Location, label: str
-    ) -> tuple[Measurement, float | None, Requests | None]:
-        """The save until durable (on S3: acknowledged), for an async save the seconds until the strategy
-        returned (its stall), and the requests it made (S3 only; counted outside the timer)."""
-        self.storage.ensure_free(strategy.estimate_bytes(tensors))
-        with (
-            self._bar(f"{label} save", total_bytes(tensors)) as bar,
-            self.storage.counting() as counted,
-            measure() as timing,
-            self.storage.staged(path) as partial,
-        ):
-            blocking = checkpoint.save(strategy, tensors, layout, partial, bar.update)
-        return timing, blocking, counted.requests
-
-    def _existing(self, saved: Tensors) -> OrderedDict[str, torch.Tensor] | None:
-        """With ``load_into="existing"``, new tensors shaped like ``saved`` for its loads to fill; else None.
-
-        Made per repeat and dropped after it, outside the timers: an extra model kept through the saves
-        would leave too little memory for the libraries that copy the model while saving.
-        """
-        if self.config.load_into == "fresh":
-            return None
-        return OrderedDict(
-            (name, torch.empty_like(t, memory_format=torch.contiguous_format)) for name, t in saved.items()
-        )
-
-    def _timed_load(
-        self, strategy: Strategy, path: Location, label: str, into: OrderedDict[str, torch.Tensor] | None = None
-    ) -> tuple[Measurement, Tensors, Requests | None]:
-        """A load, into fresh tensors or into ``into``, whose every byte is overwritten (and so touched) first."""
-        if into is not None:
-            for tensor in into.values():
-                tensor.view(-1).view(torch.uint8).fill_(_POISON)
-        total = self.checkpoint.nbytes if into is None else total_bytes(into)
-        needed = int(self.checkpoint.nbytes * strategy.load_copies()) - (0 if into is None else total)
-        return_freed_memory()
-        available = psutil.virtual_memory().available
-        if needed > available:
-            raise InsufficientMemoryError(f"{label} load", needed, available)
-        with (
-            self._bar(f"{label} load", total) as bar,
-            self.storage.counting() as counted,
-            measure() as timing,
-        ):
-            loaded = checkpoint.load(strategy, path, bar.update, into=into)
-        if into is not None:
-            timing.peak_rss += total_bytes(into)  # allocated before the timer, it is the load's copy of the model
-        return timing, loaded, counted.requests
-
-    def _verified(self, strategy: Strategy, loaded: Tensors, path: Location) -> bool:
-        try:
-            check_identical(loaded, self.checkpoint.tensors, f"{strategy.name} checkpoint {path}")
-        except VerificationError as err:
-            self.log(f"VERIFICATION FAILED: {err}")
-            return False
-        return True
-
     def _warm_up(self, strategy: Strategy) -> None:
-        """Save and load a few tensors untimed, so library start-up is not billed to the first repeat."""
+        """A cycle over a few tensors, unrecorded, so library start-up is not billed to the first repeat."""
         if not self.config.warmup or strategy.name in self._warm:
             return
-        subset = _warmup_subset(self.checkpoint.tensors)
+        subset = warmup_subset(self.checkpoint.tensors)
         layout = tuple(e for e in self._layout if e.name in subset)
-        path = self.storage.working(f"{strategy.name}.warmup")
-        try:
-            self._timed_save(strategy, subset, layout, path, f"{strategy.name} warm-up")
-            self._timed_load(strategy, path, f"{strategy.name} warm-up", self._existing(subset))
-        finally:
-            self.storage.discard(path)
+        name = f"{strategy.name}.warmup"
+        self.cycle.measure(strategy, self.checkpoint.tensors, layout, name, f"{strategy.name} warm-up", keep=False)
         self._warm.add(strategy.name)
 
-    def _drift(self) -> _Drift:
-        if not self.config.drift:
-            return _Drift()
+    def _drift(self) -> dict[str, float | None]:
+        """A short probe of the disk before a repeat (by the lead), so its row says how fast the disk was then."""
+        if not self.config.drift or not self.cycle.lead:
+            return {}
         size = min(max(self.checkpoint.nbytes // 16, _DRIFT_MIN), _DRIFT_MAX)
         probe = self.storage.stream(size)
         self.probe_s += probe.seconds
-        return _Drift(probe.write_gbps, probe.read_gbps)
+        return {"drift_write_gbps": probe.write_gbps, "drift_read_gbps": probe.read_gbps}
 
-    def _row(self, strategy: Strategy, repeat: int, **measured) -> Row:
+    def _identity(self, strategy: Strategy, repeat: int) -> dict[str, Any]:
+        """What a row is of: the run, the strategy and its repeat, the model, the disk, where and how it loads."""
         checkpoint = self.checkpoint
-        return Row(
-            run_id=self.run_id,
-            timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            preset=self.preset,
-            strategy=strategy.name,
-            config=config_json(strategy.config()),
-            repeat=repeat,
-            tensors=len(checkpoint.tensors),
-            params=checkpoint.params,
-            model_bytes=checkpoint.nbytes,
-            disk_write_gbps=self.limits.write_gbps,
-            disk_read_gbps=self.limits.read_gbps,
-            disk_files_per_s=self.limits.files_per_s,
-            fresh_copy_gbps=self.limits.fresh_copy_gbps,
-            store=self.storage.url,
-            injected_rtt_ms=self.storage.injected_rtt_ms,
-            load_into=self.config.load_into,
-            **measured,
-        )
+        return {
+            "run_id": self.run_id,
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "preset": self.preset,
+            "strategy": strategy.name,
+            "config": config_json(strategy.config()),
+            "repeat": repeat,
+            "tensors": len(checkpoint.tensors),
+            "params": checkpoint.params,
+            "model_bytes": checkpoint.nbytes,
+            "disk_write_gbps": self.limits.write_gbps,
+            "disk_read_gbps": self.limits.read_gbps,
+            "disk_files_per_s": self.limits.files_per_s,
+            "fresh_copy_gbps": self.limits.fresh_copy_gbps,
+            "store": self.storage.url,
+            "injected_rtt_ms": self.storage.injected_rtt_ms,
+            "load_into": self.config.load_into,
+            **self.cycle.identity(),
+        }
 
-    def _repeat(self, strategy: Strategy, repeat: int) -> Row:
-        """One timed save, cold load and warm load, each verified; raises what stopped it.
-
-        The untimed work between them is clocked too (``warmup_s``, ``evict_s``, ``verify_s``,
-        ``cleanup_s``), so a run shows where its wall time outside the timers goes.
-        """
+    def _repeat(self, strategy: Strategy, repeat: int) -> Measured | None:
+        """One warm-up (the first time), drift probe and cycle; the record, with the time around the cycle's
+        timed regions (``warmup_s``, ``overhead_s``) added. None on a process that does not speak for the run."""
         started = time.perf_counter()
         self._warm_up(strategy)
         warmup_s = time.perf_counter() - started
         drift = self._drift()
         probe_s = self.probe_s
-        path = self.storage.working(strategy.name)
         label = f"{strategy.name} [{repeat + 1}/{self.config.repeats}]"
         keep = self.config.keep_checkpoints and repeat == self.config.repeats - 1
-        clock = _Stopwatch()
-        try:
-            saved, blocking_s, save_requests = self._timed_save(
-                strategy, self.checkpoint.tensors, self._layout, path, label
-            )
-            with clock("evict"):
-                usage = self.storage.settle(path)
-            into = self._existing(self.checkpoint.tensors)
-            cold, loaded, load_requests = self._timed_load(strategy, path, f"{label} cold", into)
-            with clock("verify"):
-                cold_ok = self._verified(strategy, loaded, path)
-                del loaded
-            warm, loaded, _ = self._timed_load(strategy, path, f"{label} warm", into)
-            # Nothing is timed now: delete the checkpoint while the CPU compares the last load.
-            with ThreadPoolExecutor(1) as pool:
-                deleted = None if keep else pool.submit(self.storage.discard, path)
-                with clock("verify"):
-                    warm_ok = self._verified(strategy, loaded, path)
-                    del loaded
-                with clock("cleanup"):
-                    if deleted is not None:
-                        deleted.result()
-                    if keep:
-                        kept = self.storage.install(path, strategy.name)
-                        self.log(f"kept {strategy.name}'s checkpoint at {kept}")
-        finally:
-            self.storage.discard(path)
-        timed = saved.seconds + cold.seconds + warm.seconds + (self.probe_s - probe_s)
-        return self._row(
-            strategy,
-            repeat,
-            save_s=saved.seconds,
-            save_blocking_s=saved.seconds if blocking_s is None else min(blocking_s, saved.seconds),
-            load_cold_s=cold.seconds,
-            load_warm_s=warm.seconds,
-            bytes=usage.bytes,
-            bytes_allocated=usage.bytes_allocated,
-            files=usage.files,
-            peak_rss_save=saved.peak_rss,
-            peak_rss_load=max(cold.peak_rss, warm.peak_rss),
-            verified=cold_ok and warm_ok,
-            drift_write_gbps=drift.write_gbps,
-            drift_read_gbps=drift.read_gbps,
-            overhead_s=time.perf_counter() - started - timed,
-            cpu_save_s=saved.cpu_s,
-            cpu_load_cold_s=cold.cpu_s,
-            cpu_load_warm_s=warm.cpu_s,
-            warmup_s=warmup_s,
-            evict_s=clock.seconds["evict"],
-            verify_s=clock.seconds["verify"],
-            cleanup_s=clock.seconds["cleanup"],
-            **_requests(save_requests, load_requests, usage.files),
-        )
+        measured = self.cycle.measure(strategy, self.checkpoint.tensors, self._layout, strategy.name, label, keep)
+        if measured is None:
+            return None
+        timed = sum(max(t.seconds for t in region) for region in (measured.save, measured.cold, measured.warm))
+        overhead_s = time.perf_counter() - started - timed - (self.probe_s - probe_s)
+        untimed = {**measured.untimed, "warmup_s": warmup_s, "overhead_s": overhead_s}
+        return replace(measured, untimed=untimed, **drift)
 
     def _measure(self, strategy: Strategy, repeat: int) -> Row:
-        """One repeat as a row, a failure included: the reason is kept, the run goes on."""
+        """One repeat as a row, a failure included: the reason is kept and the run goes on (unless the cycle's
+        processes cannot go on without this one: then it raises, and the pending row records the failure)."""
+        lead = self.cycle.lead
+        identity = self._identity(strategy, repeat) if lead else {}
+        if lead:
+            self.cycle.pending(row(identity))
         try:
-            row = self._repeat(strategy, repeat)
+            measured = self._repeat(strategy, repeat)
         except Exception as err:  # kept as a result, as a benchmark should: the run goes on to the next
+            if not self.cycle.failures_are_rows:
+                raise
             message = " ".join(f"{type(err).__name__}: {err}".split())
-            row = self._row(strategy, repeat, error=message)
+            result = row(identity, error=message)
             self.log(f"FAILED {strategy.name} [{repeat + 1}/{self.config.repeats}]: {message}")
         else:
-            blocking = f" (blocking {row.save_blocking_s:.2f} s)" if row.save_blocking_s < row.save_s else ""
-            self.log(
-                f"{strategy.name} [{repeat + 1}/{self.config.repeats}]: save {row.save_s:.2f} s{blocking}, "
-                f"cold load {row.load_cold_s:.2f} s, warm load {row.load_warm_s:.2f} s, "
-                f"{row.bytes / 1e9:.3f} GB in {row.files} files, {'verified' if row.verified else 'NOT VERIFIED'}"
-            )
-        self.results_file.append([row])
-        return row
+            result = self.cycle.share(row(identity, measured) if lead else None)
+            if lead:
+                self.log(_described(result, measured, f"{strategy.name} [{repeat + 1}/{self.config.repeats}]"))
+        if lead:
+            self.cycle.settled()
+            self.results_file.append([result])
+        return result
 
     def _skipped(self, strategy: Strategy) -> str | None:
         reason = strategy.unsupported(self.storage.kind)
@@ -444,18 +331,20 @@ class Benchmark:
         return summarize(self.results, order=ordered(self._rows))
 
 
-def _requests(save: Requests | None, load: Requests | None, objects: int | None) -> dict[str, int | None]:
-    """The S3 columns of a row: the save's and the cold load's requests and the server's object count."""
-    if save is None or load is None:
-        return {}
-    both = save + load
-    return {
-        "objects": objects,
-        "requests_put": both.put,
-        "requests_get": both.get,
-        "requests_head": both.head,
-        "requests_delete": both.delete,
-        "requests_save": save.total,
-        "bytes_sent": both.bytes_sent,
-        "bytes_received": both.bytes_received,
-    }
+
+def _described(result: Row, measured: Measured, label: str) -> str:
+    """A repeat's log line: its times (each rank's range, with ranks), size and whether it verified."""
+
+    def spread(key: str) -> str:
+        if measured.rank_times is None:
+            return ""
+        times = measured.rank_times[key]
+        return f" (ranks {min(times):.2f}-{max(times):.2f})"
+
+    plan = "" if measured.rank_times is None else f" {len(measured.save)}->{len(measured.cold)} ranks"
+    blocking = f" (blocking {result.save_blocking_s:.2f} s)" if result.save_blocking_s < result.save_s else ""
+    return (
+        f"{label}{plan}: save {result.save_s:.2f} s{blocking}{spread('save_s')}, "
+        f"cold load {result.load_cold_s:.2f} s{spread('load_cold_s')}, warm load {result.load_warm_s:.2f} s, "
+        f"{result.bytes / 1e9:.3f} GB in {result.files} files, {'verified' if result.verified else 'NOT VERIFIED'}"
+    )

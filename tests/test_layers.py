@@ -25,7 +25,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         # reading rows: bounds, judgements, figures and tables of one kind
         "floor verdict plot cloud scaling",
         # measuring: the harness and the runs built on it
-        "benchmark ranked sweep targets",
+        "cycle benchmark ranked sweep targets",
         # showing: reports, the notebook's helpers, the docs, the command line
         "report notebook docs cli __main__ __init__",
     )

@@ -25,7 +25,7 @@ from ckptbench.bitwise import check_identical
 from ckptbench.cli import main
 from ckptbench.errors import UsageError
 from ckptbench.limits import CACHE_DIR, Limits
-from ckptbench.results import COLUMNS, Row, config_json, frame, read_results
+from ckptbench.results import COLUMNS, Row, config_json, frame, read_results, row
 from ckptbench.shards import Ranks, block_rows, contiguous_stride, row_range
 from ckptbench.strategies import Strategy, TensorStoreOptions, from_config, get_strategy, sharded
 
@@ -185,9 +185,9 @@ def test_under_torchrun_the_world_must_hold_every_rank(tmp_path, monkeypatch):
 
 def test_a_results_file_from_before_the_rank_columns_still_reads(tmp_path):
     older = COLUMNS[: COLUMNS.index("schema_version") + 1]
-    row = frame([Row("r", "t", "tiny", "pytorch", config_json({}), 0, 238, 1, 2, save_s=1.0, verified=True)])
+    written = frame([Row("r", "t", "tiny", "pytorch", config_json({}), 0, 238, 1, 2, save_s=1.0, verified=True)])
     path = tmp_path / "results.csv"
-    row[older].to_csv(path, index=False)
+    written[older].to_csv(path, index=False)
     read = read_results(path)
     assert list(read.columns) == COLUMNS
     assert read["save_s"].tolist() == [1.0]
@@ -195,12 +195,16 @@ def test_a_results_file_from_before_the_rank_columns_still_reads(tmp_path):
     assert read["rank_times"].tolist() == [""]
 
 
+SIZES = {"repeat": 0, "tensors": 238, "params": 1, "model_bytes": 10**7}
+
+
 def _ranked_rows() -> pd.DataFrame:
     rows = []
     for ranks, load_ranks, seconds in ((1, 1, 4.0), (2, 2, 2.5), (4, 4, 2.0), (2, 1, 3.0)):
         for name in ("dcp", "ts+chunks"):
             measured = {"save_s": seconds, "load_cold_s": seconds / 2, "ranks": ranks, "load_ranks": load_ranks}
-            rows.append(Row("r", "t", "tiny", name, "{}", 0, 238, 1, 10**7, verified=True, **measured))
+            identity = {"run_id": "r", "timestamp": "t", "preset": "tiny", "strategy": name, "config": "{}"}
+            rows.append(row({**identity, **SIZES, "verified": True, **measured}))
     return frame(rows)
 
 
@@ -225,7 +229,8 @@ def test_the_scaling_figure_and_table_put_time_against_ranks(tmp_path, capsys):
 
 
 def test_a_plan_whose_every_repeat_failed_says_failed_in_the_table():
-    killed = Row("r", "t", "tiny", "ts+best", "{}", 0, 238, 1, 10**7, ranks=2, load_ranks=2, error="rank 1 failed")
+    identity = {"run_id": "r", "timestamp": "t", "preset": "tiny", "strategy": "ts+best", "config": "{}", **SIZES}
+    killed = row({**identity, "ranks": 2, "load_ranks": 2}, error="rank 1 failed")
     table = scaling.table(pd.concat([_ranked_rows(), frame([killed])], ignore_index=True))
     assert table.loc["ts+best", "save s, 2->2 ranks"] == "failed"
     assert table.loc["ts+best", "cold load s, 2->2 ranks"] == "failed"

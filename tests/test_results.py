@@ -1,4 +1,4 @@
-"""The results store: appends never clobber, glue or lose a row; damaged files are kept aside; old files still read."""
+"""The results file: appends never clobber, glue or lose a row; older files are appended to, foreign ones kept aside."""
 
 from __future__ import annotations
 
@@ -6,13 +6,30 @@ import csv
 import dataclasses
 import json
 import multiprocessing
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 
 from ckptbench import ResultsFile, get_strategy, read_results, summarize
 from ckptbench.errors import ResultsFileError
-from ckptbench.results import COLUMNS, SCHEMA_VERSION, Row, config_json, configs, frame
+from ckptbench.measure import COUNTERS, Measurement
+from ckptbench.objectstore import Requests
+from ckptbench.results import (
+    COLUMNS,
+    GROUPED,
+    HEADER,
+    SCHEMA_VERSION,
+    Measured,
+    Row,
+    config_json,
+    configs,
+    frame,
+    row,
+)
+
+COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
 def make_row(strategy: str = "pytorch", repeat: int = 0, **values) -> Row:
@@ -46,8 +63,13 @@ def make_row(strategy: str = "pytorch", repeat: int = 0, **values) -> Row:
     return Row(**{**defaults, **values})
 
 
-def test_columns_are_the_row_fields():
-    assert [f.name for f in dataclasses.fields(Row)] == COLUMNS
+def test_a_file_has_the_row_fields_and_reads_with_each_feature_spread_into_its_columns():
+    assert [f.name for f in dataclasses.fields(Row)] == HEADER
+    assert {"s3", "ranked", "rusage", "config"} <= set(HEADER)
+    assert not {"requests_put", "ranks", "minor_faults_save"} & set(HEADER)
+    assert len(GROUPED["s3"]) == 9
+    assert len(GROUPED["ranked"]) == 5
+    assert set(COLUMNS) == set(HEADER) - set(GROUPED) | {c for keys in GROUPED.values() for c in keys}
     assert list(frame([make_row()]).columns) == COLUMNS
     assert list(frame([]).columns) == COLUMNS
     assert "config" in COLUMNS
@@ -86,6 +108,81 @@ def test_configs_become_columns():
     table = configs(rows)
     assert table["library"].tolist() == ["tensorstore", "test"]
     assert table["chunk_bytes"].iloc[0] == 1024
+
+
+def test_a_file_of_the_previous_schema_is_appended_to_and_keeps_every_row(tmp_path):
+    """A committed schema-2 file with S3 and rank columns flat: rewritten once under today's header, rows kept."""
+    store = ResultsFile(tmp_path)
+    for committed in ("2026-11-30-ranks-openllama-3b/results.csv", "2026-11-30-cloud-openllama-3b-2l/results.csv"):
+        shutil.copy(COMMITTED / committed, store.csv)
+        before = read_results(store.csv)
+        assert before["schema_version"].eq(2).all()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            store.append([make_row("t5x", 0, run_id="new")])
+        assert not list(tmp_path.glob("results.*.csv"))  # nothing set aside
+        assert next(csv.reader([store.csv.read_text().splitlines()[0]])) == HEADER
+        after = store.read()
+        assert len(after) == len(before) + 1
+        assert after.iloc[:-1].equals(before)  # every old row, every value, as it read before
+        assert after["run_id"].iloc[-1] == "new"
+        assert after["minor_faults_save"].isna().all()  # measured since: empty in old rows and this one
+    assert after["requests_put"].notna().iloc[:-1].all()
+    assert before["ranks"].isna().all()
+
+
+def test_a_schema_1_file_is_appended_to_with_its_configs_from_the_registry(tmp_path):
+    store = ResultsFile(tmp_path)
+    store.csv.write_text(SCHEMA_1)
+    store.append([make_row()])
+    table = store.read()
+    assert table["schema_version"].tolist() == [1, 1, SCHEMA_VERSION]
+    assert json.loads(table["config"].iloc[0]) == get_strategy("ts+chunks").config()
+    assert table["save_s"].tolist() == [1.5, 1.5, 1.0]
+
+
+def _region(seconds: float, faults: int) -> Measurement:
+    counters = dict(zip(COUNTERS, (faults, 1, 2, 3), strict=True))
+    return Measurement(seconds=seconds, peak_rss=100 * faults, cpu_s=seconds / 2, **counters)
+
+
+def test_a_cycle_record_becomes_one_row_slowest_rank_times_summed_cpu_and_rusage(tmp_path):
+    measured = Measured(
+        save=[_region(2.0, 10), _region(3.0, 20)],
+        cold=[_region(1.0, 30), _region(0.5, 40)],
+        warm=[_region(0.25, 50), _region(0.75, 60)],
+        bytes=7,
+        bytes_allocated=8,
+        files=2,
+        verified=True,
+        requests=(Requests(put=4, bytes_sent=9), Requests(get=5, head=1, bytes_received=9)),
+        rank_times={"save_s": [1.9, 2.9], "load_cold_s": [0.9, 0.4], "load_warm_s": [0.2, 0.7]},
+        untimed={"evict_s": 0.1, "verify_s": 0.2},
+    )
+    identity = {"run_id": "r", "timestamp": "t", "preset": "tiny", "strategy": "dcp", "config": "{}", "repeat": 0}
+    sizes = {"tensors": 238, "params": 1, "model_bytes": 7, "ranks": 2, "load_ranks": 2, "injected_rtt_ms": 0.0}
+    made = row({**identity, **sizes}, measured)
+    assert json.loads(made.ranked)["ranks"] == 2
+    store = ResultsFile(tmp_path)
+    store.append([made])
+    (read,) = store.read().to_dict("records")
+    assert (read["save_s"], read["load_cold_s"], read["load_warm_s"]) == (3.0, 1.0, 0.75)
+    assert read["save_blocking_s"] == 3.0
+    assert (read["peak_rss_save"], read["peak_rss_save_sum"]) == (2000, 3000)
+    assert read["peak_rss_load"] == 6000
+    assert read["cpu_save_s"] == pytest.approx(2.5)
+    assert (read["minor_faults_save"], read["minor_faults_load_cold"], read["minor_faults_load_warm"]) == (30, 70, 110)
+    assert (read["major_faults_save"], read["voluntary_switches_save"], read["involuntary_switches_save"]) == (2, 4, 6)
+    assert json.loads(read["rank_times"])["save_s"] == [1.9, 2.9]
+    assert (read["requests_put"], read["requests_get"], read["requests_head"], read["requests_save"]) == (4, 5, 1, 4)
+    assert (read["objects"], read["bytes_sent"], read["injected_rtt_ms"]) == (2, 9, 0.0)
+    assert (read["evict_s"], read["verify_s"], read["error"]) == (0.1, 0.2, "")
+    failed = row({**identity, **sizes}, error="RankFailed: rank 1")
+    assert (failed.error, failed.save_s, json.loads(failed.ranked)) == (
+        "RankFailed: rank 1",
+        None,
+        {"ranks": 2, "load_ranks": 2},
+    )
 
 
 def test_a_file_with_another_schema_is_kept_and_a_new_one_started(tmp_path):

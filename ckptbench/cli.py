@@ -13,7 +13,23 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import checkpoint, cloud, disk, docs, launch, model, plot, ranked, report, s3server, scaling, sweep, targets
+from . import (
+    checkpoint,
+    cloud,
+    disk,
+    docs,
+    launch,
+    model,
+    plot,
+    profiles,
+    ranked,
+    report,
+    s3server,
+    scaling,
+    sweep,
+    targets,
+    throttle,
+)
 from .benchmark import LOAD_INTO, ORDERS, Benchmark, PhaseResult, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
 from .results import ResultsStore, frame, read_results, summarize
@@ -41,6 +57,17 @@ def _session_options() -> argparse.ArgumentParser:
         "--reprobe", action="store_true", help="measure the disk's limits again, not today's cached ones"
     )
     options.add_argument("--seed", type=int, default=0)
+    options.add_argument(
+        "--disk-profile",
+        default=profiles.NONE,
+        choices=list(profiles.PROFILES),
+        help="emulate a cloud volume's caps on the disk under --out with the kernel's I/O throttle (root)",
+    )
+    options.add_argument(
+        "--disk-limit",
+        metavar="CAPS",
+        help="your own caps instead, e.g. read=300M,write=300M,riops=3000,wiops=3000 (M = 10^6 B/s, Mi = 2^20)",
+    )
     options.add_argument(
         "--load-into", default="fresh", choices=LOAD_INTO, help="load into new tensors or a live model's (existing)"
     )
@@ -135,6 +162,8 @@ def _config(args: argparse.Namespace, **extra) -> RunConfig:
         s3_endpoint=args.s3_endpoint,
         s3_rtt_ms=args.s3_rtt_ms,
         load_into=args.load_into,
+        disk_profile=args.disk_profile,
+        disk_limit=args.disk_limit,
         **extra,
     )
 
@@ -332,3 +361,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 130
+        finally:
+            throttle.leave()

@@ -58,16 +58,17 @@ GROUPS: dict[str, tuple[str, ...]] = {
 
 
 def parse_strategies(spec: str) -> list[str]:
-    """A group name (``all``: the eight, ``every``: the whole registry, ``peers``: every other) or a comma list."""
-    if spec.strip() in GROUPS:
-        return list(GROUPS[spec.strip()])
-    names = [part.strip() for part in spec.split(",") if part.strip()]
-    if not names:
+    """A comma list of strategies and groups (``all``: the eight, ``every``: the whole registry, ``peers``: every
+    other), each strategy once, in the order named: ``all,safetensors`` is the eight and safetensors."""
+    parts = [part.strip() for part in spec.split(",") if part.strip()]
+    if not parts:
         raise UnknownChoiceError("strategy", spec, [*GROUPS, *STRATEGIES])
-    for name in names:
-        if name not in STRATEGIES:
-            raise UnknownChoiceError("strategy", name, [*GROUPS, *STRATEGIES])
-    return names
+    names = []
+    for part in parts:
+        if part not in GROUPS and part not in STRATEGIES:
+            raise UnknownChoiceError("strategy", part, [*GROUPS, *STRATEGIES])
+        names += GROUPS.get(part, [part])
+    return list(dict.fromkeys(names))
 
 
 def ordered(names: list[str] | tuple[str, ...] | Any) -> list[str]:

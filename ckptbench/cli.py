@@ -33,6 +33,7 @@ from . import (
     sweep,
     targets,
     throttle,
+    training,
 )
 from .benchmark import LOAD_INTO, ORDERS, Benchmark, PhaseResult, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
@@ -74,6 +75,13 @@ def _session_options() -> argparse.ArgumentParser:
     )
     options.add_argument(
         "--load-into", default="fresh", choices=LOAD_INTO, help="load into new tensors or a live model's (existing)"
+    )
+    options.add_argument(
+        "--payload",
+        default="weights",
+        choices=training.PAYLOADS,
+        help="the model's weights, or a training job's state (fp32 master, AdamW moments from real steps; "
+        "each load resumed one step and compared); `list` says which presets' training state fits",
     )
     _store_options(options)
     return options
@@ -175,6 +183,7 @@ def _config(args: argparse.Namespace, **extra) -> RunConfig:
         s3_endpoint=args.s3_endpoint,
         s3_rtt_ms=args.s3_rtt_ms,
         load_into=args.load_into,
+        payload=args.payload,
         disk_profile=args.disk_profile,
         disk_limit=args.disk_limit,
         **extra,
@@ -345,6 +354,8 @@ def _list(args: argparse.Namespace) -> int:
     table = docs.strategies_table()
     table["on s3"] = [f"skipped: {why}" if (why := STRATEGIES[n].unsupported("s3")) else "ok" for n in table.index]
     print(table.to_string())
+    print(f"\npresets (--payload training: the state with a loaded copy and a step, in {training.memory_text()}):")
+    print(training.presets_table().to_string())
     return 0
 
 

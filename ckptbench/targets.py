@@ -23,7 +23,7 @@ from .measure import measure
 from .results import TIMES, succeeded, summarize
 from .rounds import Interval, of_values
 from .strategies import Strategy
-from .study import ASYNC, BEST, BEST_ASYNC, ONE_FILE, ORBAX, TARGETS_BY_KEY
+from .study import ASYNC, BEST, BEST_ASYNC, FAST_LOADERS, ONE_FILE, ORBAX, TARGETS_BY_KEY
 from .verdict import drift
 
 COLUMNS = ["key", "label", "value", "low", "high", "target", "met", "verdict"]
@@ -80,6 +80,7 @@ def _figures(done: pd.DataFrame) -> dict[str, float]:
         ("best_load_vs_orbax", "load_cold_s", (ORBAX,)),
         ("best_save_vs_one_file", "save_s", ONE_FILE),
         ("best_load_vs_one_file", "load_cold_s", ONE_FILE),
+        ("best_load_vs_fast_loaders", "load_cold_s", FAST_LOADERS),
     ):
         if {BEST, *peers} <= set(summary.index):
             fastest = summary.loc[list(peers), f"{metric}_median"].min()

@@ -23,11 +23,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import disk, environment, manifest
+from . import disk, environment, manifest, profiles, throttle, training
 from . import model as model_lib
 from .config import Order, RunConfig
 from .cycle import Cycle, LocalCycle
-from .limits import Limits, ProbeSettings
+from .errors import VerificationError
+from .limits import Limits, ProbeSettings, missed_caps
 from .results import Measured, ResultsFile, Row, config_json, frame, row, summarize
 from .storage import open_storage
 from .strategies import Strategy, Tensors, get_strategy, nbytes
@@ -85,7 +86,7 @@ class Benchmark:
         config: RunConfig | None = None,
         *,
         cycle: Cycle | None = None,
-        checkpoint: model_lib.ModelCheckpoint | None = None,
+        checkpoint: model_lib.ModelCheckpoint | training.TrainingCheckpoint | None = None,
         layout: manifest.Layout | None = None,
         limits: Limits | None = None,
         log: Callable[[str], None] = tqdm.write,
@@ -103,6 +104,7 @@ class Benchmark:
             config.load_into,
             config.progress,
             log,
+            self._resumes,
         )
         self.storage = self.cycle.storage
         """Where the checkpoints go (``config.store``); ``results_file`` is where the rows go."""
@@ -122,7 +124,7 @@ class Benchmark:
     def preset(self) -> str:
         return self.config.label
 
-    def prepare(self) -> model_lib.ModelCheckpoint:
+    def prepare(self) -> model_lib.ModelCheckpoint | training.TrainingCheckpoint:
         """Check the output folder, build or load the model, make the results safe, clean leftovers, probe the disk.
 
         With ranks only the lead does; the others wait for it."""
@@ -135,8 +137,12 @@ class Benchmark:
         started = time.perf_counter()
         disk.check_folder(self.out)
         self.storage.check()
+        if not self.config.profile.caps.empty:
+            throttle.check(self.out)
         if self.checkpoint is None:
-            if self.config.model_path is None:
+            if self.config.payload == "training":
+                self.checkpoint = training.build(self.config.preset, self.config.seed)
+            elif self.config.model_path is None:
                 self.checkpoint = model_lib.build(self.config.preset, self.config.seed)
             else:
                 self.checkpoint = model_lib.load_local(self.config.model_path)
@@ -147,15 +153,55 @@ class Benchmark:
         kept = self.results_file.check()
         if kept is not None:
             self.log(f"{self.results_file.csv} could not be appended to safely; kept it as {kept.name}")
-        for stale in self.storage.clean_stale():
+        for stale in [*self.storage.clean_stale(), *throttle.clean_stale()]:
             self.log(f"removed the leftovers of an interrupted run: {stale}")
         if self.limits is None:
-            settings = ProbeSettings.for_checkpoint(self.checkpoint.nbytes)
-            self.limits = self.storage.limits(settings, reprobe=self.config.reprobe)
-            self.probe_s += self.limits.probe_s
+            self.limits = self._probe(ProbeSettings.for_checkpoint(self.checkpoint.nbytes))
+        else:
+            throttle.enter(self.out, self.config.profile.caps)
         self.prepare_s += time.perf_counter() - started
         if not self.results_file.environment_path(self.run_id).exists():
             self.results_file.write_environment(self.run_id, self.environment())
+
+    def _probe(self, settings: ProbeSettings) -> Limits:
+        """The store's ceilings, under the run's disk profile when it has one (joining its throttle group).
+
+        Caps above the raw disk's ceilings would emulate nothing and are refused; ceilings that miss
+        their caps by more than ``limits.MISS`` are reported (a warning line, and in ``throttle['missed']``).
+        """
+        profile = self.config.profile
+        raw = None
+        if not profile.caps.empty and not throttle.inherited():
+            throttle.leave()
+            raw = self.storage.limits(settings, reprobe=False)
+            self.probe_s += raw.probe_s
+            throttle.refuse_above(profile.caps, raw.read_gbps, raw.write_gbps)
+        group = throttle.enter(self.out, profile.caps)
+        limits = self.storage.limits(settings.under(profile.caps), reprobe=self.config.reprobe)
+        self.probe_s += limits.probe_s
+        if profile.caps.empty:
+            return limits
+        missed = missed_caps(limits, profile.caps)
+        for miss in missed:
+            self.log(f"warning: disk profile {profile.name} not held: {miss}")
+        record = {
+            "profile": profile.name,
+            "volume": profile.volume,
+            "source": profile.source,
+            **(group.describe() if group is not None else {"caps": profile.caps.spec()}),
+            "raw_write_gbps": None if raw is None else raw.write_gbps,
+            "raw_read_gbps": None if raw is None else raw.read_gbps,
+            "missed": missed,
+        }
+        return replace(limits, throttle=record)
+
+    def _resumes(self, strategy: Strategy, loaded: Tensors) -> None:
+        """A training state must also resume: one more step from ``loaded`` (changed in place) equals the job's."""
+        whole = len(loaded) == len(self.checkpoint.tensors)  # a warm-up's few tensors are no state to resume
+        if whole and isinstance(self.checkpoint, training.TrainingCheckpoint):
+            found = training.resume_problem(self.checkpoint, loaded)
+            if found is not None:
+                raise VerificationError(f"{strategy.name} checkpoint does not resume: {found}")
 
     def environment(self) -> dict:
         checkpoint = self.checkpoint
@@ -212,9 +258,13 @@ class Benchmark:
             "disk_read_gbps": self.limits.read_gbps,
             "disk_files_per_s": self.limits.files_per_s,
             "fresh_copy_gbps": self.limits.fresh_copy_gbps,
+            "disk_read_iops": self.limits.read_iops,
+            "disk_profile": self.limits.throttle.get("profile", profiles.NONE),
+            "disk_caps": self.limits.throttle.get("caps", ""),
             "store": self.storage.url,
             "injected_rtt_ms": self.storage.injected_rtt_ms,
             "load_into": self.config.load_into,
+            "payload": self.config.payload,
             **self.cycle.identity(),
         }
 
@@ -329,7 +379,6 @@ class Benchmark:
 
     def summary(self) -> pd.DataFrame:
         return summarize(self.results, order=ordered(self._rows))
-
 
 
 def _described(result: Row, measured: Measured, label: str) -> str:

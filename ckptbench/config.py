@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from . import disk
+from . import disk, profiles, training
 from . import model as model_lib
 from .errors import UsageError
 from .objectstore import check_endpoint, parse_url
@@ -60,6 +60,13 @@ class RunConfig:
     """Load with this many processes (default: ``ranks``); another number reshards."""
     rank_timeout_s: float = 900.0
     """How long any collective waits for a rank before the run fails naming it: longer than the slowest phase."""
+    payload: training.Payload = "weights"
+    """weights: the model's tensors; training: a training job's whole state (``ckptbench.training``), each load
+    also resumed for one step and compared with the job that never stopped."""
+    disk_profile: str = profiles.NONE
+    """A cloud volume to emulate on the disk under ``out`` with the kernel's I/O throttle (``profiles.PROFILES``)."""
+    disk_limit: str | None = None
+    """The user's own caps instead, e.g. ``read=300M,write=300M,riops=3000,wiops=3000``."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -95,6 +102,17 @@ class RunConfig:
             raise UsageError("--ranks writes to a shared filesystem (--out); an s3:// --store is one process only")
         if self.ranks is not None and self.load_into != "fresh":
             raise UsageError("--load-into existing is one process's live model; with --ranks every rank loads fresh")
+        if not self.profile.caps.empty and self.store != FILE:
+            raise UsageError("--disk-profile and --disk-limit throttle the disk under --out; not an s3:// --store")
+        if self.payload not in training.PAYLOADS:
+            raise UsageError(f"payload must be one of {', '.join(training.PAYLOADS)}, got {self.payload!r}")
+        if self.payload == "training" and (self.model_path is not None or self.ranks is not None):
+            raise UsageError("--payload training trains a preset in one process: not with --model-path or --ranks")
+
+    @property
+    def profile(self) -> profiles.Profile:
+        """The disk profile the run emulates (``none``: the raw disk)."""
+        return profiles.resolve(self.disk_profile, self.disk_limit)
 
     @property
     def label(self) -> str:

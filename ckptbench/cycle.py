@@ -99,12 +99,19 @@ class LocalCycle(Cycle):
     """A cycle in this process: staged, durable saves; loads into fresh tensors or existing ones."""
 
     def __init__(
-        self, storage: Storage, load_into: LoadInto = "fresh", progress: bool = True, log: Callable[[str], None] = print
+        self,
+        storage: Storage,
+        load_into: LoadInto = "fresh",
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+        resumes: Callable[[Strategy, Tensors], None] | None = None,
     ) -> None:
         self.storage = storage
         self.load_into = load_into
         self.progress = progress
         self.log = log
+        self.resumes = resumes
+        """Raises when a verified cold load does not resume what was saved (a training state's next step)."""
 
     def _bar(self, description: str, total: int) -> tqdm:
         return tqdm(total=total, desc=description, unit="B", unit_scale=True, leave=False, disable=not self.progress)
@@ -123,6 +130,8 @@ class LocalCycle(Cycle):
             cold, loaded, load_requests = self._load(strategy, tensors, path, f"{label} cold", into)
             with clock("verify"):
                 cold_ok = self._verified(strategy, loaded, tensors, path)
+                if cold_ok and self.resumes is not None:
+                    self.resumes(strategy, loaded)
                 del loaded
             warm, loaded, _ = self._load(strategy, tensors, path, f"{label} warm", into)
             # Nothing is timed now: delete the checkpoint while the CPU compares the last load.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import cloud, report, scaling, study, verdict
+from . import choices, cloud, report, scaling, study, verdict
 from .errors import CkptbenchError
 from .formatting import sig
 from .results import read_results, summarize
@@ -89,10 +89,7 @@ def _untimed(path: str) -> str:
 
 
 def _choices(path: str) -> str:
-    results = _results(path)
-    table = report.choices_table(summarize(results))
-    table["use"] = table["use"].map(lambda name: f"`{name}`")
-    return markdown(table, index=False)
+    return markdown(choices.table(_results(path)), index=False)
 
 
 def _verdicts(path: str) -> str:

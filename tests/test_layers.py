@@ -14,20 +14,20 @@ PACKAGE = Path(ckptbench.__file__).resolve().parent
 LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(layer.split())
     for layer in (
-        # what everything uses: errors, number formatting, timing, bitwise comparison, processes, URLs
-        "errors formatting environment measure bitwise shards objectstore delayproxy s3server",
-        # the disk, its probes and limits, the manifest, starting ranks
-        "disk probes limits manifest launch",
-        # the strategies, the model, where checkpoints live, reading one back
-        "strategies strategies.* model storage checkpoint",
+        # what everything uses: errors, number formatting, timing, bitwise comparison, URLs, disk profiles, trees
+        "errors formatting environment measure bitwise shards objectstore delayproxy s3server profiles pytree",
+        # the disk, its probes, limits and throttle, the manifest, starting ranks
+        "disk probes limits manifest launch throttle",
+        # the strategies, the model and a training state, where checkpoints live, reading one back
+        "strategies strategies.* model training storage checkpoint",
         # the study's definitions, a run's settings, the rows
         "study config results",
-        # reading rows: bounds, judgements, figures and tables of one kind
-        "floor verdict plot cloud scaling",
+        # reading rows: bounds, intervals, judgements, choices, figures and tables of one kind
+        "floor rounds verdict choices plot cloud scaling",
         # measuring: the harness and the runs built on it
         "cycle benchmark ranked sweep targets",
-        # showing: reports, the notebook's helpers, the docs, the command line
-        "report notebook docs cli __main__ __init__",
+        # showing: reports, comparisons of runs, the notebook's helpers, the docs, the command line
+        "report compare notebook docs cli __main__ __init__",
     )
 )
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ckptbench
-from ckptbench import Benchmark, RunConfig, TorchSave, UnknownChoiceError, UsageError, benchmark, get_strategy
+from ckptbench import Benchmark, RunConfig, TorchSave, UnknownChoiceError, UsageError, cycle, get_strategy
 from ckptbench import limits as limits_lib
 from ckptbench.bitwise import check_identical
 from ckptbench.results import COLUMNS, SCHEMA_VERSION
@@ -277,7 +277,7 @@ def test_a_local_model_path_names_the_preset(tmp_path):
 def test_a_load_that_would_not_fit_in_memory_is_refused_as_a_failed_row(make_bench, tiny, monkeypatch):
     bench = make_bench(warmup=False)
     memory = SimpleNamespace(available=tiny.nbytes - 1, total=2**34)
-    monkeypatch.setattr(benchmark.psutil, "virtual_memory", lambda: memory)
+    monkeypatch.setattr(cycle.psutil, "virtual_memory", lambda: memory)
     phase = bench.run_phase("pytorch")
     assert not phase.ok
     assert phase.error.startswith("InsufficientMemoryError: not enough memory: pytorch [1/1] cold load needs about")
@@ -293,7 +293,7 @@ def test_a_strategy_whose_load_holds_more_copies_is_refused_sooner(make_bench, t
     assert get_strategy("orbax").load_copies() > get_strategy("ts+best").load_copies()
     bench = make_bench(warmup=False)
     memory = SimpleNamespace(available=int(tiny.nbytes * 1.5), total=2**34)
-    monkeypatch.setattr(benchmark.psutil, "virtual_memory", lambda: memory)
+    monkeypatch.setattr(cycle.psutil, "virtual_memory", lambda: memory)
     assert bench.run_phase("pytorch").ok
     monkeypatch.setattr(TorchSave, "load_copies", lambda self: get_strategy("orbax").load_copies())
     phase = bench.run_phase("pytorch")

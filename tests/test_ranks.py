@@ -158,6 +158,19 @@ def test_a_strategy_without_a_form_is_refused_and_an_unknown_name_too():
         study.forms("nosuch")
 
 
+def test_ranks_loading_into_existing_tensors_are_refused_in_one_line(tmp_path, capsys):
+    """Every rank loads fresh tensors: a row saying load_into=existing would not be true, so none is made."""
+    message = "--load-into existing is one process's live model; with --ranks every rank loads fresh"
+    with pytest.raises(ckptbench.UsageError, match=message):
+        _config(tmp_path, 2, load_into="existing")
+    out = tmp_path / "cli"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--preset", "tiny", "--out", str(out), "--ranks", "2", "--load-into", "existing"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"python -m ckptbench: error: {message}"
+    assert not out.exists()  # refused before anything was measured or written
+
+
 def test_bad_rank_settings_are_refused_before_anything_runs(tmp_path, capsys):
     with pytest.raises(ckptbench.UsageError, match="ranks must be at least 1"):
         _config(tmp_path, 0)

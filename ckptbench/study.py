@@ -65,7 +65,7 @@ def parse_strategies(spec: str) -> list[str]:
     for name in names:
         if name not in STRATEGIES:
             raise UnknownChoiceError("strategy", name, [*GROUPS, *STRATEGIES])
-    return names
+    return list(dict.fromkeys(names))  # a name given twice is measured once: --repeats says how often
 
 
 def ordered(names: list[str] | tuple[str, ...] | Any) -> list[str]:

@@ -20,6 +20,7 @@ import torch
 from .errors import CheckpointError, CkptbenchError, DiskFullError, gigabytes
 from .manifest import MANIFEST, Layout, Manifest, ManifestError, check_loaded, problem
 from .objectstore import Prefix
+from .pytree import structure_of
 from .strategies import Location, Progress, Strategy, Tensors, from_config, get_strategy
 
 _NEARLY_FULL = 16 << 20
@@ -57,7 +58,7 @@ def save(strategy: Strategy, tensors: Tensors, layout: Layout, directory: Locati
         blocking = time.perf_counter() - started
         if pending is not None:
             pending()
-        Manifest(strategy.name, strategy.config(), layout).write(directory)
+        Manifest(strategy.name, strategy.config(), layout, structure_of(tensors)).write(directory)
         return None if pending is None else blocking
     except Exception as err:  # each library raises its own types for I/O failures; strategies wrap some
         if isinstance(directory, Path) and _disk_full(err, directory):
@@ -142,7 +143,11 @@ def verify(path: str | Location, strategy: str | None = None) -> Verification:
 
 
 def _unnamed(reader: Strategy, directory: Location, manifest: Manifest) -> Iterator[Damage]:
-    """The manifest against the format's own index: every tensor the data holds must be named in it."""
+    """The manifest against the format's own index: every tensor the data holds must be named in it.
+
+    Checked for a mapping of weights; a nested training state is keyed in each format its own way."""
+    if manifest.structure is not None:
+        return
     try:
         stored = reader.stored_names(directory)
     except Exception:  # an unreadable index: the tensors' own reads say what is wrong

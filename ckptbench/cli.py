@@ -19,7 +19,24 @@ from pathlib import Path
 import pandas as pd
 import psutil
 
-from . import checkpoint, cloud, disk, docs, launch, model, plot, ranked, report, s3server, scaling, sweep, targets
+from . import (
+    checkpoint,
+    cloud,
+    disk,
+    docs,
+    launch,
+    model,
+    plot,
+    profiles,
+    ranked,
+    report,
+    s3server,
+    scaling,
+    sweep,
+    targets,
+    throttle,
+    training,
+)
 from .benchmark import LOAD_INTO, ORDERS, Benchmark, PhaseResult, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
 from .manifest import MANIFEST
@@ -55,7 +72,25 @@ def _session_options() -> argparse.ArgumentParser:
     )
     options.add_argument("--seed", type=int, default=0)
     options.add_argument(
+        "--disk-profile",
+        default=profiles.NONE,
+        choices=list(profiles.PROFILES),
+        help="emulate a cloud volume's caps on the disk under --out with the kernel's I/O throttle (root)",
+    )
+    options.add_argument(
+        "--disk-limit",
+        metavar="CAPS",
+        help="your own caps instead, e.g. read=300M,write=300M,riops=3000,wiops=3000 (M = 10^6 B/s, Mi = 2^20)",
+    )
+    options.add_argument(
         "--load-into", default="fresh", choices=LOAD_INTO, help="load into new tensors or a live model's (existing)"
+    )
+    options.add_argument(
+        "--payload",
+        default="weights",
+        choices=training.PAYLOADS,
+        help="the model's weights, or a training job's state (fp32 master, AdamW moments from real steps; "
+        "each load resumed one step and compared); `list` says which presets' training state fits",
     )
     _store_options(options)
     return options
@@ -149,6 +184,9 @@ def _config(args: argparse.Namespace, **extra) -> RunConfig:
         s3_endpoint=args.s3_endpoint,
         s3_rtt_ms=args.s3_rtt_ms,
         load_into=args.load_into,
+        payload=args.payload,
+        disk_profile=args.disk_profile,
+        disk_limit=args.disk_limit,
         **extra,
     )
 
@@ -314,6 +352,8 @@ def _list(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, [*widths, 0], strict=True)).rstrip())
     print("every knob, and why a strategy cannot run on s3: `list --wide` or `list --markdown`")
+    print(f"\npresets (--payload training: the state with a loaded copy and a step, in {training.memory_text()}):")
+    print(training.presets_table().to_string())
     return 0
 
 
@@ -400,3 +440,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(INTERRUPTED, file=sys.stderr)
             return 130
+        finally:
+            throttle.leave()

@@ -88,6 +88,8 @@ class Manifest:
     strategy: str
     config: dict[str, Any]
     tensors: Layout
+    structure: dict[str, Any] | None = None
+    """How the tensors nest into a training state (``pytree``); None for a flat mapping of weights."""
     sealed: bool = True
     """Whether the file carried its own digest (older checkpoints' manifests do not)."""
 
@@ -99,6 +101,7 @@ class Manifest:
             "config": self.config,
             "digest": DIGEST,
             "tensors": [asdict(e) for e in self.tensors],
+            **({} if self.structure is None else {"structure": self.structure}),
         }
         body[SEAL] = _seal(body)
         if isinstance(directory, Prefix):
@@ -129,7 +132,7 @@ class Manifest:
             )
             for entry in entries:
                 entry.torch_dtype  # noqa: B018 - refuses an unknown dtype here, not halfway through a load
-            return cls(body["strategy"], dict(body["config"]), entries, sealed)
+            return cls(body["strategy"], dict(body["config"]), entries, body.get("structure"), sealed)
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as err:
             raise ManifestError(f"{path}: malformed manifest: {err!r}") from err
 

@@ -116,11 +116,23 @@ class Row:
     peak_rss_save_sum: int | None = None
     """Peak resident memory above the start, summed over the ranks (each rank's own peak)."""
     peak_rss_load_sum: int | None = None
+    payload: str = "weights"
+    """What was saved: the model's ``weights``, or a ``training`` job's whole state (its loads also resumed)."""
+    disk_profile: str = "none"
+    """The cloud volume emulated with the kernel's I/O throttle (``profiles``); ``none``: the raw disk."""
+    disk_caps: str = ""
+    """Its caps as ``--disk-limit`` takes them (bytes/s and operations/s); the ``disk_*`` limits were measured
+    under them."""
+    disk_read_iops: float | None = None
+    """Random 16 KiB cold reads per second under an operation cap: a load pays one per file at least."""
 
 
 COLUMNS: list[str] = [f.name for f in fields(Row)]
 TIMES = ("save_s", "load_cold_s", "load_warm_s")
-_TEXT = {"run_id", "timestamp", "preset", "strategy", "config", "error", "store", "load_into", "rank_times"}
+_TEXT = {
+    "run_id", "timestamp", "preset", "strategy", "config", "error", "store", "load_into", "rank_times", "disk_profile",
+    "disk_caps", "payload",
+}  # fmt: skip
 _BOOL = {"verified"}
 _NUMERIC = [c for c in COLUMNS if c not in _TEXT | _BOOL]
 _V1_CORE = [
@@ -211,6 +223,9 @@ def read_results(path: str | Path) -> pd.DataFrame:
     results["store"] = [store if isinstance(store, str) and store else "file" for store in results["store"]]
     results["load_into"] = results["load_into"].astype(object).fillna("fresh")
     results["rank_times"] = results["rank_times"].astype(object).fillna("")
+    results["payload"] = results["payload"].astype(object).fillna("weights")
+    results["disk_profile"] = results["disk_profile"].astype(object).fillna("none")
+    results["disk_caps"] = results["disk_caps"].astype(object).fillna("")
     return results
 
 

@@ -22,7 +22,7 @@ from .limits import Limits, ProbeSettings
 from .measure import measure
 from .results import TIMES, succeeded, summarize
 from .strategies import Strategy
-from .study import ASYNC, BEST, BEST_ASYNC, ONE_FILE, ORBAX, TARGETS_BY_KEY
+from .study import ASYNC, BEST, BEST_ASYNC, FAST_LOADERS, ONE_FILE, ORBAX, TARGETS_BY_KEY
 
 COLUMNS = ["key", "label", "value", "target", "met"]
 TARGETS_FILE = "targets.csv"
@@ -87,6 +87,7 @@ def evaluate(
         ("best_load_vs_orbax", "load_cold_s", (ORBAX,)),
         ("best_save_vs_one_file", "save_s", ONE_FILE),
         ("best_load_vs_one_file", "load_cold_s", ONE_FILE),
+        ("best_load_vs_fast_loaders", "load_cold_s", FAST_LOADERS),
     ):
         if {BEST, *peers} <= set(summary.index):
             fastest = summary.loc[list(peers), f"{metric}_median"].min()

@@ -58,8 +58,22 @@ def test_targets_are_keyed_and_judged():
     assert by_key.loc["warm_share:ts+best", "value"] == pytest.approx(1.6)
     assert by_key.loc["cpu_busy:ts+best", "value"] == pytest.approx(1 / 4)  # the run's cores, not this machine's
     assert by_key.loc["harness_cost", "met"] is True
-    needing_others = {"best_save_vs_orbax", "best_load_vs_orbax", "async_blocking", "existing_read_share"}
+    needing_others = {
+        "best_save_vs_orbax",
+        "best_load_vs_orbax",
+        "async_blocking",
+        "existing_read_share",
+        "best_load_vs_fast_loaders",
+    }
     assert {t.key for t in TARGETS} - needing_others <= set(by_key.index)
+
+
+def test_the_fast_loaders_bar_is_the_fastest_of_them():
+    times = {"runai-streamer": 0.5, "fastsafetensors": 2.0, "tensorizer": 1.0}
+    results = _results(pytorch=2.0, safetensors=1.0, **{"ts+best": 1.25}, **times)
+    by_key = targets.evaluate(results, wall_s=100.0, cores=2).set_index("key")
+    assert by_key.loc["best_load_vs_fast_loaders", "value"] == pytest.approx(1.25 / 0.5)
+    assert by_key.loc["best_load_vs_fast_loaders", "met"] is False
 
 
 def test_targets_show_whether_the_disk_held_still():
@@ -124,7 +138,7 @@ def test_the_training_targets_compare_orbax_async_stalls_existing_loads_and_memo
     assert by_key.loc["peak_memory", "value"] == pytest.approx(1.5)
     assert by_key.loc["peak_memory", "met"] is False
     assert by_key.loc["memory_above_copy:pytorch", "value"] == pytest.approx(0.2)
-    assert {t.key for t in TARGETS} <= set(by_key.index)
+    assert {t.key for t in TARGETS} - {"best_load_vs_fast_loaders"} <= set(by_key.index)  # none of them measured
 
 
 def test_without_existing_loads_or_async_strategies_those_targets_are_left_out():

@@ -142,14 +142,14 @@ def _profile(path: str) -> str:
     """A run under a disk profile: each strategy against its floors and caps (``yourdisk.table``)."""
     table = yourdisk.table(_results(path))
     table.index = [f"`{n}`" for n in table.index]
-    return markdown(table)
+    return markdown(table.rename_axis("strategy"))
 
 
 def _profiles(*runs: str) -> str:
     """``LABEL=PATH ...``: each run's medians side by side, one column pair per disk."""
     table = yourdisk.across({label: _results(path) for label, path in (r.split("=", 1) for r in runs)})
     table.index = [f"`{n}`" for n in table.index]
-    return markdown(table)
+    return markdown(table.rename_axis("strategy"))
 
 
 def disk_profiles_markdown() -> str:
@@ -188,6 +188,7 @@ def _caps(path: str) -> str:
         },
         index=list(rows),
     )
+    table = table[(table["cap"] != "") | (table["measured under it"] != "")]
     return markdown(table.rename_axis(f"{throttle['profile']} ({throttle['volume']})"))
 
 

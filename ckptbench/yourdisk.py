@@ -57,7 +57,7 @@ def table(results: pd.DataFrame) -> pd.DataFrame:
     r = rates(results).groupby("strategy", sort=False)
     files = grouped["files"].max()
     file_create = files / grouped["disk_files_per_s"].median()
-    file_reads = (files / grouped["disk_read_iops"].median()).fillna(0)
+    file_reads = files / grouped["disk_read_iops"].median()
     out = pd.DataFrame(
         {
             "files": files.map(lambda n: f"{n:,.0f}"),

@@ -24,7 +24,7 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, disk, environment, manifest, profiles, throttle
+from . import checkpoint, disk, environment, manifest, profiles, throttle, training
 from . import model as model_lib
 from .errors import InsufficientMemoryError, UsageError, VerificationError
 from .limits import Limits, ProbeSettings, missed_caps
@@ -94,6 +94,9 @@ class RunConfig:
     """Load with this many processes (default: ``ranks``); another number reshards."""
     rank_timeout_s: float = 900.0
     """How long any collective waits for a rank before the run fails naming it: longer than the slowest phase."""
+    payload: training.Payload = "weights"
+    """weights: the model's tensors; training: a training job's whole state (``ckptbench.training``), each load
+    also resumed for one step and compared with the job that never stopped."""
     disk_profile: str = profiles.NONE
     """A cloud volume to emulate on the disk under ``out`` with the kernel's I/O throttle (``profiles.PROFILES``)."""
     disk_limit: str | None = None
@@ -133,6 +136,11 @@ class RunConfig:
             raise UsageError("--ranks writes to a shared filesystem (--out); an s3:// --store is one process only")
         if not self.profile.caps.empty and self.store != FILE:
             raise UsageError("--disk-profile and --disk-limit throttle the disk under --out; not an s3:// --store")
+
+        if self.payload not in training.PAYLOADS:
+            raise UsageError(f"payload must be one of {', '.join(training.PAYLOADS)}, got {self.payload!r}")
+        if self.payload == "training" and (self.model_path is not None or self.ranks is not None):
+            raise UsageError("--payload training trains a preset in one process: not with --model-path or --ranks")
 
     @property
     def profile(self) -> profiles.Profile:
@@ -208,7 +216,7 @@ class Benchmark:
         self,
         config: RunConfig | None = None,
         *,
-        checkpoint: model_lib.ModelCheckpoint | None = None,
+        checkpoint: model_lib.ModelCheckpoint | training.TrainingCheckpoint | None = None,
         limits: Limits | None = None,
         log: Callable[[str], None] = tqdm.write,
         run_id: str | None = None,
@@ -237,7 +245,7 @@ class Benchmark:
     def preset(self) -> str:
         return self.config.label
 
-    def prepare(self) -> model_lib.ModelCheckpoint:
+    def prepare(self) -> model_lib.ModelCheckpoint | training.TrainingCheckpoint:
         """Check the output folder, build or load the model, make the results safe, clean leftovers, probe the disk."""
         started = time.perf_counter()
         disk.check_folder(self.out)
@@ -245,7 +253,9 @@ class Benchmark:
         if not self.config.profile.caps.empty:
             throttle.check(self.out)
         if self.checkpoint is None:
-            if self.config.model_path is None:
+            if self.config.payload == "training":
+                self.checkpoint = training.build(self.config.preset, self.config.seed)
+            elif self.config.model_path is None:
                 self.checkpoint = model_lib.build(self.config.preset, self.config.seed)
             else:
                 self.checkpoint = model_lib.load_local(self.config.model_path)
@@ -380,6 +390,13 @@ class Benchmark:
             return False
         return True
 
+    def _resumes(self, strategy: Strategy, loaded: Tensors) -> None:
+        """A training state must also resume: one more step from ``loaded`` (changed in place) equals the job's."""
+        if isinstance(self.checkpoint, training.TrainingCheckpoint):
+            found = training.resume_problem(self.checkpoint, loaded)
+            if found is not None:
+                raise VerificationError(f"{strategy.name} checkpoint does not resume: {found}")
+
     def _warm_up(self, strategy: Strategy) -> None:
         """Save and load a few tensors untimed, so library start-up is not billed to the first repeat."""
         if not self.config.warmup or strategy.name in self._warm:
@@ -424,6 +441,7 @@ class Benchmark:
             store=self.storage.url,
             injected_rtt_ms=self.storage.injected_rtt_ms,
             load_into=self.config.load_into,
+            payload=self.config.payload,
             **measured,
         )
 
@@ -452,6 +470,8 @@ class Benchmark:
             cold, loaded, load_requests = self._timed_load(strategy, path, f"{label} cold", into)
             with clock("verify"):
                 cold_ok = self._verified(strategy, loaded, path)
+                if cold_ok:
+                    self._resumes(strategy, loaded)
                 del loaded
             warm, loaded, _ = self._timed_load(strategy, path, f"{label} warm", into)
             # Nothing is timed now: delete the checkpoint while the CPU compares the last load.

@@ -150,9 +150,7 @@ class Benchmark:
             tensors = self.checkpoint.tensors
             self._layout = manifest.layout(tensors, manifest.digests(tensors))
         self.out.mkdir(parents=True, exist_ok=True)
-        kept = self.results_file.check()
-        if kept is not None:
-            self.log(f"{self.results_file.csv} could not be appended to safely; kept it as {kept.name}")
+        self.results_file.check()  # a file set aside is named in its warning
         for stale in [*self.storage.clean_stale(), *throttle.clean_stale()]:
             self.log(f"removed the leftovers of an interrupted run: {stale}")
         if self.limits is None:

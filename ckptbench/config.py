@@ -13,13 +13,17 @@ from typing import Literal, get_args
 from . import disk, profiles, training
 from . import model as model_lib
 from .errors import UsageError
+from .launch import under_torchrun
 from .objectstore import check_endpoint, parse_url
+from .shards import cores
 from .storage import FILE
 
 Order = Literal["interleaved", "shuffled", "sequential"]
 ORDERS: tuple[str, ...] = get_args(Order)
 LoadInto = Literal["fresh", "existing"]
 LOAD_INTO: tuple[str, ...] = get_args(LoadInto)
+RANKS_PER_CORE = 4
+"""Processes a run may spawn per core of this host: more only queue for the cores (each takes ~0.4 GB)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,10 @@ class RunConfig:
             raise UsageError(f"ranks must be at least 1, got {self.ranks}")
         if self.load_ranks is not None and (self.ranks is None or self.load_ranks < 1):
             raise UsageError(f"load_ranks needs ranks and must be at least 1, got {self.load_ranks}")
+        most = RANKS_PER_CORE * cores()
+        for label, count in (("ranks", self.ranks), ("load_ranks", self.load_ranks)):
+            if count is not None and count > most and not under_torchrun():
+                raise UsageError(f"{label} must be 1 to {most} ({RANKS_PER_CORE} per core of {cores()}), got {count}")
         if self.rank_timeout_s <= 0:
             raise UsageError(f"rank_timeout_s must be positive, got {self.rank_timeout_s}")
         if self.ranks is not None and self.store != FILE:

@@ -274,7 +274,10 @@ def _cell(column: str, text: str) -> Any:
         if column in GROUPED:
             json.loads(text)  # raises ValueError for damaged JSON
         return text
-    return float(text)  # raises ValueError for a non-numeric cell
+    value = float(text)  # raises ValueError for a non-numeric cell
+    if not math.isfinite(value):
+        raise ValueError(f"{column}={text!r} is not a finite number")
+    return value
 
 
 def _lines(path: Path) -> tuple[list[str], list[tuple[int, bytes]]]:
@@ -305,6 +308,8 @@ def read_results(path: str | Path) -> pd.DataFrame:
     (schema 1) get their ``config`` from the registry when their strategy is known.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ResultsFileError(f"results file {path} is a folder, not a file (give the CSV inside it)")
     if not path.is_file():
         raise ResultsFileError(f"results file {path} does not exist (write one with `python -m ckptbench run`)")
     header, lines = _lines(path)

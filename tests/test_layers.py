@@ -15,15 +15,15 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(layer.split())
     for layer in (
         # what everything uses: errors, number formatting, timing, bitwise comparison, URLs, disk profiles, trees
-        "errors formatting environment measure bitwise shards objectstore delayproxy s3server profiles pytree",
+        "errors formatting environment measure bitwise shards objectstore delayproxy profiles pytree",
         # the disk, its probes, limits and throttle, the manifest, starting ranks
-        "disk probes limits manifest launch throttle",
+        "disk probes limits manifest launch throttle s3server",
         # the strategies, the model and a training state, where checkpoints live, reading one back
         "strategies strategies.* model training storage checkpoint",
         # the study's definitions, a run's settings, the rows
         "study config results",
         # reading rows: bounds, intervals, judgements, choices, figures and tables of one kind
-        "floor rounds verdict choices plot cloud scaling",
+        "floor rounds verdict choices plot cloud scaling yourdisk",
         # measuring: the harness and the runs built on it
         "cycle benchmark ranked sweep targets",
         # showing: reports, comparisons of runs, the notebook's helpers, the docs, the command line

@@ -1,8 +1,8 @@
 """Shared fixtures and helpers: the tiny model, each strategy's checkpoint saved once, fake disk limits,
 quick Benchmark sessions, ``python -m ckptbench`` as a process, the notebook, and the fast/slow split.
 
-``python -m pytest -q`` runs the fast tests; ``--slow`` adds the tests marked slow (the notebook, CLI
-processes, rank groups, the S3 server, the fault suite): the whole suite, as CI runs it.
+``python -m pytest -q`` runs the fast tests; ``--slow`` adds the tests marked slow (``SLOW``): the whole
+suite, as CI runs it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from ckptbench.strategies import Strategy
 
 # --- the fast set by default, the slow set with --slow --------------------------------------------------------
 
-SLOW = "the notebook, CLI processes, rank groups, the S3 server, the fault suite"
+SLOW = "the notebook, CLI processes, rank groups, the S3 server, the fault suite, models of 100s of MB"
 _LEFT_OUT = pytest.StashKey[int]()
 
 

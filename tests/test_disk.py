@@ -202,6 +202,7 @@ def test_benchmark_prepare_cleans_stale_partials(make_bench, tmp_path):
     assert any(str(dead) in message for message in messages)
 
 
+@pytest.mark.slow  # a run as a process
 def test_killed_save_leaves_only_a_stale_partial_that_the_next_run_removes(make_bench, tmp_path):
     out = tmp_path / "out"
     log = tmp_path / "child.log"

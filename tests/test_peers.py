@@ -10,11 +10,10 @@ import torch
 
 import ckptbench
 from ckptbench import EIGHT_WAY, STRATEGIES, Benchmark, RunConfig, TensorStore, TensorStoreOptions, model
-from ckptbench.limits import Limits
 from ckptbench.measure import measure
 from ckptbench.verify import verify
 
-from conftest import load_checkpoint, save_checkpoint
+from conftest import FAKE_LIMITS, load_checkpoint, save_checkpoint
 
 EXTRA = [name for name in STRATEGIES if name not in EIGHT_WAY]
 
@@ -39,11 +38,10 @@ def test_zarr3_writes_one_shard_per_tensor(saved):
     assert usage.files == 2 * 238 + 1  # zarr.json and one shard per tensor, plus the manifest
 
 
-def test_nosync_changes_only_the_fsyncs(tiny, tmp_path):
+def test_nosync_changes_only_the_fsyncs(saved):
     nosync = STRATEGIES["ts+nosync"].options
     assert replace(nosync, sync=True) == TensorStoreOptions()
-    baseline = save_checkpoint(STRATEGIES["tensorstore"], tiny.tensors, tmp_path / "baseline")
-    unsynced = save_checkpoint(STRATEGIES["ts+nosync"], tiny.tensors, tmp_path / "nosync")
+    baseline, unsynced = saved["tensorstore"].usage, saved["ts+nosync"].usage
     assert unsynced.files == baseline.files
     assert abs(unsynced.bytes - baseline.bytes) < 100  # the manifest records the option
 
@@ -90,11 +88,12 @@ def mem_model() -> model.ModelCheckpoint:
 INFLIGHT_32M = TensorStore("ts+best@32M", replace(ckptbench.STRATEGIES["ts+best"].options, inflight_bytes=32 << 20))
 
 
+@pytest.mark.slow  # a 235 MB model, a phase each
 @pytest.mark.parametrize("strategy", ["pytorch", "ts+chunks", "ts+float16", INFLIGHT_32M], ids=str)
 def test_memory_stays_within_one_loaded_copy(strategy, mem_model, tmp_path):
     """A whole-model copy during a save (e.g. converting every tensor to float32 first) breaks the bound."""
     config = RunConfig(preset="tiny", out=tmp_path, progress=False, warmup=False, drift=False)
-    bench = Benchmark(config, checkpoint=mem_model, limits=Limits(1.0, 1.0, 0), log=lambda m: None)
+    bench = Benchmark(config, checkpoint=mem_model, limits=FAKE_LIMITS, log=lambda m: None)
     row = bench.run_phase(strategy).frame.iloc[0]
     assert row["peak_rss_save"] < 0.5 * mem_model.nbytes
     assert row["peak_rss_load"] < 1.0 * mem_model.nbytes + (64 << 20)

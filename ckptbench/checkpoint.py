@@ -20,6 +20,7 @@ import torch
 from .errors import CheckpointError, CkptbenchError, DiskFullError
 from .manifest import Layout, Manifest, check_loaded, problem
 from .objectstore import Prefix
+from .pytree import structure_of
 from .strategies import Location, Progress, Strategy, Tensors, from_config, get_strategy
 
 _NEARLY_FULL = 16 << 20
@@ -57,7 +58,7 @@ def save(strategy: Strategy, tensors: Tensors, layout: Layout, directory: Locati
         blocking = time.perf_counter() - started
         if pending is not None:
             pending()
-        Manifest(strategy.name, strategy.config(), layout).write(directory)
+        Manifest(strategy.name, strategy.config(), layout, structure_of(tensors)).write(directory)
         return None if pending is None else blocking
     except Exception as err:  # each library raises its own types for I/O failures; strategies wrap some
         if isinstance(directory, Path) and _disk_full(err, directory):

@@ -77,6 +77,8 @@ class Manifest:
     strategy: str
     config: dict[str, Any]
     tensors: Layout
+    structure: dict[str, Any] | None = None
+    """How the tensors nest into a training state (``pytree``); None for a flat mapping of weights."""
 
     def write(self, directory: Path | Prefix) -> None:
         """Written last, under a temporary name and renamed (on S3: one PUT), so it exists only once complete."""
@@ -86,6 +88,7 @@ class Manifest:
             "config": self.config,
             "digest": DIGEST,
             "tensors": [asdict(e) for e in self.tensors],
+            **({} if self.structure is None else {"structure": self.structure}),
         }
         if isinstance(directory, Prefix):
             directory.write_text(MANIFEST, json.dumps(body, indent=1))
@@ -109,7 +112,7 @@ class Manifest:
             )
             for entry in entries:
                 entry.torch_dtype  # noqa: B018 - refuses an unknown dtype here, not halfway through a load
-            return cls(body["strategy"], dict(body["config"]), entries)
+            return cls(body["strategy"], dict(body["config"]), entries, body.get("structure"))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: malformed manifest: {err!r}") from err
 

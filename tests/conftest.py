@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import nbformat
 import pandas as pd
 import psutil
 import pytest
@@ -24,8 +25,6 @@ try:
 except ModuleNotFoundError:  # plain `pytest` from elsewhere: the package sits next to tests/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import ckptbench
-
-import nbformat
 
 from ckptbench import checkpoint, disk, get_strategy, manifest, read_results
 from ckptbench.limits import CACHE_DIR, Limits

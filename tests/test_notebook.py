@@ -202,6 +202,7 @@ def test_the_committed_notebook_is_clean_and_parameterised():
         "KEEP_CHECKPOINTS",
         "PROGRESS",
         "LOAD_INTO",
+        "PAYLOAD",
         "EXTRA",
         "SWEEP_PRESET",
         "SWEEP_KNOBS",

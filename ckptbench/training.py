@@ -132,7 +132,8 @@ def _resume(config: LlamaConfig, recipe: Recipe, state: dict) -> _Job:
     job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
     job.step = state["step"]
-    job.data.set_state(state["rng"]["torch"])
+    # A copy in torch's own memory: set_state crashed on a view into fastsafetensors' buffer.
+    job.data.set_state(state["rng"]["torch"].clone())
     job.python.setstate(state["rng"]["python"])
     numpy = state["rng"]["numpy"]
     job.numpy.set_state(

@@ -203,6 +203,8 @@ def test_the_committed_notebook_is_clean_and_parameterised():
         "PROGRESS",
         "LOAD_INTO",
         "PAYLOAD",
+        "DISK_PROFILE",
+        "DISK_LIMIT",
         "EXTRA",
         "SWEEP_PRESET",
         "SWEEP_KNOBS",

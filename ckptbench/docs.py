@@ -162,7 +162,7 @@ def _spread(path: str, run_a: str, run_b: str) -> str:
         f"(median {report.sig(moved.median())}) over {len(moved)} medians",
         *result.summary().splitlines()[1:],
     ]
-    return "".join(f"> {line.strip()}  \n" for line in lines)
+    return markdown(pd.DataFrame({"between the two runs": [line.strip() for line in lines]}), index=False)
 
 
 def _rounds(path: str, loadavg: str = "") -> str:

@@ -159,8 +159,8 @@ def _spread(path: str, run_a: str, run_b: str) -> str:
     result = compare.compare(report.select_run(results, run_a), report.select_run(results, run_b))
     moved = result.medians["B / A"]
     lines = [
-        f"the same strategy and timing moved by B / A = {report.sig(moved.min())} to {report.sig(moved.max())} "
-        f"(median {report.sig(moved.median())}) over {len(moved)} medians",
+        f"the same strategy and timing moved by B / A = {sig(moved.min())} to {sig(moved.max())} "
+        f"(median {sig(moved.median())}) over {len(moved)} medians",
         *result.summary().splitlines()[1:],
     ]
     return markdown(pd.DataFrame({"between the two runs": [line.strip() for line in lines]}), index=False)

@@ -123,7 +123,8 @@ def _resume(config: LlamaConfig, recipe: Recipe, state: dict) -> _Job:
     job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
     job.step = state["step"]
-    job.data.set_state(state["rng"]["torch"])
+    # set_state misreads a view into a larger storage (one loader's shared buffer): its own 5 KB copy.
+    job.data.set_state(state["rng"]["torch"].clone())
     job.python.setstate(state["rng"]["python"])
     numpy = state["rng"]["numpy"]
     job.numpy.set_state(

@@ -25,6 +25,17 @@ from .objectstore import Prefix
 MANIFEST = "ckptbench.json"
 FORMAT = "ckptbench-checkpoint/1"
 DIGEST = "xxh3_64"
+SEAL = "manifest_digest"
+"""xxh3 of the manifest's other members: an edited or cut manifest no longer matches it. Manifests written
+before it existed have none and stay readable (``Manifest.sealed`` is then False)."""
+
+
+class ManifestError(CheckpointError):
+    """A manifest that is there but damaged: unparsable, or not matching its own digest."""
+
+
+def _seal(body: dict[str, Any]) -> str:
+    return xxhash.xxh3_64_hexdigest(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def digest(tensor: torch.Tensor) -> str:
@@ -79,6 +90,8 @@ class Manifest:
     tensors: Layout
     structure: dict[str, Any] | None = None
     """How the tensors nest into a training state (``pytree``); None for a flat mapping of weights."""
+    sealed: bool = True
+    """Whether the file carried its own digest (older checkpoints' manifests do not)."""
 
     def write(self, directory: Path | Prefix) -> None:
         """Written last, under a temporary name and renamed (on S3: one PUT), so it exists only once complete."""
@@ -90,6 +103,7 @@ class Manifest:
             "tensors": [asdict(e) for e in self.tensors],
             **({} if self.structure is None else {"structure": self.structure}),
         }
+        body[SEAL] = _seal(body)
         if isinstance(directory, Prefix):
             directory.write_text(MANIFEST, json.dumps(body, indent=1))
             return
@@ -105,6 +119,12 @@ class Manifest:
             if text is None:
                 raise CheckpointError(f"{directory}: no {MANIFEST}; not a complete ckptbench checkpoint")
             body = json.loads(text)
+            sealed = SEAL in body
+            if sealed and (found := _seal({k: v for k, v in body.items() if k != SEAL})) != body[SEAL]:
+                raise ManifestError(
+                    f"{path}: the manifest's digest {found} differs from the {body[SEAL]} it was written with: "
+                    "it was edited or cut"
+                )
             if body["format"] != FORMAT or body["digest"] != DIGEST:
                 raise CheckpointError(f"{path}: format {body['format']!r}, digest {body['digest']!r} not understood")
             entries = tuple(
@@ -112,14 +132,15 @@ class Manifest:
             )
             for entry in entries:
                 entry.torch_dtype  # noqa: B018 - refuses an unknown dtype here, not halfway through a load
-            return cls(body["strategy"], dict(body["config"]), entries, body.get("structure"))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: malformed manifest: {err!r}") from err
+            return cls(body["strategy"], dict(body["config"]), entries, body.get("structure"), sealed)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as err:
+            raise ManifestError(f"{path}: malformed manifest: {err!r}") from err
 
 
 def _read_local(directory: Path) -> str | None:
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: no such checkpoint directory")
+        what = "a file, not a checkpoint folder" if directory.exists() else "no such checkpoint folder"
+        raise CheckpointError(f"{directory}: {what}")
     path = directory / MANIFEST
     return path.read_text() if path.is_file() else None
 

@@ -64,7 +64,7 @@ def test_run_with_repeats_and_kept_checkpoints(tmp_path, capsys, quick_probe):
 
 
 def test_list_prints_every_strategy_and_its_markdown_table(capsys):
-    assert main(["list"]) == 0
+    assert main(["list", "--wide"]) == 0
     printed = capsys.readouterr().out
     rows = {line.split()[0] for line in printed.splitlines()[2:]}
     assert set(STRATEGIES) <= rows
@@ -80,7 +80,7 @@ def test_list_shows_orbax_and_the_async_saves_with_what_orbax_wrote(tiny, tmp_pa
     path = tmp_path / "ckpt"
     save_checkpoint(STRATEGIES["orbax+uncompressed"], tiny.tensors, path)
     stored = describe(path / SUBFOLDER, next(iter(tiny.tensors)))
-    assert main(["list"]) == 0
+    assert main(["list", "--wide"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
     assert {"orbax", "orbax+uncompressed", *ASYNC} <= set(lines)
     assert all(value in lines["orbax+uncompressed"] for value in stored.values())

@@ -21,8 +21,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import CheckpointError
 from ..manifest import Entry, Layout
+from ..objectstore import Prefix
 from ..pytree import flatten, nest, structure_of, unflatten
-from .base import MiB, Pending, Progress, SingleFile, Strategy, Tensors, to_numpy, total_bytes
+from .base import Location, MiB, Pending, Progress, SingleFile, Strategy, Tensors, to_numpy, total_bytes
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,12 @@ class TorchSave(SingleFile):
     def write(self, tensors: Tensors, target: Path | BinaryIO) -> None:
         structure = structure_of(tensors)
         torch.save(OrderedDict(tensors) if structure is None else unflatten(tensors, structure), target)
+
+    def stored_names(self, directory: Location) -> set[str] | None:
+        """The pickle's keys, its storages mapped and never read."""
+        if isinstance(directory, Prefix):
+            return None
+        return set(torch.load(self.path(directory), weights_only=True, mmap=True))
 
     def read(self, source: Path | BinaryIO, entries: Layout) -> OrderedDict[str, torch.Tensor]:
         loaded = torch.load(source, weights_only=True, mmap=self.mmap)
@@ -83,6 +90,13 @@ class SafeTensors(SingleFile):
             safetensors.torch.save_file(dict(tensors), target, metadata=metadata)
         else:
             target.write(safetensors.torch.save(dict(tensors), metadata=metadata))
+
+    def stored_names(self, directory: Location) -> set[str] | None:
+        """The keys of the file's JSON header."""
+        if isinstance(directory, Prefix):
+            return None
+        with safetensors.safe_open(self.path(directory), framework="pt") as f:
+            return set(f.keys())
 
     def read(self, source: Path | BinaryIO, entries: Layout) -> OrderedDict[str, torch.Tensor]:
         # safetensors orders tensors its own way; the manifest keeps the mapping's order.
@@ -228,6 +242,10 @@ class DistributedCheckpoint(Strategy):
         except Exception as err:
             raise CheckpointError(f"{directory}: unreadable distributed checkpoint: {err}") from err
         progress(total_bytes(tensors))
+
+    def stored_names(self, directory: Path) -> set[str] | None:
+        """The keys of dcp's ``.metadata``."""
+        return set(dcp.FileSystemReader(directory).read_metadata().state_dict_metadata)
 
     def load(self, directory: Path, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
         tensors = OrderedDict((e.name, torch.empty(e.shape, dtype=e.torch_dtype)) for e in entries)

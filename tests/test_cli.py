@@ -11,19 +11,15 @@ from ckptbench.results import COLUMNS
 from ckptbench.strategies.orbax import SUBFOLDER, describe
 from ckptbench.study import ASYNC, GROUPS
 
-from conftest import save_checkpoint
+from conftest import FAKE_LIMITS, leftovers, save_checkpoint, written
 
 VALID_STRATEGIES = "valid choices: " + ", ".join([*GROUPS, *STRATEGIES])
 RUN = ["run", "--preset", "tiny", "--strategies", "pytorch,ts+chunks", "--no-drift"]
 
 
 @pytest.fixture
-def quick_probe(monkeypatch, fake_limits):
-    monkeypatch.setattr(limits, "measured", lambda directory, settings, **kwargs: fake_limits)
-
-
-def _leftovers(out) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if p.name in STRATEGIES or ".partial-" in p.name or ".work-" in p.name)
+def quick_probe(monkeypatch):
+    monkeypatch.setattr(limits, "measured", lambda directory, settings, **kwargs: FAKE_LIMITS)
 
 
 @pytest.mark.slow
@@ -43,13 +39,13 @@ def test_run_twice_prints_a_summary_and_appends(tmp_path, capsys):
     assert first["verified"].all()
 
     assert main([*RUN, "--out", str(out), "--no-warmup"]) == 0
-    capsys.readouterr()
+    assert written(capsys.readouterr().out) == written(printed)
     second = pd.read_csv(out / "results.csv")
     assert len(second) == 2 * len(first)
     assert second.head(len(first)).equals(first)
     assert second["run_id"].nunique() == 2
     assert len(list((out / "runs").glob("*.json"))) == 2
-    assert _leftovers(out) == []
+    assert leftovers(out) == sorted(["results.csv", *written(printed)])  # no checkpoint, nothing partial
 
 
 def test_run_with_repeats_and_kept_checkpoints(tmp_path, capsys, quick_probe):
@@ -167,7 +163,7 @@ def test_ctrl_c_during_a_save_exits_130_keeps_earlier_rows_and_no_partial(tmp_pa
     assert len(saves) == 1
     assert ".partial-" in saves[0].name
     assert not saves[0].exists()
-    assert _leftovers(out) == []
+    assert leftovers(out) == ["results.csv"]
     assert pd.read_csv(out / "results.csv")["strategy"].tolist() == ["ts+chunks"]
 
 

@@ -187,6 +187,8 @@ def test_the_committed_notebook_is_clean_and_parameterised():
         "KEEP_CHECKPOINTS",
         "PROGRESS",
         "LOAD_INTO",
+        "DISK_PROFILE",
+        "DISK_LIMIT",
         "EXTRA",
         "SWEEP_PRESET",
         "SWEEP_KNOBS",

@@ -187,6 +187,7 @@ def test_the_committed_notebook_is_clean_and_parameterised():
         "KEEP_CHECKPOINTS",
         "PROGRESS",
         "LOAD_INTO",
+        "PAYLOAD",
         "DISK_PROFILE",
         "DISK_LIMIT",
         "EXTRA",

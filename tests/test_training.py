@@ -152,5 +152,8 @@ def test_the_issue_run_verifies_every_row_at_seven_times_the_bytes(tmp_path: Pat
     assert len(trained) == 12
     assert trained["verified"].all()
     assert set(trained["payload"]) == {"training"}
+    assert plain["verified"].all()
     ratio = trained.set_index("strategy")["bytes"] / plain.set_index("strategy")["bytes"]
-    assert all(math.isfinite(r) and 6 < r < 8 for r in ratio), ratio
+    # Those that store each tensor in its own dtype, uncompressed: the state's 14 bytes a parameter against 2.
+    same_dtypes = ratio[["pytorch", "safetensors", "dcp", "ts+best"]]
+    assert all(math.isfinite(r) and 6.5 < r < 7.5 for r in same_dtypes), ratio

@@ -99,6 +99,7 @@ def test_every_strategy_resumes_bit_for_bit(name: str, trained: training.Trainin
     _resume_after_saving(name, trained, tmp_path)
 
 
+@pytest.mark.slow  # measured 8 s CPU
 def test_verify_covers_the_scalars(trained: training.TrainingCheckpoint, tmp_path: Path) -> None:
     """The scheduler's epoch is a leaf like any tensor: changing it on disk is damage ``verify`` names."""
     path = tmp_path / "ts"
@@ -130,6 +131,7 @@ def test_a_run_whose_resume_differs_is_a_failed_row_naming_the_leaf(
     assert phase.rows[0].payload == "training"
 
 
+@pytest.mark.slow  # a run as a process
 def test_a_preset_whose_state_does_not_fit_is_refused_in_one_line(tmp_path: Path) -> None:
     needed = training.needed_bytes(ckptbench.model.get_preset("openllama-3b"))
     result = run("run", "--preset", "openllama-3b", "--payload", "training", "--out", tmp_path / "out", cwd=tmp_path)

@@ -17,7 +17,7 @@ from . import checkpoint, cloud, disk, docs, launch, model, plot, ranked, report
 from .benchmark import LOAD_INTO, ORDERS, Benchmark, PhaseResult, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
 from .results import ResultsStore, frame, read_results, summarize
-from .storage import FILE, S3Storage
+from .storage import FILE, location, remote_kinds
 from .strategies import STRATEGIES
 from .study import BENCH, GROUPS, parse_strategies
 
@@ -142,10 +142,9 @@ def _config(args: argparse.Namespace, **extra) -> RunConfig:
 def _session(config: RunConfig) -> Benchmark:
     bench = Benchmark(config)
     checkpoint = bench.prepare()
-    where = "disk" if config.store == FILE else f"{config.store} (single-stream PUT/GET)"
     print(
         f"{checkpoint.source}: {len(checkpoint.tensors)} tensors, {checkpoint.params:,} parameters, "
-        f"{checkpoint.nbytes / 1e9:.3g} GB; {where}: {bench.limits.describe()}; "
+        f"{checkpoint.nbytes / 1e9:.3g} GB; {bench.storage.measured_on}: {bench.limits.describe()}; "
         f"{config.repeats} repeat(s), {config.order} order, loads into {config.load_into} tensors"
     )
     return bench
@@ -233,8 +232,7 @@ def _verify(args: argparse.Namespace) -> int:
     code = 0
     for path in args.paths:
         try:
-            place = S3Storage(path, args.s3_endpoint, args.s3_rtt_ms).root if path.startswith("s3://") else path
-            found = checkpoint.verify(place, args.strategy)
+            found = checkpoint.verify(location(path, args.s3_endpoint, args.s3_rtt_ms), args.strategy)
         except CheckpointError as err:
             print(f"error: not a checkpoint ckptbench can verify: {err}", file=sys.stderr)
             code = 2
@@ -271,7 +269,10 @@ def _list(args: argparse.Namespace) -> int:
         print(docs.strategies_markdown().rstrip("\n"))
         return 0
     table = docs.strategies_table()
-    table["on s3"] = [f"skipped: {why}" if (why := STRATEGIES[n].unsupported("s3")) else "ok" for n in table.index]
+    for kind in remote_kinds():
+        table[f"on {kind}"] = [
+            f"skipped: {why}" if (why := STRATEGIES[n].unsupported(kind)) else "ok" for n in table.index
+        ]
     print(table.to_string())
     return 0
 

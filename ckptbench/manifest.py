@@ -13,14 +13,15 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import xxhash
 
 from .errors import CheckpointError
-from .objectstore import Prefix
+
+if TYPE_CHECKING:
+    from .location import Location
 
 MANIFEST = "ckptbench.json"
 FORMAT = "ckptbench-checkpoint/1"
@@ -78,8 +79,8 @@ class Manifest:
     config: dict[str, Any]
     tensors: Layout
 
-    def write(self, directory: Path | Prefix) -> None:
-        """Written last, under a temporary name and renamed (on S3: one PUT), so it exists only once complete."""
+    def write(self, directory: Location) -> None:
+        """Written last, as a file that exists only once complete (a disk renames it into place; a bucket PUTs it)."""
         body = {
             "format": FORMAT,
             "strategy": self.strategy,
@@ -87,18 +88,15 @@ class Manifest:
             "digest": DIGEST,
             "tensors": [asdict(e) for e in self.tensors],
         }
-        if isinstance(directory, Prefix):
-            directory.write_text(MANIFEST, json.dumps(body, indent=1))
-            return
-        partial = directory / f".{MANIFEST}.partial"
-        partial.write_text(json.dumps(body, indent=1))
-        os.replace(partial, directory / MANIFEST)
+        directory.put_text(MANIFEST, json.dumps(body, indent=1))
 
     @classmethod
-    def read(cls, directory: Path | Prefix) -> Manifest:
-        path = f"{directory}{MANIFEST}" if isinstance(directory, Prefix) else directory / MANIFEST
+    def read(cls, directory: Location) -> Manifest:
+        path = directory.where(MANIFEST)
         try:
-            text = directory.read_text(MANIFEST) if isinstance(directory, Prefix) else _read_local(directory)
+            if not directory.exists():
+                raise CheckpointError(f"{directory}: no such checkpoint directory")
+            text = directory.get_text(MANIFEST)
             if text is None:
                 raise CheckpointError(f"{directory}: no {MANIFEST}; not a complete ckptbench checkpoint")
             body = json.loads(text)
@@ -112,13 +110,6 @@ class Manifest:
             return cls(body["strategy"], dict(body["config"]), entries)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: malformed manifest: {err!r}") from err
-
-
-def _read_local(directory: Path) -> str | None:
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: no such checkpoint directory")
-    path = directory / MANIFEST
-    return path.read_text() if path.is_file() else None
 
 
 def check_loaded(loaded: Mapping[str, torch.Tensor], entries: Layout, source: str) -> None:

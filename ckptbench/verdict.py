@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .location import FILE, scheme
 from .results import DRIFT_FLAG, drift_from_median, succeeded
 from .study import CLAIMS, EIGHT_WAY, EXACT_METRICS, METRICS, Claim, Criterion, Each, Ratio
 
@@ -161,9 +162,9 @@ def _table_row(claim: Claim, measured: str, verdict: str, reason: str) -> dict[s
 
 
 def store_kind(results: pd.DataFrame) -> str:
-    """``s3`` when the rows measured object storage, else ``file`` (rows from before stores existed too)."""
+    """The scheme of the store the rows measured (``s3``, ...), else ``file`` (rows from before stores existed too)."""
     stores = results["store"].dropna() if "store" in results else pd.Series(dtype=str)
-    return "s3" if stores.str.startswith("s3://").any() else "file"
+    return next(iter(sorted({scheme(s) for s in stores if s} - {FILE})), FILE)
 
 
 def check(results: pd.DataFrame) -> pd.DataFrame:

@@ -30,10 +30,9 @@ from ckptbench.cli import main
 from ckptbench.delayproxy import DelayProxy
 from ckptbench.limits import Limits
 from ckptbench.manifest import MANIFEST
-from ckptbench.objectstore import Prefix
+from ckptbench.objectstore import Prefix, S3Storage
 from ckptbench.results import COLUMNS, ResultsStore, Row
 from ckptbench.s3server import S3Server, S3ServerError
-from ckptbench.storage import S3Storage
 
 ON_S3 = ["tensorstore", "ts+chunks", "ts+ocdbt", "ts+best", "ts+zarr3", "pytorch", "safetensors"]
 ZARR_PER_OBJECT = ["tensorstore", "ts+chunks", "ts+best"]

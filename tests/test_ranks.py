@@ -24,6 +24,7 @@ from ckptbench import checkpoint, docs, launch, manifest, model, ranked, scaling
 from ckptbench.cli import main
 from ckptbench.errors import UsageError
 from ckptbench.limits import CACHE_DIR, Limits
+from ckptbench.local import Folder
 from ckptbench.results import COLUMNS, Row, config_json, frame, read_results
 from ckptbench.shards import Ranks, block_rows, contiguous_stride, row_range
 from ckptbench.strategies import Strategy, TensorStoreOptions, from_config, get_strategy, sharded
@@ -137,12 +138,12 @@ def test_rows_written_by_three_ranks_read_back_by_two_and_by_four(name, tmp_path
     for rank in range(3):
         ranks = Ranks(rank, 3)
         with form.session(ranks, writing=True) as session:
-            form.save_shards(session, {n: rows(ranks, n) for n in tensors}, entries, tmp_path, ranks)
+            form.save_shards(session, {n: rows(ranks, n) for n in tensors}, entries, Folder(tmp_path), ranks)
     for readers in (2, 4):
         for rank in range(readers):
             ranks = Ranks(rank, readers)
             with form.session(ranks, writing=False) as session:
-                loaded = form.load_shards(session, tmp_path, entries, ranks)
+                loaded = form.load_shards(session, Folder(tmp_path), entries, ranks)
             verify(loaded, {n: rows(ranks, n) for n in tensors}, f"{name}, rank {rank} of {readers}")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import CheckpointError, UnknownChoiceError
 from . import sharded
-from .base import Location, MiB, Pending, Progress, SingleFile, Strategy, Tensors, nbytes, total_bytes
+from .base import MiB, Pending, Progress, SingleFile, Strategy, Tensors, nbytes, total_bytes
 from .orbax import Orbax
 from .pytorch import DistributedCheckpoint, SafeTensors, TorchSave
 from .zarr import TensorStore, TensorStoreOptions, divisor_chunks
@@ -81,7 +81,6 @@ __all__ = [
     "BEST",
     "STRATEGIES",
     "DistributedCheckpoint",
-    "Location",
     "MiB",
     "Orbax",
     "Pending",

@@ -20,6 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import CheckpointError
+from ..location import Location
 from ..manifest import Entry, Layout
 from .base import MiB, Pending, Progress, SingleFile, Strategy, Tensors, to_numpy, total_bytes
 
@@ -85,37 +86,42 @@ class SafeTensors(SingleFile):
         with safetensors.safe_open(source, framework="pt", backend="pread") as f:
             return OrderedDict((e.name, f.get_tensor(e.name)) for e in entries)
 
-    def load_into(self, directory: Path, entries: Layout, into: Tensors, progress: Progress) -> None:
+    def load_into(self, directory: Location, entries: Layout, into: Tensors, progress: Progress) -> None:
         """Each tensor's bytes read from the file straight into its existing memory, in file order.
 
         The library only returns new (or mapped) tensors, so this reads its documented layout: a
         little-endian u64 header length, then a JSON header with each tensor's dtype, shape and byte range.
         """
-        path = self.path(directory)
-        with open(path, "rb", buffering=0) as file:
-            try:
-                header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
-            except (ValueError, UnicodeDecodeError) as err:
-                raise CheckpointError(f"{path}: unreadable safetensors header: {err}") from err
-            base = file.tell()
-            for begin, end, name in sorted(_byte_range(header, entry, path) for entry in entries):
-                target = into[name]
-                buffer = (
-                    target
-                    if target.is_contiguous()
-                    else torch.empty_like(target, memory_format=torch.contiguous_format)
-                )
-                file.seek(base + begin)
-                _read_exactly(file, memoryview(to_numpy(buffer).reshape(-1).view(np.uint8)), path)
-                if buffer is not target:
-                    target.copy_(buffer)
-                progress(end - begin)
+        where = directory.where(self.filename)
+
+        def read_into(source: Path | BinaryIO) -> None:
+            with contextlib.ExitStack() as stack:
+                file = stack.enter_context(open(source, "rb", buffering=0)) if isinstance(source, Path) else source
+                try:
+                    header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+                except (ValueError, UnicodeDecodeError) as err:
+                    raise CheckpointError(f"{where}: unreadable safetensors header: {err}") from err
+                base = file.tell()
+                for begin, end, name in sorted(_byte_range(header, entry, where) for entry in entries):
+                    target = into[name]
+                    buffer = (
+                        target
+                        if target.is_contiguous()
+                        else torch.empty_like(target, memory_format=torch.contiguous_format)
+                    )
+                    file.seek(base + begin)
+                    _read_exactly(file, memoryview(to_numpy(buffer).reshape(-1).view(np.uint8)), where)
+                    if buffer is not target:
+                        target.copy_(buffer)
+                    progress(end - begin)
+
+        self.read_file(directory, read_into)
 
 
 _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
 
 
-def _byte_range(header: dict[str, Any], entry: Entry, path: Path) -> tuple[int, int, str]:
+def _byte_range(header: dict[str, Any], entry: Entry, path: str) -> tuple[int, int, str]:
     """Where ``entry``'s bytes lie after the header, refused unless the header agrees with the manifest."""
     stored = header.get(entry.name)
     expected = {"dtype": _SAFETENSORS_DTYPES.get(entry.torch_dtype), "shape": list(entry.shape)}
@@ -127,7 +133,7 @@ def _byte_range(header: dict[str, Any], entry: Entry, path: Path) -> tuple[int, 
     return begin, end, entry.name
 
 
-def _read_exactly(file: io.FileIO, buffer: memoryview, path: Path) -> None:
+def _read_exactly(file: io.RawIOBase | BinaryIO, buffer: memoryview, path: str) -> None:
     done = 0
     while done < len(buffer):
         count = file.readinto(buffer[done:])
@@ -177,8 +183,8 @@ class DistributedCheckpoint(Strategy):
             return "torch.distributed.checkpoint writes through a filesystem (its fsspec writer needs s3fs)"
         return None
 
-    def save(self, tensors: Tensors, directory: Path, progress: Progress) -> Pending | None:
-        writer = dcp.FileSystemWriter(directory, thread_count=self.threads)
+    def save(self, tensors: Tensors, directory: Location, progress: Progress) -> Pending | None:
+        writer = dcp.FileSystemWriter(directory.folder, thread_count=self.threads)
         if not self.asynchronous:
             with _single_process(), _as_os_error():
                 dcp.save(dict(tensors), storage_writer=writer)
@@ -201,11 +207,11 @@ class DistributedCheckpoint(Strategy):
 
         return finish
 
-    def _load(self, directory: Path, tensors: OrderedDict[str, torch.Tensor], progress: Progress) -> None:
+    def _load(self, directory: Location, tensors: OrderedDict[str, torch.Tensor], progress: Progress) -> None:
         """Fill ``tensors`` in place: ``dcp.load`` writes into the tensors it is given."""
         try:
             with _single_process():
-                dcp.load(tensors, storage_reader=dcp.FileSystemReader(directory))
+                dcp.load(tensors, storage_reader=dcp.FileSystemReader(directory.folder))
         except CheckpointException as err:  # a BaseException: it would slip past ``except Exception``
             rank, failure = _first_failure(err)
             raise CheckpointError(
@@ -215,12 +221,12 @@ class DistributedCheckpoint(Strategy):
             raise CheckpointError(f"{directory}: unreadable distributed checkpoint: {err}") from err
         progress(total_bytes(tensors))
 
-    def load(self, directory: Path, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
+    def load(self, directory: Location, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
         tensors = OrderedDict((e.name, torch.empty(e.shape, dtype=e.torch_dtype)) for e in entries)
         self._load(directory, tensors, progress)
         return tensors
 
-    def load_into(self, directory: Path, entries: Layout, into: Tensors, progress: Progress) -> None:
+    def load_into(self, directory: Location, entries: Layout, into: Tensors, progress: Progress) -> None:
         self._load(directory, OrderedDict((e.name, into[e.name]) for e in entries), progress)
 
     def estimate_bytes(self, tensors: Tensors) -> int:

@@ -15,9 +15,9 @@ import tensorstore as ts
 import torch
 
 from ..errors import CheckpointError
+from ..location import Location
 from ..manifest import Entry, Layout
-from ..objectstore import Prefix
-from .base import Location, MiB, Pending, Progress, Strategy, Tensors, from_numpy, nbytes, to_numpy
+from .base import MiB, Pending, Progress, Strategy, Tensors, from_numpy, nbytes, to_numpy
 
 _BLOCK = 4096
 _OCDBT_COMMIT_BYTES = 256 << 10
@@ -127,14 +127,9 @@ class TensorStoreOptions:
         }
 
     def kvstore(self, directory: Location, key: str) -> dict:
-        if isinstance(directory, Prefix):
-            if self.driver == "ocdbt":
-                return {"driver": "ocdbt", "base": directory.kvstore(), "path": f"{key}/"}
-            return directory.kvstore(f"{key}/")
-        root = directory.resolve()
         if self.driver == "ocdbt":
-            return {"driver": "ocdbt", "base": f"file://{root}/", "path": f"{key}/"}
-        return {"driver": "file", "path": f"{root}/{key}/"}
+            return {"driver": "ocdbt", "base": directory.kvstore(), "path": f"{key}/"}
+        return directory.kvstore(f"{key}/")
 
     def describe(self) -> dict[str, str]:
         chunks = "64 per dim" if self.chunk_bytes is None else f"<= {self.chunk_bytes / MiB:g} MiB (T5X rule)"

@@ -15,7 +15,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -24,14 +24,14 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, disk, environment, manifest
+from . import checkpoint, disk, environment, manifest, profiles, throttle, training
 from . import model as model_lib
 from .errors import InsufficientMemoryError, UsageError, VerificationError
-from .limits import Limits, ProbeSettings
+from .limits import Limits, ProbeSettings, missed_caps
 from .measure import Measurement, measure, return_freed_memory
 from .objectstore import Requests
 from .results import ResultsStore, Row, config_json, frame, summarize
-from .storage import FILE, Location, check_settings, open_storage, staged
+from .storage import FILE, Location, check_settings, is_local, open_storage, scheme, staged
 from .strategies import Strategy, Tensors, get_strategy, nbytes, total_bytes
 from .study import ordered
 from .verify import verify
@@ -94,6 +94,13 @@ class RunConfig:
     """Load with this many processes (default: ``ranks``); another number reshards."""
     rank_timeout_s: float = 900.0
     """How long any collective waits for a rank before the run fails naming it: longer than the slowest phase."""
+    payload: training.Payload = "weights"
+    """weights: the model's tensors; training: a training job's whole state (``ckptbench.training``), each load
+    also resumed for one step and compared with the job that never stopped."""
+    disk_profile: str = profiles.NONE
+    """A cloud volume to emulate on the disk under ``out`` with the kernel's I/O throttle (``profiles.PROFILES``)."""
+    disk_limit: str | None = None
+    """The user's own caps instead, e.g. ``read=300M,write=300M,riops=3000,wiops=3000``."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -117,6 +124,20 @@ class RunConfig:
             raise UsageError(f"load_ranks needs ranks and must be at least 1, got {self.load_ranks}")
         if self.rank_timeout_s <= 0:
             raise UsageError(f"rank_timeout_s must be positive, got {self.rank_timeout_s}")
+        if not self.profile.caps.empty and not is_local(self.store):
+            raise UsageError(
+                f"--disk-profile and --disk-limit throttle the disk under --out; not an {scheme(self.store)}:// --store"
+            )
+
+        if self.payload not in training.PAYLOADS:
+            raise UsageError(f"payload must be one of {', '.join(training.PAYLOADS)}, got {self.payload!r}")
+        if self.payload == "training" and (self.model_path is not None or self.ranks is not None):
+            raise UsageError("--payload training trains a preset in one process: not with --model-path or --ranks")
+
+    @property
+    def profile(self) -> profiles.Profile:
+        """The disk profile the run emulates (``none``: the raw disk)."""
+        return profiles.resolve(self.disk_profile, self.disk_limit)
 
     @property
     def label(self) -> str:
@@ -187,7 +208,7 @@ class Benchmark:
         self,
         config: RunConfig | None = None,
         *,
-        checkpoint: model_lib.ModelCheckpoint | None = None,
+        checkpoint: model_lib.ModelCheckpoint | training.TrainingCheckpoint | None = None,
         limits: Limits | None = None,
         log: Callable[[str], None] = tqdm.write,
         run_id: str | None = None,
@@ -216,13 +237,17 @@ class Benchmark:
     def preset(self) -> str:
         return self.config.label
 
-    def prepare(self) -> model_lib.ModelCheckpoint:
+    def prepare(self) -> model_lib.ModelCheckpoint | training.TrainingCheckpoint:
         """Check the output folder, build or load the model, make the results safe, clean leftovers, probe the disk."""
         started = time.perf_counter()
         disk.check_folder(self.out)
         self.storage.check()
+        if not self.config.profile.caps.empty:
+            throttle.check(self.out)
         if self.checkpoint is None:
-            if self.config.model_path is None:
+            if self.config.payload == "training":
+                self.checkpoint = training.build(self.config.preset, self.config.seed)
+            elif self.config.model_path is None:
                 self.checkpoint = model_lib.build(self.config.preset, self.config.seed)
             else:
                 self.checkpoint = model_lib.load_local(self.config.model_path)
@@ -233,16 +258,48 @@ class Benchmark:
         kept = self.store.check()
         if kept is not None:
             self.log(f"{self.store.csv} could not be appended to safely; kept it as {kept.name}")
-        for stale in self.storage.clean_stale():
+        for stale in [*self.storage.clean_stale(), *throttle.clean_stale()]:
             self.log(f"removed the leftovers of an interrupted run: {stale}")
         if self.limits is None:
-            settings = ProbeSettings.for_checkpoint(self.checkpoint.nbytes)
-            self.limits = self.storage.limits(settings, reprobe=self.config.reprobe)
-            self.probe_s += self.limits.probe_s
+            self.limits = self._probe(ProbeSettings.for_checkpoint(self.checkpoint.nbytes))
+        else:
+            throttle.enter(self.out, self.config.profile.caps)
         self.prepare_s += time.perf_counter() - started
         if not self.store.environment_path(self.run_id).exists():
             self.store.write_environment(self.run_id, self.environment())
         return self.checkpoint
+
+    def _probe(self, settings: ProbeSettings) -> Limits:
+        """The store's ceilings, under the run's disk profile when it has one (joining its throttle group).
+
+        Caps above the raw disk's ceilings would emulate nothing and are refused; ceilings that miss
+        their caps by more than ``limits.MISS`` are reported (a warning line, and in ``throttle['missed']``).
+        """
+        profile = self.config.profile
+        raw = None
+        if not profile.caps.empty and not throttle.inherited():
+            throttle.leave()
+            raw = self.storage.limits(settings, reprobe=False)
+            self.probe_s += raw.probe_s
+            throttle.refuse_above(profile.caps, raw.read_gbps, raw.write_gbps)
+        group = throttle.enter(self.out, profile.caps)
+        limits = self.storage.limits(settings.under(profile.caps), reprobe=self.config.reprobe)
+        self.probe_s += limits.probe_s
+        if profile.caps.empty:
+            return limits
+        missed = missed_caps(limits, profile.caps)
+        for miss in missed:
+            self.log(f"warning: disk profile {profile.name} not held: {miss}")
+        record = {
+            "profile": profile.name,
+            "volume": profile.volume,
+            "source": profile.source,
+            **(group.describe() if group is not None else {"caps": profile.caps.spec()}),
+            "raw_write_gbps": None if raw is None else raw.write_gbps,
+            "raw_read_gbps": None if raw is None else raw.read_gbps,
+            "missed": missed,
+        }
+        return replace(limits, throttle=record)
 
     def environment(self) -> dict:
         checkpoint = self.checkpoint
@@ -325,6 +382,13 @@ class Benchmark:
             return False
         return True
 
+    def _resumes(self, strategy: Strategy, loaded: Tensors) -> None:
+        """A training state must also resume: one more step from ``loaded`` (changed in place) equals the job's."""
+        if isinstance(self.checkpoint, training.TrainingCheckpoint):
+            found = training.resume_problem(self.checkpoint, loaded)
+            if found is not None:
+                raise VerificationError(f"{strategy.name} checkpoint does not resume: {found}")
+
     def _warm_up(self, strategy: Strategy) -> None:
         """Save and load a few tensors untimed, so library start-up is not billed to the first repeat."""
         if not self.config.warmup or strategy.name in self._warm:
@@ -363,9 +427,13 @@ class Benchmark:
             disk_read_gbps=self.limits.read_gbps,
             disk_files_per_s=self.limits.files_per_s,
             fresh_copy_gbps=self.limits.fresh_copy_gbps,
+            disk_read_iops=self.limits.read_iops,
+            disk_profile=self.limits.throttle.get("profile", profiles.NONE),
+            disk_caps=self.limits.throttle.get("caps", ""),
             store=self.storage.url,
             injected_rtt_ms=self.storage.injected_rtt_ms,
             load_into=self.config.load_into,
+            payload=self.config.payload,
             **measured,
         )
 
@@ -394,6 +462,8 @@ class Benchmark:
             cold, loaded, load_requests = self._timed_load(strategy, path, f"{label} cold", into)
             with clock("verify"):
                 cold_ok = self._verified(strategy, loaded, path)
+                if cold_ok:
+                    self._resumes(strategy, loaded)
                 del loaded
             warm, loaded, _ = self._timed_load(strategy, path, f"{label} warm", into)
             # Nothing is timed now: delete the checkpoint while the CPU compares the last load.

@@ -19,6 +19,7 @@ import torch
 from .errors import CheckpointError, CkptbenchError, DiskFullError
 from .location import Location, Staging
 from .manifest import Layout, Manifest, check_loaded, problem
+from .pytree import structure_of
 from .storage import location
 from .strategies import Progress, Strategy, Tensors, from_config, get_strategy
 
@@ -56,7 +57,7 @@ def save(strategy: Strategy, tensors: Tensors, layout: Layout, staging: Staging,
         blocking = time.perf_counter() - started
         if pending is not None:
             pending()
-        staging.commit(Manifest(strategy.name, strategy.config(), layout))
+        staging.commit(Manifest(strategy.name, strategy.config(), layout, structure_of(tensors)))
         return None if pending is None else blocking
     except Exception as err:  # each library raises its own types for I/O failures; strategies wrap some
         if _disk_full(err, directory):

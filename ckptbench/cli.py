@@ -1,7 +1,8 @@
-"""``python -m ckptbench``: run, sweep or bench headless, verify a checkpoint, redraw a run, list or document.
+"""``python -m ckptbench``: run, sweep or bench headless, verify a checkpoint, redraw or compare runs, list or document.
 
-Exit codes: 0 success; 1 a failed or unverified strategy, a damaged checkpoint, or the environment
-(disk, files); 2 input the user can correct (arguments, a path that is not a checkpoint).
+Exit codes: 0 success; 1 a failed or unverified strategy, a damaged checkpoint, two runs that contradict
+each other, or the environment (disk, files); 2 input the user can correct (arguments, a path that is not
+a checkpoint).
 """
 
 from __future__ import annotations
@@ -13,7 +14,27 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import checkpoint, cloud, disk, docs, launch, model, plot, ranked, report, s3server, scaling, sweep, targets
+import pandas as pd
+
+from . import (
+    checkpoint,
+    cloud,
+    compare,
+    disk,
+    docs,
+    launch,
+    model,
+    plot,
+    profiles,
+    ranked,
+    report,
+    s3server,
+    scaling,
+    sweep,
+    targets,
+    throttle,
+    training,
+)
 from .benchmark import LOAD_INTO, ORDERS, Benchmark, PhaseResult, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
 from .results import ResultsStore, frame, read_results, summarize
@@ -42,7 +63,25 @@ def _session_options() -> argparse.ArgumentParser:
     )
     options.add_argument("--seed", type=int, default=0)
     options.add_argument(
+        "--disk-profile",
+        default=profiles.NONE,
+        choices=list(profiles.PROFILES),
+        help="emulate a cloud volume's caps on the disk under --out with the kernel's I/O throttle (root)",
+    )
+    options.add_argument(
+        "--disk-limit",
+        metavar="CAPS",
+        help="your own caps instead, e.g. read=300M,write=300M,riops=3000,wiops=3000 (M = 10^6 B/s, Mi = 2^20)",
+    )
+    options.add_argument(
         "--load-into", default="fresh", choices=LOAD_INTO, help="load into new tensors or a live model's (existing)"
+    )
+    options.add_argument(
+        "--payload",
+        default="weights",
+        choices=training.PAYLOADS,
+        help="the model's weights, or a training job's state (fp32 master, AdamW moments from real steps; "
+        "each load resumed one step and compared); `list` says which presets' training state fits",
     )
     _store_options(options)
     return options
@@ -108,6 +147,15 @@ def _parser() -> argparse.ArgumentParser:
         default="strategy",
         help="ranks: time against the number of ranks, from every run with --ranks of the latest model",
     )
+    compare_cmd = commands.add_parser(
+        "compare",
+        help="two runs side by side: medians with intervals, and whether claims, targets and answers agree",
+        description="Exit 0 when the runs agree, 1 when a verdict contradicts the other run's (named).",
+    )
+    compare_cmd.add_argument(
+        "runs", nargs="+", metavar="RUN", help="two results files (the latest run of each), or one file and two run ids"
+    )
+    compare_cmd.add_argument("--figure", type=Path, metavar="DIR", help="also draw the calibration figure into DIR")
     list_cmd = commands.add_parser("list", help="the strategies and their knobs")
     list_cmd.add_argument("--markdown", action="store_true", help="as the Markdown table the docs embed")
     list_cmd.add_argument("--ranks", action="store_true", help="what each strategy does with ranks (run --ranks)")
@@ -135,6 +183,9 @@ def _config(args: argparse.Namespace, **extra) -> RunConfig:
         s3_endpoint=args.s3_endpoint,
         s3_rtt_ms=args.s3_rtt_ms,
         load_into=args.load_into,
+        payload=args.payload,
+        disk_profile=args.disk_profile,
+        disk_limit=args.disk_limit,
         **extra,
     )
 
@@ -261,6 +312,36 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs_to_compare(given: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, str]]:
+    """The two runs' rows and their labels: ``FILE RUN RUN``, or ``FILE FILE`` (each file's latest run)."""
+    if len(given) == 3:
+        results = read_results(given[0])
+        return report.select_run(results, given[1]), report.select_run(results, given[2]), (given[1], given[2])
+    if len(given) == 2 and all(Path(p).is_file() for p in given):
+        a, b = (report.select_run(read_results(p)) for p in given)
+        return a, b, (f"{given[0]} ({a['run_id'].iloc[0]})", f"{given[1]} ({b['run_id'].iloc[0]})")
+    missing = [p for p in given if not Path(p).is_file()][:1]
+    where = f" ({missing[0]} is not a file)" if missing and len(given) == 2 else ""
+    raise UsageError(f"compare takes two results files, or one file and two run ids{where}")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    a, b, names = _runs_to_compare(args.runs)
+    result = compare.compare(a, b, names)
+    for title, table in (
+        ("Medians across rounds", compare.medians_table(result)),
+        ("Claims", result.claims),
+        ("Targets", result.targets.drop(columns=["A covers B", "B covers A"])),
+        ("What should I use?", result.answers),
+    ):
+        print(f"\n{title}:\n{table.to_string(index=False) if len(table) else '(none in both runs)'}")
+    print(f"\n{result.summary()}")
+    if args.figure is not None:
+        disk.check_folder(args.figure)
+        _print_paths(plot.export(compare.figure(result), args.figure, stem=compare.FIGURE_STEM))
+    return 0 if result.agree else 1
+
+
 def _list(args: argparse.Namespace) -> int:
     if args.ranks:
         print(docs.forms_markdown().rstrip("\n") if args.markdown else docs.forms_table().to_string())
@@ -274,6 +355,8 @@ def _list(args: argparse.Namespace) -> int:
             f"skipped: {why}" if (why := STRATEGIES[n].unsupported(kind)) else "ok" for n in table.index
         ]
     print(table.to_string())
+    print(f"\npresets (--payload training: the state with a loaded copy and a step, in {training.memory_text()}):")
+    print(training.presets_table().to_string())
     return 0
 
 
@@ -306,6 +389,7 @@ COMMANDS = {
     "bench": _bench,
     "verify": _verify,
     "plot": _plot,
+    "compare": _compare,
     "list": _list,
     "docs": _docs,
     "s3-server": _s3_server,
@@ -333,3 +417,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 130
+        finally:
+            throttle.leave()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import cloud, ranked, report, scaling, verdict
+from . import choices, cloud, ranked, report, scaling, verdict
 from .errors import CkptbenchError
 from .results import read_results, summarize
 from .strategies import STRATEGIES
@@ -88,10 +88,7 @@ def _untimed(path: str) -> str:
 
 
 def _choices(path: str) -> str:
-    results = _results(path)
-    table = report.choices_table(summarize(results))
-    table["use"] = table["use"].map(lambda name: f"`{name}`")
-    return markdown(table, index=False)
+    return markdown(choices.table(_results(path)), index=False)
 
 
 def _verdicts(path: str) -> str:

@@ -2,7 +2,8 @@
 
 A save cannot write its bytes faster than the disk's multi-stream durable write, and pays the disk's
 file-creation rate for every file; a cold load cannot read its bytes faster than the multi-stream cold
-read, and copies the model's bytes into fresh memory, faulting in every page. The sum is the floor. It
+read, and copies the model's bytes into fresh memory, faulting in every page; under a disk profile
+capping operations it also reads each file with at least one operation. The sum is the floor. It
 explains a gap to the disk limit rather than only showing it (the study's baseline writes 839,390
 files), and the term, or the CPU, that accounts for most of a measured time names what bound it.
 """
@@ -28,9 +29,24 @@ def save_floor_s(nbytes: float, files: float, write_gbps: float, files_per_s: fl
     return nbytes / write_gbps / 1e9 + files / files_per_s
 
 
-def load_floor_s(nbytes: float, model_bytes: float, read_gbps: float, fresh_copy_gbps: float) -> float:
-    """Bytes at the cold-read ceiling plus the model's bytes copied into fresh memory."""
-    return nbytes / read_gbps / 1e9 + model_bytes / fresh_copy_gbps / 1e9
+def load_floor_s(
+    nbytes: float,
+    model_bytes: float,
+    read_gbps: float,
+    fresh_copy_gbps: float,
+    files: float = 0,
+    read_iops: float | pd.Series | None = None,
+) -> float:
+    """Bytes at the cold-read ceiling plus the model's bytes copied into fresh memory, plus (when the run
+    measured an operation rate under a cap) one read operation per file."""
+    return nbytes / read_gbps / 1e9 + model_bytes / fresh_copy_gbps / 1e9 + _file_reads_s(files, read_iops)
+
+
+def _file_reads_s(files: float | pd.Series, read_iops: float | pd.Series | None) -> float | pd.Series:
+    """One read operation per file at the measured operation rate; 0 where none was measured (no cap)."""
+    if isinstance(read_iops, pd.Series):
+        return (files / read_iops).fillna(0)
+    return 0.0 if read_iops is None or math.isnan(read_iops) else files / read_iops
 
 
 def _per_strategy(results: pd.DataFrame) -> pd.DataFrame:
@@ -52,6 +68,7 @@ def _per_strategy(results: pd.DataFrame) -> pd.DataFrame:
             "disk_read_gbps",
             "disk_files_per_s",
             "fresh_copy_gbps",
+            "disk_read_iops",
         ]
     ].median()
     return sizes.join(medians).astype(float)
@@ -63,7 +80,9 @@ def floors(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "save_floor_s": save_floor_s(s["bytes"], s["files"], s["disk_write_gbps"], s["disk_files_per_s"]),
-            "load_floor_s": load_floor_s(s["bytes"], s["model_bytes"], s["disk_read_gbps"], s["fresh_copy_gbps"]),
+            "load_floor_s": load_floor_s(
+                s["bytes"], s["model_bytes"], s["disk_read_gbps"], s["fresh_copy_gbps"], s["files"], s["disk_read_iops"]
+            ),
         }
     )
 
@@ -126,7 +145,18 @@ def _save_shares(s: pd.Series, cores: int) -> tuple[Share, ...]:
 
 def _load_shares(s: pd.Series, cores: int) -> tuple[Share, ...]:
     read_s, fresh_s = s["bytes"] / s["disk_read_gbps"] / 1e9, s["model_bytes"] / s["fresh_copy_gbps"] / 1e9
+    operations = ()
+    if not math.isnan(s["disk_read_iops"]):
+        reads_s = s["files"] / s["disk_read_iops"]
+        operations = (
+            Share(
+                "read operations",
+                reads_s / s["load_cold_s"],
+                f"{s['files']:,.0f} files at {s['disk_read_iops']:,.0f} reads/s = {reads_s:.3g} s",
+            ),
+        )
     return (
+        *operations,
         Share(
             "disk bandwidth",
             read_s / s["load_cold_s"],

@@ -23,6 +23,7 @@ from typing import Any
 from . import probes
 from .disk import PARTIAL, ensure_free, evict, remove
 from .environment import filesystem
+from .profiles import Caps
 
 CACHE_DIR = "limits"
 """Where in the output folder the probes of the day are kept, one file per filesystem and day."""
@@ -46,6 +47,13 @@ class ProbeSettings:
     """Each writer count stops after this long: the file-creation rate drifts, so it is capped by time."""
     copy_bytes: int = 256 * _MIB
     copy_threads: tuple[int, ...] = (1, 2)
+    throttle: str = ""
+    """The caps the probe runs under (``Caps.spec``), empty on the raw disk: a throttled disk is another disk."""
+    iops_jobs: int = 16
+    iops_block: int = 16 << 10
+    """Random operations of one 16 KiB chunk: what a cloud volume's IOPS figures count."""
+    iops_seconds: float = 0.0
+    """How long each operation-rate probe runs; 0 measures none (only an IOPS cap needs them)."""
 
     @classmethod
     def for_checkpoint(cls, nbytes: int) -> ProbeSettings:
@@ -53,6 +61,17 @@ class ProbeSettings:
         return cls(
             total_bytes=min(max(nbytes, 64 * _MIB), 1 << 30),
             copy_bytes=min(max(nbytes // 4, 16 * _MIB), 256 * _MIB),
+        )
+
+    def under(self, caps: Caps) -> ProbeSettings:
+        """These settings under ``caps``; capped bandwidth is probed with proportionally fewer bytes (a few
+        seconds at the cap per stream count), and a capped operation rate is measured too."""
+        if caps.empty:
+            return self
+        slowest = min(b for b in (caps.read_bps, caps.write_bps) if b) if caps.read_bps or caps.write_bps else None
+        total = self.total_bytes if slowest is None else min(self.total_bytes, max(64 * _MIB, 4 * slowest))
+        return replace(
+            self, throttle=caps.spec(), total_bytes=total // _MIB * _MIB, iops_seconds=2.0 if caps.iops else 0.0
         )
 
 
@@ -71,6 +90,10 @@ class Limits:
     """Small files created, written and fsync'd per second: the best over the writer counts."""
     fresh_copy_gbps: float | None = None
     """Copy into never-touched memory, page faults included: the best over the thread counts."""
+    read_iops: float | None = None
+    """Random O_DIRECT reads of one 16 KiB block per second (measured only under an operation cap)."""
+    write_iops: float | None = None
+    """Random O_DIRECT writes of one 16 KiB block per second (likewise)."""
     tool: str = ""
     """``fio 3.33`` when fio measured the disk, ``builtin`` when Python threads did; on S3, one object through boto3."""
     write_by_streams: dict[int, float] = field(default_factory=dict)
@@ -84,6 +107,9 @@ class Limits:
     """When it was measured (UTC, ISO 8601)."""
     cached: bool = False
     """Read from the output folder's cache instead of measured in this run."""
+    throttle: dict[str, Any] = field(default_factory=dict)
+    """Under a disk profile: the profile, its caps and their source, the group, the raw disk's ceilings and
+    the caps the measured ceilings missed (``missed``); empty on the raw disk."""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Limits:
@@ -101,8 +127,12 @@ class Limits:
             text += f", {self.files_per_s:,.0f} files/s created"
         if self.fresh_copy_gbps is not None:
             text += f", {self.fresh_copy_gbps:.3g} GB/s copy into fresh memory"
+        for what, rate in (("read", self.read_iops), ("write", self.write_iops)):
+            if rate is not None:
+                text += f", {rate:,.0f} random {what} IOPS"
         source = f"cached, measured {self.measured_at}" if self.cached else "measured now"
-        return f"{text} [{self.tool or 'unknown tool'}, {source}]"
+        under = f" under disk profile {self.throttle['profile']} ({self.throttle['caps']})" if self.throttle else ""
+        return f"{text} [{self.tool or 'unknown tool'}, {source}]{under}"
 
 
 def _best(table: dict[int, float]) -> str:
@@ -131,6 +161,10 @@ def probe(directory: Path, settings: ProbeSettings, backend: probes.Backend | No
             size = max(settings.block, settings.total_bytes // streams // settings.block * settings.block)
             taken[f"write/{streams}"] = backend.write(files, streams, size, settings.block)
             taken[f"read/{streams}"] = backend.read(files, streams, size, settings.block)
+            if settings.iops_seconds and streams == settings.streams[0]:
+                file, jobs, block = files / probes.STREAM.format(0), settings.iops_jobs, settings.iops_block
+                for direction in ("read", "write"):
+                    taken[f"iops-{direction}"] = backend.iops(file, direction, jobs, block, settings.iops_seconds)
             remove(files)
         for writers in settings.writers:
             files = _fresh(work / f"files-{writers}")
@@ -154,6 +188,8 @@ def probe(directory: Path, settings: ProbeSettings, backend: probes.Backend | No
         probe_s=sum(m.seconds for m in taken.values()),
         files_per_s=max(files.values(), default=None),
         fresh_copy_gbps=max(copy.values(), default=None),
+        read_iops=taken["iops-read"].value if "iops-read" in taken else None,
+        write_iops=taken["iops-write"].value if "iops-write" in taken else None,
         tool=backend.tool,
         write_by_streams=write,
         read_by_streams=read,
@@ -170,10 +206,11 @@ def _fresh(path: Path) -> Path:
     return path
 
 
-def cache_path(directory: Path, filesystem: str | None, day: str) -> Path:
-    """The cache file for the filesystem holding ``directory`` on ``day`` (YYYY-MM-DD, UTC)."""
+def cache_path(directory: Path, filesystem: str | None, day: str, throttle: str = "") -> Path:
+    """The cache file for the filesystem holding ``directory`` on ``day`` (YYYY-MM-DD, UTC), under ``throttle``."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", filesystem or f"device {os.stat(directory).st_dev}").strip("-")
-    return directory / CACHE_DIR / f"{day}_{slug}.json"
+    under = f"_throttled-{re.sub(r'[^A-Za-z0-9]+', '-', throttle)}" if throttle else ""
+    return directory / CACHE_DIR / f"{day}_{slug}{under}.json"
 
 
 def _read_cache(path: Path) -> Limits | None:
@@ -195,7 +232,7 @@ def measured(
     settings and tool, else probed now (``reprobe`` always probes) and cached for the next run."""
     backend = backend or probes.backend()
     directory.mkdir(parents=True, exist_ok=True)
-    path = cache_path(directory, filesystem(directory), day or datetime.now(UTC).date().isoformat())
+    path = cache_path(directory, filesystem(directory), day or datetime.now(UTC).date().isoformat(), settings.throttle)
     kept = None if reprobe else _read_cache(path)
     if kept is not None and kept.tool == backend.tool and kept.parameters.get("settings") == _plain(settings):
         return replace(kept, probe_s=0.0, cached=True)
@@ -246,3 +283,27 @@ def stream(directory: Path, size: int, block: int = 64 * _MIB) -> Stream:
     finally:
         path.unlink(missing_ok=True)
     return Stream(size / written / 1e9, size / read / 1e9, written + read)
+
+
+MISS = 0.10
+"""A measured ceiling further than this from its cap: the throttle did not hold the disk to the profile."""
+
+
+def missed_caps(limits: Limits, caps: Caps) -> list[str]:
+    """Each cap the ceilings measured under it miss by more than ``MISS``, as one phrase each.
+
+    Bandwidth is compared with the best over the stream counts, operations with the random 16 KiB probe.
+    Above a cap means I/O escaped the throttle (writeback the kernel did for no group); below, that the
+    disk or the workload could not reach it.
+    """
+    pairs = (
+        ("read", caps.read_bps, limits.read_gbps * 1e9, 1e6, " MB/s"),
+        ("write", caps.write_bps, limits.write_gbps * 1e9, 1e6, " MB/s"),
+        ("read IOPS", caps.read_iops, limits.read_iops, 1, ""),
+        ("write IOPS", caps.write_iops, limits.write_iops, 1, ""),
+    )
+    return [
+        f"{what} cap {cap / scale:,.0f}{unit}, measured {value / scale:,.0f}{unit} ({value / cap - 1:+.0%})"
+        for what, cap, value, scale, unit in pairs
+        if cap is not None and value is not None and abs(value / cap - 1) > MISS
+    ]

@@ -78,6 +78,8 @@ class Manifest:
     strategy: str
     config: dict[str, Any]
     tensors: Layout
+    structure: dict[str, Any] | None = None
+    """How the tensors nest into a training state (``pytree``); None for a flat mapping of weights."""
 
     def write(self, directory: Location) -> None:
         """Written last, as a file that exists only once complete (a disk renames it into place; a bucket PUTs it)."""
@@ -87,6 +89,7 @@ class Manifest:
             "config": self.config,
             "digest": DIGEST,
             "tensors": [asdict(e) for e in self.tensors],
+            **({} if self.structure is None else {"structure": self.structure}),
         }
         directory.put_text(MANIFEST, json.dumps(body, indent=1))
 
@@ -107,7 +110,7 @@ class Manifest:
             )
             for entry in entries:
                 entry.torch_dtype  # noqa: B018 - refuses an unknown dtype here, not halfway through a load
-            return cls(body["strategy"], dict(body["config"]), entries)
+            return cls(body["strategy"], dict(body["config"]), entries, body.get("structure"))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: malformed manifest: {err!r}") from err
 

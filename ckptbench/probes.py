@@ -13,6 +13,7 @@ import ctypes
 import json
 import mmap
 import os
+import random
 import re
 import shlex
 import shutil
@@ -57,6 +58,14 @@ class Backend(Protocol):
 
     def small_files(self, directory: Path, writers: int, files: int, size: int, seconds: float) -> Measured:
         """Files/s created, written and fsync'd by ``writers`` concurrent writers; at most ``seconds`` long."""
+
+    def iops(self, file: Path, direction: str, jobs: int, block: int, seconds: float) -> Measured:
+        """Operations/s of ``jobs`` concurrent random ``block``-byte O_DIRECT reads or writes of ``file``.
+
+        O_DIRECT takes every operation to the device (a page cache would answer repeated reads and hold
+        writes back): the device's operation rate, which a cap holds. ``file`` is one the stream probe
+        wrote, so nothing is laid out first.
+        """
 
 
 def _run_threads(count: int, work: Callable[[int], object]) -> float:
@@ -146,6 +155,32 @@ class Threads:
         how = f"{writers} threads, each: open(O_CREAT|O_EXCL), write {size} B, fsync, close; up to {seconds} s"
         return Measured(sum(done) / elapsed, elapsed, how)
 
+    def iops(self, file: Path, direction: str, jobs: int, block: int, seconds: float) -> Measured:
+        blocks = os.stat(file).st_size // block
+        done = [0] * jobs
+        deadline: list[float] = []
+        writing = direction == "write"
+
+        def operate(index: int) -> None:
+            if not deadline:
+                deadline.append(time.perf_counter() + seconds)
+            buffer = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
+            fd = os.open(file, (os.O_WRONLY if writing else os.O_RDONLY) | os.O_DIRECT)
+            try:
+                chooser = random.Random(index)
+                while time.perf_counter() < deadline[0]:
+                    offset = chooser.randrange(blocks) * block
+                    (os.pwritev if writing else os.preadv)(fd, [buffer], offset)
+                    done[index] += 1
+            finally:
+                os.close(fd)
+                buffer.close()
+
+        elapsed = _run_threads(jobs, operate)
+        call = "pwritev" if writing else "preadv"
+        how = f"{jobs} threads, each for {seconds} s: O_DIRECT {call} of one {block} B block at a random offset"
+        return Measured(sum(done) / elapsed, elapsed, how)
+
 
 @dataclass(frozen=True)
 class Fio:
@@ -229,6 +264,22 @@ class Fio:
         ]
         report, elapsed = self._run(command)
         result = report["write"]
+        return Measured(result["total_ios"] / (max(result["runtime"], 1) / 1e3), elapsed, shlex.join(command))
+
+    def iops(self, file: Path, direction: str, jobs: int, block: int, seconds: float) -> Measured:
+        kind = "randwrite" if direction == "write" else "randread"
+        command = [
+            *self._common(file.parent, jobs),
+            f"--name={kind}",
+            f"--rw={kind}",
+            f"--filename={file.name}",
+            f"--bs={block}",
+            "--time_based=1",
+            f"--runtime={round(seconds * 1000)}ms",
+            "--direct=1",
+        ]
+        report, elapsed = self._run(command)
+        result = report[direction]
         return Measured(result["total_ios"] / (max(result["runtime"], 1) / 1e3), elapsed, shlex.join(command))
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import launch, manifest
+from . import launch, manifest, throttle
 from . import model as model_lib
 from .benchmark import Benchmark, PhaseResult, RunConfig, _Drift, _warmup_subset
 from .disk import DiskUsage
@@ -122,6 +122,8 @@ def run(
     chosen = forms(strategies)
     size = max(config.ranks, config.load_ranks or config.ranks)
     if launch.under_torchrun():
+        if not config.profile.caps.empty:
+            raise UsageError("--disk-profile needs ranks spawned by this run (--ranks N), not started by torchrun")
         if launch.torchrun_size() != size:
             raise UsageError(
                 f"torchrun started {launch.torchrun_size()} processes; --ranks {config.ranks} "
@@ -136,6 +138,7 @@ def run(
             raise
         finally:
             dist.destroy_process_group()
+    throttle.enter(config.out, config.profile.caps)  # the ranks spawned next inherit the group
     mailbox = launch.Mailbox.serve(config.rank_timeout_s)
     try:
         return launch.spawn(mailbox, _on_rank, size, config, chosen, limits, timeout_s=config.rank_timeout_s)

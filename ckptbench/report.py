@@ -17,7 +17,7 @@ from pandas.io.formats.style import Styler
 from . import plot
 from .benchmark import Benchmark, PhaseResult
 from .errors import CkptbenchError
-from .results import DRIFT_FLAG, summarize
+from .results import summarize
 from .strategies import get_strategy
 from .study import BASELINE, EIGHT_WAY, ordered, parse_strategies
 from .verdict import HELD, INCONCLUSIVE, NOT_HELD
@@ -85,34 +85,12 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
         table.insert(table.columns.get_loc("save s") + 1, "blocking s", blocking.map(sig))
     if summary["drift_max"].notna().any():
         table["disk drift"] = [
-            "" if pd.isna(d) else f"{d:.0%}{' (far from the run median)' if d > DRIFT_FLAG else ''}"
-            for d in summary["drift_max"]
+            "" if pd.isna(d) else f"{d:.0%}{' (stands out from the run)' if flagged else ''}"
+            for d, flagged in zip(summary["drift_max"], summary["drift_flagged"], strict=True)
         ]
     if (summary["error"] != "").any():
         table["error"] = summary["error"].str.slice(0, 80)
     return table
-
-
-CHOICES: dict[str, tuple[str, float]] = {
-    "least stall for training (s until the save returns)": ("save_blocking_s_median", 1.0),
-    "soonest durable (save s)": ("save_s_median", 1.0),
-    "fastest cold load (s)": ("load_cold_s_median", 1.0),
-    "smallest on disk (GB)": ("bytes", 1e9),
-}
-"""The questions "What should I use?" asks of a run, each answered by the lowest median of one column, in its unit."""
-
-
-def choices_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Each question answered from a run's medians: the verified strategy that did best, and the runner-up."""
-    verified = summary[summary["verified"]]
-    rows = []
-    for question, (column, scale) in CHOICES.items():
-        ranked = (verified[column] / scale).dropna().sort_values(kind="stable")  # a tie goes to the first run
-        if ranked.empty:
-            continue
-        runner_up = f"{ranked.index[1]} ({sig(ranked.iloc[1])})" if len(ranked) > 1 else ""
-        rows.append({"question": question, "use": ranked.index[0], "measured": sig(ranked.iloc[0]), "next": runner_up})
-    return pd.DataFrame(rows, columns=["question", "use", "measured", "next"])
 
 
 TIME_PARTS = {
@@ -159,14 +137,25 @@ def styled_verdict(table: pd.DataFrame) -> Styler:
     )
 
 
+def with_interval(value: float, low: float | None, high: float | None) -> str:
+    """``value [low-high]`` in three digits; the value alone when it has no interval."""
+    if low is None or high is None or pd.isna(low) or pd.isna(high) or low == high == value:
+        return sig(value)
+    return f"{sig(value)} [{sig(low)}-{sig(high)}]" if math.isfinite(high) else f"{sig(value)} (no margin)"
+
+
 def targets_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Targets and context figures as people read them: label, value, target, met."""
+    """Targets and context figures as people read them: label, value with its interval, target, verdict.
+
+    Files written before targets had intervals show whether the value met its target (yes / NO)."""
+    table = table.reindex(columns=[*table.columns, *(c for c in ("low", "high", "verdict") if c not in table)])
+    met = table["met"].map({True: "yes", False: "NO"})
     return pd.DataFrame(
         {
             "figure": table["label"],
-            "value": table["value"].map(sig),
+            "value": [with_interval(*v) for v in table[["value", "low", "high"]].itertuples(index=False)],
             "target": table["target"].fillna(""),
-            "met": table["met"].map({True: "yes", False: "NO"}).fillna(""),
+            "met": table["verdict"].where(table["verdict"].notna(), met).fillna(""),
         }
     )
 

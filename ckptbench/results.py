@@ -116,11 +116,23 @@ class Row:
     peak_rss_save_sum: int | None = None
     """Peak resident memory above the start, summed over the ranks (each rank's own peak)."""
     peak_rss_load_sum: int | None = None
+    payload: str = "weights"
+    """What was saved: the model's ``weights``, or a ``training`` job's whole state (its loads also resumed)."""
+    disk_profile: str = "none"
+    """The cloud volume emulated with the kernel's I/O throttle (``profiles``); ``none``: the raw disk."""
+    disk_caps: str = ""
+    """Its caps as ``--disk-limit`` takes them (bytes/s and operations/s); the ``disk_*`` limits were measured
+    under them."""
+    disk_read_iops: float | None = None
+    """Random 16 KiB cold reads per second under an operation cap: a load pays one per file at least."""
 
 
 COLUMNS: list[str] = [f.name for f in fields(Row)]
 TIMES = ("save_s", "load_cold_s", "load_warm_s")
-_TEXT = {"run_id", "timestamp", "preset", "strategy", "config", "error", "store", "load_into", "rank_times"}
+_TEXT = {
+    "run_id", "timestamp", "preset", "strategy", "config", "error", "store", "load_into", "rank_times", "disk_profile",
+    "disk_caps", "payload",
+}  # fmt: skip
 _BOOL = {"verified"}
 _NUMERIC = [c for c in COLUMNS if c not in _TEXT | _BOOL]
 _V1_CORE = [
@@ -207,6 +219,9 @@ def read_results(path: str | Path) -> pd.DataFrame:
     results["store"] = [store if isinstance(store, str) and store else "file" for store in results["store"]]
     results["load_into"] = results["load_into"].astype(object).fillna("fresh")
     results["rank_times"] = results["rank_times"].astype(object).fillna("")
+    results["payload"] = results["payload"].astype(object).fillna("weights")
+    results["disk_profile"] = results["disk_profile"].astype(object).fillna("none")
+    results["disk_caps"] = results["disk_caps"].astype(object).fillna("")
     return results
 
 
@@ -320,8 +335,10 @@ def succeeded(results: pd.DataFrame) -> pd.DataFrame:
 
 
 DRIFT_FLAG = 0.25
-"""A repeat whose drift probe is further than this from the run's median probe was measured on a disk
-running unusually fast or slow: its strategy is flagged in the summary."""
+"""The least distance of a repeat's drift probe from the run's median probe that can flag it."""
+DRIFT_MADS = 3.0
+"""How many of the run's own median absolute deviations a flagged probe must also lie beyond: a disk that
+moves this much all run long is the run's spread (which the intervals carry), not a row's anomaly."""
 
 
 def drift_from_median(results: pd.DataFrame) -> pd.Series:
@@ -334,6 +351,14 @@ def drift_from_median(results: pd.DataFrame) -> pd.Series:
     if not distances:
         return pd.Series(float("nan"), index=results.index)
     return pd.concat(distances, axis=1).max(axis=1)
+
+
+def drift_stands_out(results: pd.DataFrame) -> pd.Series:
+    """Rows measured while the disk stood out from the run's own spread: their drift probe is further from
+    the run median than ``DRIFT_FLAG`` and than ``DRIFT_MADS`` scaled median absolute deviations."""
+    distance = drift_from_median(results)
+    spread = 1.4826 * distance.median()
+    return distance > max(DRIFT_FLAG, DRIFT_MADS * spread) if distance.notna().any() else distance.notna()
 
 
 def summarize(results: pd.DataFrame, order: Sequence[str] | None = None) -> pd.DataFrame:
@@ -351,6 +376,7 @@ def summarize(results: pd.DataFrame, order: Sequence[str] | None = None) -> pd.D
         summary[column] = done[column].max().reindex(summary.index)
     summary["verified"] = grouped["verified"].all() & (summary["repeats"] > 0)
     summary["drift_max"] = drift_from_median(results).groupby(results["strategy"], sort=False).max()
+    summary["drift_flagged"] = drift_stands_out(results).groupby(results["strategy"], sort=False).any()
     summary["error"] = grouped["error"].agg(lambda errors: next((e for e in errors if e), ""))
     model_bytes = grouped["model_bytes"].max()
     summary["save_gbps"] = model_bytes / summary["save_s_median"] / 1e9

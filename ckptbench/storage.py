@@ -40,10 +40,15 @@ def check_settings(store: str, endpoint: str | None, injected_rtt_ms: float | No
     kind.validate(store, endpoint)
     if injected_rtt_ms is not None and injected_rtt_ms < 0:
         raise UsageError(f"--s3-rtt-ms must be 0 or more, got {injected_rtt_ms:g}")
-    if ranks is not None and not kind.local:
+    if ranks is not None and not is_local(store):
         raise UsageError(
             f"--ranks writes to a shared filesystem (--out); an {scheme(store)}:// --store is one process only"
         )
+
+
+def is_local(store: str) -> bool:
+    """Whether ``store`` is a local filesystem (what ``--ranks`` and the disk's I/O throttle need)."""
+    return _store(store).local
 
 
 def open_storage(store: str, out: Path, endpoint: str | None = None, injected_rtt_ms: float | None = None) -> Storage:
@@ -73,6 +78,7 @@ __all__ = [
     "Location",
     "Storage",
     "check_settings",
+    "is_local",
     "location",
     "open_storage",
     "remote_kinds",

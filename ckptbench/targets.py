@@ -21,10 +21,13 @@ from .floor import bounds, floors
 from .limits import Limits, ProbeSettings
 from .measure import measure
 from .results import TIMES, succeeded, summarize
+from .rounds import Interval, of_values
 from .strategies import Strategy
-from .study import ASYNC, BEST, BEST_ASYNC, ONE_FILE, ORBAX, TARGETS_BY_KEY
+from .study import ASYNC, BEST, BEST_ASYNC, FAST_LOADERS, ONE_FILE, ORBAX, TARGETS_BY_KEY
+from .verdict import drift
 
-COLUMNS = ["key", "label", "value", "target", "met"]
+COLUMNS = ["key", "label", "value", "low", "high", "target", "met", "verdict"]
+MET, MISSED, INCONCLUSIVE = "MET", "MISSED", "INCONCLUSIVE"
 TARGETS_FILE = "targets.csv"
 
 
@@ -40,16 +43,80 @@ def harness_cost(tensors: int, repeats: int = 5) -> float:
     return statistics.median(costs)
 
 
-def _row(key: str, value: float, label: str | None = None) -> dict:
-    """A target's row when ``key`` names one, else a context row (no target, ``met`` empty)."""
+def _row(key: str, value: float, label: str | None = None, span: Interval | None = None) -> dict:
+    """A target's row when ``key`` names one, else a context row (no target, ``met`` empty).
+
+    ``met`` judges the value alone; ``verdict`` judges its interval across rounds when there is one
+    (MET or MISSED only when all of it lies on one side, else INCONCLUSIVE), else the value.
+    """
     target = TARGETS_BY_KEY.get(key)
+    verdict = None
+    if target is not None:
+        sides = {target.met(span.low), target.met(span.high)} if span is not None else {target.met(value)}
+        verdict = INCONCLUSIVE if len(sides) == 2 else MET if sides == {True} else MISSED
     return {
         "key": key,
         "label": target.label if target else label,
-        "value": value,
+        "value": value if span is None else span.value,
+        "low": None if span is None else span.low,
+        "high": None if span is None else span.high,
         "target": f"{target.op} {target.limit:g}" if target else "",
-        "met": None if target is None else bool(target.met(value)),
+        "met": None if target is None else bool(target.met(value if span is None else span.value)),
+        "verdict": verdict,
     }
+
+
+def _figures(done: pd.DataFrame) -> dict[str, float]:
+    """The targets judged from the rows alone (ratios, shares of the disk, stalls, memory), from ``done``'s medians.
+
+    Called on a whole run, and on each round's rows, whose spread gives the targets their intervals.
+    """
+    summary = summarize(done)
+    figures = {}
+    for key, metric, peers in (
+        ("best_save_vs_torch", "save_s", ("pytorch",)),
+        ("best_load_vs_safetensors", "load_cold_s", ("safetensors",)),
+        ("best_save_vs_orbax", "save_s", (ORBAX,)),
+        ("best_load_vs_orbax", "load_cold_s", (ORBAX,)),
+        ("best_save_vs_one_file", "save_s", ONE_FILE),
+        ("best_load_vs_one_file", "load_cold_s", ONE_FILE),
+        ("best_load_vs_fast_loaders", "load_cold_s", FAST_LOADERS),
+    ):
+        if {BEST, *peers} <= set(summary.index):
+            fastest = summary.loc[list(peers), f"{metric}_median"].min()
+            figures[key] = summary.loc[BEST, f"{metric}_median"] / fastest
+    if BEST in summary.index:
+        best = summary.loc[BEST]
+        figures["best_write_share"] = best["bytes"] / best["save_s_median"] / 1e9 / done["disk_write_gbps"].median()
+        figures["best_read_share"] = best["bytes"] / best["load_cold_s_median"] / 1e9 / done["disk_read_gbps"].median()
+    async_names = [n for n in ASYNC if n in summary.index]
+    if async_names and "pytorch" in summary.index:
+        stall = summary.loc[async_names, "save_blocking_s_median"].min()
+        figures["async_blocking"] = stall / summary.loc["pytorch", "save_s_median"]
+    existing = summary.index[summary.index.isin(done.loc[done["load_into"] == "existing", "strategy"])]
+    if len(existing):
+        shares = summary.loc[existing, "bytes"] / summary.loc[existing, "load_cold_s_median"] / 1e9
+        figures["existing_read_share"] = shares.max() / done["disk_read_gbps"].median()
+    own = [n for n in (BEST, BEST_ASYNC) if n in summary.index]
+    if own:
+        peaks = summary.loc[own, ["peak_rss_save", "peak_rss_load"]].max(axis=1)
+        figures["peak_memory"] = (peaks.max() - done["model_bytes"].max()) / 1e9
+    return {k: float(v) for k, v in figures.items() if pd.notna(v)}
+
+
+def judged(results: pd.DataFrame, run_drift: float | None = None) -> pd.DataFrame:
+    """The targets a run's rows judge, each with its interval across the rounds and its verdict.
+
+    A figure is computed inside each round (a round's every strategy measured once, close in time), so
+    the spread across rounds is the spread a second run would see; the value is its median over rounds.
+    """
+    done = succeeded(results)
+    rounds = [_figures(rows) for _, rows in done.groupby("repeat", sort=True)]
+    rows = []
+    for key, value in _figures(done).items():
+        span = of_values([figures[key] for figures in rounds if key in figures], run_drift)
+        rows.append(_row(key, value, span=span))
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def evaluate(
@@ -72,6 +139,7 @@ def evaluate(
     """
     done = succeeded(results)
     summary = summarize(done)
+    judged_rows = judged(results, drift(results))
     rows = []
     if start is not None and end is not None:
         rows.append(
@@ -80,17 +148,7 @@ def evaluate(
         rows.append(
             _row("disk_steady_read", end.read_gbps / start.read_gbps, "disk's cold-read ceiling after / before")
         )
-    for key, metric, peers in (
-        ("best_save_vs_torch", "save_s", ("pytorch",)),
-        ("best_load_vs_safetensors", "load_cold_s", ("safetensors",)),
-        ("best_save_vs_orbax", "save_s", (ORBAX,)),
-        ("best_load_vs_orbax", "load_cold_s", (ORBAX,)),
-        ("best_save_vs_one_file", "save_s", ONE_FILE),
-        ("best_load_vs_one_file", "load_cold_s", ONE_FILE),
-    ):
-        if {BEST, *peers} <= set(summary.index):
-            fastest = summary.loc[list(peers), f"{metric}_median"].min()
-            rows.append(_row(key, summary.loc[BEST, f"{metric}_median"] / fastest))
+    rows += judged_rows.to_dict("records")
     write_gbps, read_gbps = done["disk_write_gbps"].median(), done["disk_read_gbps"].median()
     busy = (done["cpu_load_cold_s"] / done["load_cold_s"] / cores).groupby(done["strategy"]).median()
     floor = floors(done)
@@ -99,19 +157,15 @@ def evaluate(
     rows += _memory_rows(summary, done["model_bytes"].max())
     existing = summary.index[summary.index.isin(done.loc[done["load_into"] == "existing", "strategy"])]
     if len(existing):
-        shares = summary.loc[existing, "bytes"] / summary.loc[existing, "load_cold_s_median"] / 1e9 / read_gbps
-        best = shares.idxmax()
-        rows += [
-            _row("existing_read_share", shares[best]),
+        best = (summary.loc[existing, "bytes"] / summary.loc[existing, "load_cold_s_median"]).idxmax()
+        rows.append(
             _row(
                 f"existing_best:{best}", busy[best], f"  reached by {best}: CPU time in its cold load / (wall x cores)"
-            ),
-        ]
+            )
+        )
     for name, s in summary.iterrows():
         write = s["bytes"] / s["save_s_median"] / 1e9 / write_gbps
         read = s["bytes"] / s["load_cold_s_median"] / 1e9 / read_gbps
-        if name == BEST:
-            rows += [_row("best_write_share", write), _row("best_read_share", read)]
         rows += [
             _row(f"write_share:{name}", write, f"{name}: bytes written / s, share of the disk's durable-write ceiling"),
             _row(f"read_share:{name}", read, f"{name}: bytes read / s cold, share of the disk's cold-read ceiling"),
@@ -170,7 +224,7 @@ def _async_rows(summary: pd.DataFrame, model_bytes: float) -> list[dict]:
         return []
     blocking = summary.loc[names, "save_blocking_s_median"]
     torch_save = summary.loc["pytorch", "save_s_median"]
-    rows = [_row("async_blocking", blocking.min() / torch_save)]
+    rows = []
     for name in names:
         rows += [
             _row(f"blocking_share:{name}", blocking[name] / torch_save, f"{name}: blocking save / pytorch save"),
@@ -183,11 +237,10 @@ def _async_rows(summary: pd.DataFrame, model_bytes: float) -> list[dict]:
 def _memory_rows(summary: pd.DataFrame, model_bytes: float) -> list[dict]:
     """Peak memory beyond the model and one copy of it (a loaded model, or an async save's snapshot), in GB."""
     above = (summary[["peak_rss_save", "peak_rss_load"]].max(axis=1) - model_bytes) / 1e9
-    own = [n for n in (BEST, BEST_ASYNC) if n in summary.index]
-    rows = [_row("peak_memory", above[own].max())] if own else []
-    for name, value in above.items():
-        rows.append(_row(f"memory_above_copy:{name}", value, f"{name}: peak memory above the model and one copy, GB"))
-    return rows
+    return [
+        _row(f"memory_above_copy:{name}", value, f"{name}: peak memory above the model and one copy, GB")
+        for name, value in above.items()
+    ]
 
 
 @dataclass

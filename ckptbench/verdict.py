@@ -1,44 +1,24 @@
 """The study's claims (``study.CLAIMS``) judged on a run's rows, each with its uncertainty.
 
-A criterion compares a ratio of medians with a limit. The ratio comes with an interval: a bootstrap
-of the median ratio with three or more repeats on both sides, min-max with two, and with one repeat
-the ratio widened by the disk drift the run measured. A criterion whose interval lies on one side
+A criterion compares a ratio of medians with a limit. The ratio is taken within each round and comes
+with the interval of its median across rounds (``rounds``); with one round it is widened by the disk
+drift the run measured. A criterion whose interval lies on one side
 of its limit is HELD or NOT HELD; one that straddles it is INCONCLUSIVE, never a verdict the noise
 could flip. Sizes and counts are exact and judged as such.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
-import numpy as np
 import pandas as pd
 
 from .location import FILE, scheme
-from .results import DRIFT_FLAG, drift_from_median, succeeded
+from .results import drift_stands_out, succeeded
+from .rounds import Interval, paired_ratio, per_round
 from .study import CLAIMS, EIGHT_WAY, EXACT_METRICS, METRICS, Claim, Criterion, Each, Ratio
 
 HELD, NOT_HELD, INCONCLUSIVE, NOT_MEASURED = "HELD", "NOT HELD", "INCONCLUSIVE", "NOT MEASURED"
 VERDICTS = (HELD, NOT_HELD, INCONCLUSIVE, NOT_MEASURED)
-BOOTSTRAP_RESAMPLES = 2000
-CONFIDENCE = 0.95
 COLUMNS = ["key", "claim", "expected", "measured", "verdict", "reason"]
-
-
-@dataclass(frozen=True)
-class Interval:
-    value: float
-    low: float
-    high: float
-    method: str
-
-    def __str__(self) -> str:
-        if self.low == self.high == self.value:
-            return f"{self.value:.3g}"
-        if math.isinf(self.high):
-            return f"{self.value:.3g} (no margin)"
-        return f"{self.value:.3g} [{self.low:.3g}-{self.high:.3g}]"
 
 
 def drift(results: pd.DataFrame) -> float | None:
@@ -52,38 +32,14 @@ def drift(results: pd.DataFrame) -> float | None:
     return max(spreads) if spreads else None
 
 
-def _bootstrap(num: np.ndarray, den: np.ndarray) -> tuple[float, float]:
-    rng = np.random.default_rng(0)
-    nums = np.median(rng.choice(num, (BOOTSTRAP_RESAMPLES, len(num))), axis=1)
-    dens = np.median(rng.choice(den, (BOOTSTRAP_RESAMPLES, len(den))), axis=1)
-    tail = (1 - CONFIDENCE) / 2 * 100
-    low, high = np.percentile(nums / dens, [tail, 100 - tail])
-    return float(low), float(high)
-
-
 def interval(results: pd.DataFrame, ratio: Ratio, run_drift: float | None) -> Interval | None:
-    """The ratio of medians with its uncertainty, from the completed repeats; None if either side is missing."""
-    done = succeeded(results)
-    num = done.loc[done["strategy"] == ratio.strategy, ratio.metric].dropna().to_numpy(float)
-    den = done.loc[done["strategy"] == ratio.reference, ratio.metric].dropna().to_numpy(float)
-    if not len(num) or not len(den):
-        return None
-    value = float(np.median(num) / np.median(den))
-    if ratio.metric in EXACT_METRICS:
+    """The ratio, paired within rounds, with its interval across them; None if either side is missing."""
+    num = per_round(results, ratio.strategy, ratio.metric)
+    den = per_round(results, ratio.reference, ratio.metric)
+    if ratio.metric in EXACT_METRICS and len(num) and len(den):
+        value = float(num.median() / den.median())
         return Interval(value, value, value, "exact")
-    if min(len(num), len(den)) >= 3:
-        low, high = _bootstrap(num, den)
-        return Interval(value, low, high, f"{CONFIDENCE:.0%} bootstrap of the median ratio")
-    if max(len(num), len(den)) >= 2:
-        return Interval(value, num.min() / den.max(), num.max() / den.min(), "min-max over repeats")
-    if run_drift is None:
-        return Interval(value, 0.0, math.inf, "one repeat and no drift measured: no margin can be trusted")
-    return Interval(
-        value,
-        value / (1 + run_drift),
-        value * (1 + run_drift),
-        f"one repeat, widened by the run's drift ({run_drift:.0%})",
-    )
+    return paired_ratio(num, den, run_drift)
 
 
 def _judge(criterion: Criterion, span: Interval) -> str:
@@ -144,10 +100,10 @@ def judge(claim: Claim, results: pd.DataFrame, run_drift: float | None) -> dict[
 
 
 def _flagged(claim: Claim, results: pd.DataFrame) -> str:
-    """The claim's strategies measured (in some repeat) while the disk was far from its run median."""
-    far = results.loc[drift_from_median(results) > DRIFT_FLAG, "strategy"]
+    """The claim's strategies measured (in some repeat) while the disk stood out from the run's own spread."""
+    far = results.loc[drift_stands_out(results), "strategy"]
     names = [n for n in claim.strategies if n in set(far)]
-    return f"; measured while the disk was far from its run median: {', '.join(names)}" if names else ""
+    return f"; measured while the disk stood out from the run's spread: {', '.join(names)}" if names else ""
 
 
 def _table_row(claim: Claim, measured: str, verdict: str, reason: str) -> dict[str, str]:

@@ -243,9 +243,10 @@ def test_parse_strategies():
     assert parse_strategies(" all ") == list(EIGHT_WAY)
     assert parse_strategies("pytorch, ts+chunks") == ["pytorch", "ts+chunks"]
     assert parse_strategies("ts+ocdbt,") == ["ts+ocdbt"]
+    assert parse_strategies("all,safetensors,pytorch") == [*EIGHT_WAY, "safetensors"]
 
 
-@pytest.mark.parametrize("spec", ["pytorch,ts+magic", "nope", "", " , ", "all,pytorch"])
+@pytest.mark.parametrize("spec", ["pytorch,ts+magic", "nope", "", " , ", "all,ts+magic"])
 def test_parse_strategies_rejects_unknown_or_empty(spec):
     with pytest.raises(UnknownChoiceError) as info:
         parse_strategies(spec)

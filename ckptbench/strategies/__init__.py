@@ -15,6 +15,7 @@ from . import sharded
 from .base import MiB, Pending, Progress, SingleFile, Strategy, Tensors, nbytes, total_bytes
 from .orbax import Orbax
 from .pytorch import DistributedCheckpoint, SafeTensors, TorchSave
+from .streamers import FastSafetensors, RunaiStreamer, Tensorizer
 from .zarr import TensorStore, TensorStoreOptions, divisor_chunks
 
 _STUDY = TensorStoreOptions()
@@ -44,6 +45,9 @@ STRATEGIES: dict[str, Strategy] = {
         Orbax("orbax+async", asynchronous=True),
         DistributedCheckpoint("dcp+async", asynchronous=True),
         TensorStore("ts+best+async", replace(BEST, background=True)),
+        RunaiStreamer("runai-streamer"),
+        FastSafetensors("fastsafetensors"),
+        Tensorizer("tensorizer"),
     )
 }
 """Every approach ckptbench can measure, one line each; ``study`` says which of them the study compares."""

@@ -25,6 +25,7 @@ import torch
 from ..errors import CheckpointError
 from ..location import Location
 from ..manifest import Entry, Layout
+from ..pytree import SEPARATOR, nest, unnest
 from .base import MiB, Pending, Progress, Strategy, Tensors, from_numpy, to_numpy, total_bytes
 
 SUBFOLDER = "orbax"
@@ -65,7 +66,7 @@ class Orbax(Strategy):
     def save(self, tensors: Tensors, directory: Location, progress: Progress) -> Pending | None:
         from . import orbax_io
 
-        arrays = {name: to_numpy(tensor.contiguous()) for name, tensor in tensors.items()}
+        arrays = nest({name: to_numpy(tensor.contiguous()) for name, tensor in tensors.items()})
         checkpointer = orbax_io.checkpointer(self.compression, self.asynchronous)
         try:
             orbax_io.save(checkpointer, _root(directory), arrays)
@@ -86,11 +87,11 @@ class Orbax(Strategy):
         from . import orbax_io
 
         with _readable(directory) as root:
-            arrays = orbax_io.restore(root)
+            arrays = unnest(orbax_io.restore(root))
         missing = [e.name for e in entries if e.name not in arrays]
         if missing:
             raise CheckpointError(f"{directory}: the Orbax checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
-        tensors = OrderedDict((e.name, from_numpy(arrays[e.name])) for e in entries)
+        tensors = OrderedDict((e.name, from_numpy(np.asarray(arrays[e.name]))) for e in entries)
         progress(total_bytes(tensors))
         return tensors
 
@@ -98,7 +99,7 @@ class Orbax(Strategy):
         from . import orbax_io
 
         with _readable(directory) as root:
-            orbax_io.restore_into(root, {e.name: to_numpy(into[e.name]) for e in entries})
+            orbax_io.restore_into(root, nest({e.name: to_numpy(into[e.name]) for e in entries}))
         progress(sum(e.nbytes for e in entries))
 
     def load_each(self, directory: Location, entries: Layout) -> Iterator[tuple[Entry, torch.Tensor | Exception]]:
@@ -116,7 +117,7 @@ class Orbax(Strategy):
         context = ts.Context()
         for entry in entries:
             try:
-                yield entry, from_numpy(layout.open(entry.name, context).read().result())
+                yield entry, from_numpy(layout.open(_param(entry.name), context).read().result())
             except ValueError as err:
                 yield entry, err
 
@@ -131,6 +132,11 @@ class Orbax(Strategy):
     def estimate_bytes(self, tensors: Tensors) -> int:
         # zstd cannot grow incompressible data by much; OCDBT adds its B-tree and a manifest per process.
         return total_bytes(tensors) * 21 // 20 + len(tensors) * 4096 + 16 * MiB
+
+
+def _param(name: str) -> str:
+    """The name Orbax gives a leaf of the nested tree: its keys joined with dots."""
+    return name.replace(SEPARATOR, ".")
 
 
 def _root(directory: Location) -> str:

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 import tensorstore as ts
 
@@ -64,19 +65,19 @@ def checkpointer(compression: bool, asynchronous: bool) -> ocp.AbstractCheckpoin
     return ocp.AsyncCheckpointer(handler) if asynchronous else ocp.Checkpointer(handler)
 
 
-def save(checkpointer: ocp.AbstractCheckpointer, root: str, arrays: dict[str, np.ndarray]) -> None:
+def save(checkpointer: ocp.AbstractCheckpointer, root: str, arrays: dict) -> None:
     checkpointer.save(root, args=ocp.args.PyTreeSave(arrays))
 
 
-def restore(root: str) -> dict[str, np.ndarray]:
+def restore(root: str) -> dict:
     """Every array in the dtype it was saved in (no target, so no cast), keyed by name in Orbax's sorted order."""
     with ocp.PyTreeCheckpointer() as checkpointer:
         return checkpointer.restore(root)
 
 
-def restore_into(root: str, arrays: dict[str, np.ndarray]) -> None:
-    """Read each array of the checkpoint into the one of the same name in ``arrays``."""
+def restore_into(root: str, arrays: dict) -> None:
+    """Read each array of the checkpoint into the one at the same place in ``arrays`` (nested dicts)."""
     registry = type_handlers.create_type_handler_registry((np.ndarray, InPlaceNumpyHandler()))
-    restore_args = {name: IntoArgs(restore_type=np.ndarray, out=array) for name, array in arrays.items()}
+    restore_args = jax.tree.map(lambda array: IntoArgs(restore_type=np.ndarray, out=array), arrays)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as checkpointer:
         checkpointer.restore(root, args=ocp.args.PyTreeRestore(item=arrays, restore_args=restore_args))

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..errors import CheckpointError
 from ..location import Location
 from ..manifest import Entry, Layout
+from ..pytree import flatten, nest, structure_of, unflatten
 from .base import MiB, Pending, Progress, SingleFile, Strategy, Tensors, to_numpy, total_bytes
 
 
@@ -47,13 +48,17 @@ class TorchSave(SingleFile):
         return None
 
     def write(self, tensors: Tensors, target: Path | BinaryIO) -> None:
-        torch.save(OrderedDict(tensors), target)
+        structure = structure_of(tensors)
+        torch.save(OrderedDict(tensors) if structure is None else unflatten(tensors, structure), target)
 
     def read(self, source: Path | BinaryIO, entries: Layout) -> OrderedDict[str, torch.Tensor]:
-        tensors = torch.load(source, weights_only=True, mmap=self.mmap)
+        loaded = torch.load(source, weights_only=True, mmap=self.mmap)
+        # A nested state (numbers as Python numbers) comes back as the named tensors it was saved from.
+        tensors = loaded if all(isinstance(t, torch.Tensor) for t in loaded.values()) else flatten(loaded)
         if self.mmap:
             tensors = OrderedDict((name, tensor.clone()) for name, tensor in tensors.items())
-        return tensors
+        saved_order = OrderedDict((e.name, tensors[e.name]) for e in entries if e.name in tensors)
+        return OrderedDict({**saved_order, **tensors})
 
 
 @dataclass(frozen=True)
@@ -73,10 +78,12 @@ class SafeTensors(SingleFile):
         return {"format": "safetensors, one file", "dtype": "model's", "load": "load_file(backend='pread')"}
 
     def write(self, tensors: Tensors, target: Path | BinaryIO) -> None:
+        structure = structure_of(tensors)
+        metadata = None if structure is None else {"structure": json.dumps(structure)}
         if isinstance(target, Path):
-            safetensors.torch.save_file(dict(tensors), target)
+            safetensors.torch.save_file(dict(tensors), target, metadata=metadata)
         else:
-            target.write(safetensors.torch.save(dict(tensors)))
+            target.write(safetensors.torch.save(dict(tensors), metadata=metadata))
 
     def read(self, source: Path | BinaryIO, entries: Layout) -> OrderedDict[str, torch.Tensor]:
         # safetensors orders tensors its own way; the manifest keeps the mapping's order.
@@ -118,7 +125,14 @@ class SafeTensors(SingleFile):
         self.read_file(directory, read_into)
 
 
-_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+_SAFETENSORS_DTYPES = {
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.uint8: "U8",
+}
 
 
 def _byte_range(header: dict[str, Any], entry: Entry, path: str) -> tuple[int, int, str]:
@@ -187,7 +201,7 @@ class DistributedCheckpoint(Strategy):
         writer = dcp.FileSystemWriter(directory.folder, thread_count=self.threads)
         if not self.asynchronous:
             with _single_process(), _as_os_error():
-                dcp.save(dict(tensors), storage_writer=writer)
+                dcp.save(nest(tensors), storage_writer=writer)
             progress(total_bytes(tensors))
             return None
         # The save runs in dcp's own thread: the warning filter stays on until it is waited for.
@@ -195,7 +209,7 @@ class DistributedCheckpoint(Strategy):
         quiet.enter_context(_single_process())
         try:
             with _as_os_error():
-                written = dcp.async_save(dict(tensors), storage_writer=writer)
+                written = dcp.async_save(nest(tensors), storage_writer=writer)
         except BaseException:
             quiet.close()
             raise
@@ -208,10 +222,10 @@ class DistributedCheckpoint(Strategy):
         return finish
 
     def _load(self, directory: Location, tensors: OrderedDict[str, torch.Tensor], progress: Progress) -> None:
-        """Fill ``tensors`` in place: ``dcp.load`` writes into the tensors it is given."""
+        """Fill ``tensors`` in place: ``dcp.load`` writes into the tensors it is given, nested as they were saved."""
         try:
             with _single_process():
-                dcp.load(tensors, storage_reader=dcp.FileSystemReader(directory.folder))
+                dcp.load(nest(tensors), storage_reader=dcp.FileSystemReader(directory.folder))
         except CheckpointException as err:  # a BaseException: it would slip past ``except Exception``
             rank, failure = _first_failure(err)
             raise CheckpointError(

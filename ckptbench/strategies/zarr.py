@@ -23,7 +23,14 @@ _BLOCK = 4096
 _OCDBT_COMMIT_BYTES = 256 << 10
 _SHARD_INDEX_ENTRY = 16
 _CRC32C = 4
-_ZARR_DTYPES = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "bfloat16", torch.float64: "<f8"}
+_ZARR_DTYPES = {
+    torch.float32: "<f4",
+    torch.float16: "<f2",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "<f8",
+    torch.int64: "<i8",
+    torch.uint8: "|u1",
+}
 
 
 @dataclass(frozen=True)
@@ -81,8 +88,9 @@ class TensorStoreOptions:
         return (*literals, None) if type(None) in args else tuple(literals)
 
     def disk_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Floats narrow to ``dtype`` when it holds them exactly; integers (steps, RNG states) keep theirs."""
         wanted = getattr(torch, self.dtype)
-        return wanted if torch.promote_types(dtype, wanted) == wanted else dtype
+        return wanted if dtype.is_floating_point and torch.promote_types(dtype, wanted) == wanted else dtype
 
     def chunk_shape(self, shape: tuple[int, ...], itemsize: int) -> list[int]:
         if self.chunk_bytes is None:

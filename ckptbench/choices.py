@@ -1,0 +1,133 @@
+""" "What should I use?": each question answered from a run's rounds, with intervals, and ties called ties.
+
+A strategy's figure is the median over rounds with its interval (``rounds``). The answer is the
+lowest median; every other strategy whose interval overlaps the answer's is tied with it, since a
+second run could rank them the other way. Strategies that write the same files and load them with
+the same code (a synchronous and an asynchronous save of one format) differ only in how they save:
+for the loads and the size they are one candidate, measured over both.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pandas as pd
+
+from .results import succeeded
+from .rounds import Interval, of_values, per_round
+from .verdict import drift
+
+SAVE_ONLY_KNOBS = ("async", "background")
+"""Configuration keys that change how a save returns, never what it writes or how it is read."""
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    column: str
+    scale: float
+    """The column's unit: seconds (1) or GB (1e9)."""
+    same_files_are_one: bool
+    """Whether strategies writing the same files answer as one (loads and sizes; not saves)."""
+
+
+QUESTIONS: tuple[Question, ...] = (
+    Question("least stall for training (s until the save returns)", "save_blocking_s", 1.0, False),
+    Question("soonest durable (save s)", "save_s", 1.0, False),
+    Question("fastest cold load (s)", "load_cold_s", 1.0, True),
+    Question("smallest on disk (GB)", "bytes", 1e9, True),
+)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    names: tuple[str, ...]
+    """One strategy, or several that share files and loader."""
+    span: Interval
+
+    @property
+    def label(self) -> str:
+        return self.names[0] if len(self.names) == 1 else f"{self.names[0]} (= {', '.join(self.names[1:])})"
+
+    def __str__(self) -> str:
+        return f"{self.label} {self.span}"
+
+
+@dataclass(frozen=True)
+class Answer:
+    question: Question
+    ranked: tuple[Candidate, ...]
+    """Every verified candidate, lowest median first."""
+
+    @property
+    def winners(self) -> tuple[Candidate, ...]:
+        """The best and every candidate whose interval overlaps its interval."""
+        best = self.ranked[0]
+        return (best, *(c for c in self.ranked[1:] if c.span.overlaps(best.span)))
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(n for c in self.winners for n in c.names)
+
+    @property
+    def use(self) -> str:
+        labels = [c.label for c in self.winners]
+        return labels[0] if len(labels) == 1 else f"tie: {', '.join(labels[:-1])} or {labels[-1]}"
+
+    @property
+    def runner_up(self) -> Candidate | None:
+        """The best candidate that is not tied with the answer."""
+        return next(iter(self.ranked[len(self.winners) :]), None)
+
+
+def _file_key(config: str | None) -> str:
+    settings = json.loads(config) if isinstance(config, str) and config else {}
+    return json.dumps({k: v for k, v in settings.items() if k not in SAVE_ONLY_KNOBS}, sort_keys=True)
+
+
+def candidates(results: pd.DataFrame, merge_same_files: bool) -> list[tuple[str, ...]]:
+    """The verified strategies, in order of appearance; with ``merge_same_files``, those writing the same
+    files (equal configurations but for ``SAVE_ONLY_KNOBS``) grouped as one."""
+    done = succeeded(results)
+    verified = results.groupby("strategy", sort=False)["verified"].all()
+    names = [n for n in dict.fromkeys(done["strategy"]) if verified.get(n, False)]
+    if not merge_same_files:
+        return [(n,) for n in names]
+    key = done.drop_duplicates("strategy").set_index("strategy")["config"].map(_file_key)
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(key[name], []).append(name)
+    return [tuple(group) for group in groups.values()]
+
+
+def answer(results: pd.DataFrame, question: Question, run_drift: float | None) -> Answer | None:
+    """The question answered from the rows (one run's); None when no verified strategy measured its column."""
+    ranked = []
+    for names in candidates(results, question.same_files_are_one):
+        values = per_round(results, names, question.column) / question.scale
+        span = of_values(values.groupby(level=0).median().tolist(), run_drift)
+        if span is not None:
+            ranked.append(Candidate(names, span))
+    ranked.sort(key=lambda c: c.span.value)  # stable: an equal median goes to the first run
+    return Answer(question, tuple(ranked)) if ranked else None
+
+
+def answers(results: pd.DataFrame) -> list[Answer]:
+    """Every question a run's rows can answer; one round's figures are widened by the run's drift."""
+    run_drift = drift(results)
+    return [a for q in QUESTIONS if (a := answer(results, q, run_drift)) is not None]
+
+
+def table(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per question: what to use (or the tie), its figure with interval, and the best of the rest."""
+    rows = [
+        {
+            "question": a.question.text,
+            "use": a.use,
+            "measured": "; ".join(f"{c.span}" if len(a.winners) == 1 else str(c) for c in a.winners),
+            "next": "" if a.runner_up is None else str(a.runner_up),
+        }
+        for a in answers(results)
+    ]
+    return pd.DataFrame(rows, columns=["question", "use", "measured", "next"])

@@ -1,0 +1,60 @@
+"""``compare``: two runs side by side, a contradiction named with exit 1, agreement exit 0, calibration printed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ckptbench import compare, report
+from ckptbench.cli import main
+from ckptbench.results import read_results
+
+RUN = Path(__file__).resolve().parents[1] / "docs/results/2026-11-30-openllama-3b-training-orbax/bench.csv"
+"""A committed full-size bench: seven strategies, three interleaved rounds."""
+TIMINGS = ["save_s", "save_blocking_s", "load_cold_s", "load_warm_s"]
+
+
+def test_identical_runs_agree_and_every_interval_holds_the_other_median(tmp_path, capsys):
+    copy = tmp_path / "bench.csv"
+    shutil.copy(RUN, copy)
+    assert main(["compare", str(RUN), str(copy), "--figure", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "the runs agree" in printed
+    assert "CONTRADICTION" not in printed
+    held, total = compare.compare(*(report.select_run(read_results(p)) for p in (RUN, copy))).calibration()
+    assert held == total > 0
+    assert f"calibration: {total} of {total} medians' intervals hold the other run's median (100%" in printed
+    assert (tmp_path / f"{compare.FIGURE_STEM}.png").stat().st_size > 0
+
+
+def test_one_strategy_three_times_slower_is_named_as_a_contradiction(tmp_path, capsys):
+    planted = pd.read_csv(RUN)
+    planted.loc[planted["strategy"] == "ts+best", TIMINGS] *= 3
+    planted.to_csv(tmp_path / "slow.csv", index=False)
+    assert main(["compare", str(RUN), str(tmp_path / "slow.csv")]) == 1
+    printed = capsys.readouterr().out
+    assert "CONTRADICTION: target 'ts+best cold load / safetensors cold load <= 1': MET in A, MISSED in B" in printed
+    assert "CONTRADICTION: 'fastest cold load (s)': ts+best (= ts+best+async) in A" in printed
+    table = compare.compare(
+        report.select_run(read_results(RUN)), report.select_run(read_results(tmp_path / "slow.csv"))
+    )
+    slowed = table.medians[table.medians["strategy"] == "ts+best"]
+    assert slowed["B / A"].tolist() == pytest.approx([3.0] * len(slowed))
+    assert not slowed["A covers B"].any()
+    assert table.medians.loc[table.medians["strategy"] == "pytorch", "A covers B"].all()
+
+
+def test_one_file_and_two_run_ids(tmp_path, capsys):
+    both = pd.concat([pd.read_csv(RUN), pd.read_csv(RUN).assign(run_id="again")])
+    both.to_csv(tmp_path / "bench.csv", index=False)
+    assert main(["compare", str(tmp_path / "bench.csv"), "20261130-102550-404dfe", "again"]) == 0
+    assert "A = 20261130-102550-404dfe, B = again" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "bench.csv"), "20261130-102550-404dfe", "nope"]) == 1
+    assert "no run 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", str(tmp_path / "bench.csv"), "again"])
+    assert exit_.value.code == 2
+    assert "again is not a file" in capsys.readouterr().err

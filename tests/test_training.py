@@ -1,0 +1,157 @@
+"""The training payload: the state a job writes, every strategy saving it whole, and a resume bit for bit."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import tensorstore as ts
+import torch
+
+import ckptbench
+from ckptbench import checkpoint, manifest, pytree, training
+from ckptbench.local import Folder
+from ckptbench.strategies import STRATEGIES
+
+from conftest import load_checkpoint, one_line_error, rows, run, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def trained() -> training.TrainingCheckpoint:
+    return training.build("tiny", seed=0)
+
+
+def _copy(tensors: pytree.Flat) -> pytree.Flat:
+    copied = pytree.Flat((name, tensor.clone()) for name, tensor in tensors.items())
+    copied.structure = tensors.structure
+    return copied
+
+
+def test_flatten_keeps_every_number_and_the_structure() -> None:
+    tree = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 3)}},
+        "groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0, 1], "fused": None, "amsgrad": False}],
+        "rng": (3, (7, 8, 9), None),
+        "name": "MT19937",
+        "last_epoch": -1,
+    }
+    flat = pytree.flatten(tree)
+    assert all(isinstance(t, torch.Tensor) for t in flat.values())
+    assert flat["groups/0/betas"].dtype == torch.float64
+    assert flat["rng/1"].tolist() == [7, 8, 9]
+    restored = pytree.unflatten(flat, json.loads(json.dumps(flat.structure)))
+    assert restored == {**tree, "state": restored["state"]}
+    assert list(restored["state"]) == [0]
+    assert torch.equal(restored["state"][0]["exp_avg"], torch.ones(2, 3))
+    assert type(restored["groups"][0]["amsgrad"]) is bool
+    assert type(restored["rng"][1]) is tuple
+    with pytest.raises(ValueError, match="cannot name a leaf"):
+        pytree.flatten({"a/b": 1})
+
+
+def test_training_state_is_real_and_seven_times_the_weights(trained: training.TrainingCheckpoint) -> None:
+    weights = ckptbench.model.build("tiny")
+    names = list(trained.tensors)
+    model = [n for n in names if n.startswith("model/")]
+    master = [n for n in names if n.startswith("master/")]
+    moments = [n for n in names if n.startswith("optimizer/state/") and n.endswith(("exp_avg", "exp_avg_sq"))]
+    assert len(model) == len(master) == len(weights.tensors) - 1  # the rotary buffer is not persistent
+    assert {trained.tensors[n].dtype for n in model} == {torch.float16}
+    assert {trained.tensors[n].dtype for n in master + moments} == {torch.float32}
+    assert len(moments) == 2 * len(master)
+    assert all(trained.tensors[n].abs().sum() > 0 for n in moments)
+    steps = {trained.tensors[n].item() for n in names if n.startswith("optimizer/state/") and n.endswith("/step")}
+    assert steps == {trained.recipe.steps} == {trained.tensors["step"].item()}
+    assert not torch.equal(trained.tensors[master[1]].half(), weights.tensors[master[1].removeprefix("master/")])
+    assert trained.nbytes / weights.nbytes == pytest.approx(7, rel=0.01)
+
+
+def test_same_seed_same_state_and_a_damaged_moment_does_not_resume(trained: training.TrainingCheckpoint) -> None:
+    again = training.build("tiny", seed=0)
+    assert manifest.digests(again.tensors) == manifest.digests(trained.tensors)
+    assert training.resume_problem(again, _copy(trained.tensors)) is None
+    damaged = _copy(trained.tensors)
+    damaged["optimizer/state/5/exp_avg_sq"].view(-1)[0] *= 2
+    found = training.resume_problem(again, damaged)
+    assert found is not None
+    assert "differ from the run that never stopped" in found
+
+
+def _resume_after_saving(name: str, trained: training.TrainingCheckpoint, tmp_path: Path) -> None:
+    strategy = STRATEGIES[name]
+    path = tmp_path / name
+    save_checkpoint(strategy, trained.tensors, path)
+    assert manifest.Manifest.read(Folder(path)).structure == trained.structure
+    loaded = load_checkpoint(strategy, path)
+    ckptbench.verify.verify(loaded, trained.tensors, name)
+    assert training.resume_problem(trained, loaded) is None
+
+
+@pytest.mark.parametrize("name", ["pytorch", "safetensors", "dcp", "ts+best"])
+def test_a_saved_state_resumes_bit_for_bit(name: str, trained: training.TrainingCheckpoint, tmp_path: Path) -> None:
+    _resume_after_saving(name, trained, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if n not in ("pytorch", "safetensors", "dcp", "ts+best")])
+def test_every_strategy_resumes_bit_for_bit(name: str, trained: training.TrainingCheckpoint, tmp_path: Path) -> None:
+    _resume_after_saving(name, trained, tmp_path)
+
+
+def test_verify_covers_the_scalars(trained: training.TrainingCheckpoint, tmp_path: Path) -> None:
+    """The scheduler's epoch is a leaf like any tensor: changing it on disk is damage ``verify`` names."""
+    path = tmp_path / "ts"
+    save_checkpoint(STRATEGIES["tensorstore"], trained.tensors, path)
+    store = ts.open({"driver": "zarr", "kvstore": f"file://{path}/scheduler/last_epoch/"}).result()
+    store.write(store.read().result() + 1).result()
+    found = checkpoint.verify(path)
+    assert [d.tensor for d in found.damage] == ["scheduler/last_epoch"]
+
+
+def test_a_run_whose_resume_differs_is_a_failed_row_naming_the_leaf(
+    trained: training.TrainingCheckpoint, make_bench
+) -> None:
+    leaf = "optimizer/state/3/exp_avg"
+    wrong = training.TrainingCheckpoint(
+        trained.source,
+        trained.config,
+        trained.tensors,
+        trained.params,
+        trained.recipe,
+        {**trained.continued, leaf: "0"},
+    )
+    bench = make_bench(payload="training")
+    bench.checkpoint = wrong
+    (phase,) = bench.run(["safetensors"])
+    assert not phase.ok
+    assert leaf in phase.error
+    assert "does not resume" in phase.error
+    assert phase.rows[0].payload == "training"
+
+
+def test_a_preset_whose_state_does_not_fit_is_refused_in_one_line(tmp_path: Path) -> None:
+    needed = training.needed_bytes(ckptbench.model.get_preset("openllama-3b"))
+    result = run("run", "--preset", "openllama-3b", "--payload", "training", "--out", tmp_path / "out", cwd=tmp_path)
+    assert result.returncode == 1
+    line = one_line_error(result.stderr)
+    assert "openllama-3b training state" in line
+    assert f"{needed / 1e9:.2f} GB" in line
+    assert not (tmp_path / "out" / "results.csv").exists()
+
+
+@pytest.mark.slow
+def test_the_issue_run_verifies_every_row_at_seven_times_the_bytes(tmp_path: Path) -> None:
+    strategies = "all,safetensors,dcp,orbax,ts+best"
+    common = ("--preset", "tiny", "--strategies", strategies, "--no-drift")
+    state = run("run", *common, "--payload", "training", "--out", tmp_path / "training", cwd=tmp_path)
+    assert state.returncode == 0, state.stderr[-3000:]
+    weights = run("run", *common, "--out", tmp_path / "weights", cwd=tmp_path)
+    assert weights.returncode == 0, weights.stderr[-3000:]
+    trained, plain = rows(tmp_path / "training" / "results.csv"), rows(tmp_path / "weights" / "results.csv")
+    assert len(trained) == 12
+    assert trained["verified"].all()
+    assert set(trained["payload"]) == {"training"}
+    ratio = trained.set_index("strategy")["bytes"] / plain.set_index("strategy")["bytes"]
+    assert all(math.isfinite(r) and 6 < r < 8 for r in ratio), ratio

@@ -34,6 +34,7 @@ from . import (
     targets,
     throttle,
     training,
+    yourdisk,
 )
 from .benchmark import LOAD_INTO, ORDERS, Benchmark, PhaseResult, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
@@ -205,6 +206,14 @@ def _finish(bench: Benchmark, phases: list[PhaseResult]) -> int:
     if cloud.is_cloud(bench.results):
         print(f"on {bench.storage.url}; times MODELLED at a real round trip = measured + requests x RTT / concurrency:")
         print(cloud.table(bench.results).to_string())
+    if bench.limits is not None and bench.limits.throttle:
+        for _, row in yourdisk.over_caps(bench.results).iterrows():
+            print(
+                f"warning: {row['strategy']} [{row['repeat'] + 1:.0f}] wrote at {row['write_bps'] / 1e6:,.0f} MB/s and "
+                f"read at {row['read_bps'] / 1e6:,.0f} MB/s, faster than {yourdisk.ALLOWANCE} x the caps: "
+                "its I/O escaped the throttle",
+                file=sys.stderr,
+            )
     print(f"results: {bench.store.csv}\nenvironment: {bench.store.environment_path(bench.run_id)}")
     failed = [p for p in phases if not p.ok]
     for phase in failed:

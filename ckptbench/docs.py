@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import choices, cloud, ranked, report, scaling, verdict
+from . import choices, cloud, ranked, report, scaling, verdict, yourdisk
 from .errors import CkptbenchError
+from .limits import MISS
+from .profiles import PROFILES, Caps
 from .results import read_results, summarize
 from .strategies import STRATEGIES
 from .study import EIGHT_WAY, GROUPS, ordered
@@ -133,6 +135,60 @@ def _cloud(path: str, rtt_ms: str = str(cloud.RTT_MS), concurrency: str = str(cl
     return markdown(table.rename_axis("strategy"))
 
 
+def _profile(path: str) -> str:
+    """A run under a disk profile: each strategy against its floors and caps (``yourdisk.table``)."""
+    table = yourdisk.table(_results(path))
+    table.index = [f"`{n}`" for n in table.index]
+    return markdown(table.rename_axis("strategy"))
+
+
+def _profiles(*runs: str) -> str:
+    """``LABEL=PATH ...``: each run's medians side by side, one column pair per disk."""
+    table = yourdisk.across({label: _results(path) for label, path in (r.split("=", 1) for r in runs)})
+    table.index = [f"`{n}`" for n in table.index]
+    return markdown(table.rename_axis("strategy"))
+
+
+def disk_profiles_markdown() -> str:
+    """The built-in disk profiles: their caps, the volume each stands for and where its figures come from."""
+    table = pd.DataFrame(
+        {
+            "caps": [p.caps.describe() for p in PROFILES.values()],
+            "stands for": [p.volume for p in PROFILES.values()],
+            "figures from": [p.source for p in PROFILES.values()],
+        },
+        index=[f"`{name}`" for name in PROFILES],
+    )
+    return markdown(table.rename_axis("--disk-profile"))
+
+
+def _caps(path: str) -> str:
+    """A profiled run's environment: each cap, the ceiling measured under it and the raw disk's."""
+    throttle = json.loads((ROOT / path).read_text())["limits"]["throttle"]
+    limits = json.loads((ROOT / path).read_text())["limits"]
+    caps = Caps.parse(throttle["caps"])
+    rows = {
+        "write MB/s": (caps.write_bps and caps.write_bps / 1e6, limits["write_gbps"] * 1e3, throttle["raw_write_gbps"]),
+        "read MB/s": (caps.read_bps and caps.read_bps / 1e6, limits["read_gbps"] * 1e3, throttle["raw_read_gbps"]),
+        "write IOPS (16 KiB, O_DIRECT)": (caps.write_iops, limits.get("write_iops"), None),
+        "read IOPS (16 KiB, O_DIRECT)": (caps.read_iops, limits.get("read_iops"), None),
+        "small files/s (create, write, fsync)": (None, limits.get("files_per_s"), None),
+    }
+    table = pd.DataFrame(
+        {
+            "cap": [report.sig(c) for c, _, _ in rows.values()],
+            "measured under it": [report.sig(m) for _, m, _ in rows.values()],
+            "held (within 10 %)": [
+                "" if not c or m is None else ("yes" if abs(m / c - 1) <= MISS else "NO") for c, m, _ in rows.values()
+            ],
+            "raw disk": [report.sig(r * 1e3) if r else "" for _, _, r in rows.values()],
+        },
+        index=list(rows),
+    )
+    table = table[(table["cap"] != "") | (table["measured under it"] != "")]
+    return markdown(table.rename_axis(f"{throttle['profile']} ({throttle['volume']})"))
+
+
 KINDS: dict[str, Callable[..., str]] = {
     "untimed": _untimed,
     "csv": _csv,
@@ -145,6 +201,10 @@ KINDS: dict[str, Callable[..., str]] = {
     "cloud": _cloud,
     "forms": forms_markdown,
     "ranks": _ranks,
+    "profile": _profile,
+    "profiles": _profiles,
+    "caps": _caps,
+    "disk-profiles": disk_profiles_markdown,
 }
 
 

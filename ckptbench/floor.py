@@ -3,7 +3,8 @@
 A save cannot write its bytes faster than the disk's multi-stream durable write, and pays the disk's
 file-creation rate for every file; a cold load cannot read its bytes faster than the multi-stream cold
 read, and copies the model's bytes into fresh memory, faulting in every page; under a disk profile
-capping operations it also reads each file with at least one operation. The sum is the floor. It
+capping operations its reads also take one operation per file at least, and the slower of the two caps
+(bandwidth, operations) holds them, for both apply at once. The sum is the floor. It
 explains a gap to the disk limit rather than only showing it (the study's baseline writes 839,390
 files), and the term, or the CPU, that accounts for most of a measured time names what bound it.
 """
@@ -37,9 +38,9 @@ def load_floor_s(
     files: float = 0,
     read_iops: float | pd.Series | None = None,
 ) -> float:
-    """Bytes at the cold-read ceiling plus the model's bytes copied into fresh memory, plus (when the run
-    measured an operation rate under a cap) one read operation per file."""
-    return nbytes / read_gbps / 1e9 + model_bytes / fresh_copy_gbps / 1e9 + _file_reads_s(files, read_iops)
+    """Bytes at the cold-read ceiling, or (when the run measured an operation rate under a cap) one read
+    operation per file at that rate if slower, plus the model's bytes copied into fresh memory."""
+    return np.maximum(nbytes / read_gbps / 1e9, _file_reads_s(files, read_iops)) + model_bytes / fresh_copy_gbps / 1e9
 
 
 def _file_reads_s(files: float | pd.Series, read_iops: float | pd.Series | None) -> float | pd.Series:

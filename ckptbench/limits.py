@@ -64,12 +64,13 @@ class ProbeSettings:
         )
 
     def under(self, caps: Caps) -> ProbeSettings:
-        """These settings under ``caps``; capped bandwidth is probed with proportionally fewer bytes (a few
-        seconds at the cap per stream count), and a capped operation rate is measured too."""
+        """These settings under ``caps``: capped bandwidth is probed for about four seconds at the cap per
+        stream count (up to 4 GiB; the throttle lets a short burst through, which a one-second probe
+        would take for the ceiling), and a capped operation rate is measured too."""
         if caps.empty:
             return self
         slowest = min(b for b in (caps.read_bps, caps.write_bps) if b) if caps.read_bps or caps.write_bps else None
-        total = self.total_bytes if slowest is None else min(self.total_bytes, max(64 * _MIB, 4 * slowest))
+        total = self.total_bytes if slowest is None else min(max(64 * _MIB, 4 * slowest), 4 << 30)
         return replace(
             self, throttle=caps.spec(), total_bytes=total // _MIB * _MIB, iops_seconds=2.0 if caps.iops else 0.0
         )

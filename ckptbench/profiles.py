@@ -88,7 +88,6 @@ class Profile:
     """Where the figures come from: the published page and what it states."""
 
 
-_EBS_TYPES = "https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/ebs-volume-types.html"
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
@@ -101,7 +100,8 @@ PROFILES: dict[str, Profile] = {
             "3,000 IOPS (the default for gp3): https://docs.aws.amazon.com/sdk-for-kotlin/api/latest/ec2/"
             "aws.sdk.kotlin.services.ec2.model/-ebs-block-device/iops.html; 125 MiB/s (gp3 throughput "
             "ranges 125-1,000 MiB/s): https://docs.aws.amazon.com/sdkfornet/v3/apidocs/items/EMR/"
-            f"TVolumeSpecification.html; both as the gp3 baseline in {_EBS_TYPES}",
+            "TVolumeSpecification.html; both as the baseline every gp3 volume comes with: "
+            "https://cloudonaut.io/cheap-durable-fast-how-to-choose-an-ebs-volume-type/",
         ),
         Profile(
             "gp3-max",

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from ckptbench import floor, targets
+from ckptbench import floor, targets, yourdisk
 from ckptbench.results import COLUMNS
 
 CORES = 2
@@ -100,3 +100,26 @@ def test_bench_names_what_bound_every_miss_and_nothing_for_a_strategy_at_the_dis
     assert table.loc["save_floor:files", "value"] == pytest.approx((1.0 + 2.0) / 2.5)
     assert table.loc["load_floor:fast", "value"] == pytest.approx((0.5 + 0.25) / 0.5)
     assert table.loc["save_bound:files", "met"] is None  # context, not a target
+
+
+def test_under_an_operation_cap_a_load_reads_each_file_once_at_least():
+    results = _rows(many={"save_s": 90.0, "load_cold_s": 40.0, "load_warm_s": 1.0, "files": 80_000}).assign(
+        disk_read_iops=4000.0
+    )
+    # both caps hold the reads at once: the slower (80,000 reads at 4,000/s) beats 1 GB at 2 GB/s
+    assert floor.floors(results).loc["many", "load_floor_s"] == pytest.approx(80_000 / 4000 + 0.25)
+    (load,) = [b for b in floor.bounds(results, CORES) if b.op == "load"]
+    assert load.resource == "read operations"
+
+
+def test_rows_faster_than_their_caps_are_named():
+    capped = {"disk_caps": "read=1000000000,write=500000000", "disk_profile": "custom"}
+    results = _rows(
+        held={"save_s": 2.0, "load_cold_s": 1.0, "load_warm_s": 0.5, **capped},
+        escaped={"save_s": 1.0, "load_cold_s": 1.0, "load_warm_s": 0.5, **capped},  # 1 GB/s written, 0.5 GB/s cap
+    )
+    over = yourdisk.over_caps(results)
+    assert set(over["strategy"]) == {"escaped"}
+    table = yourdisk.table(results)
+    assert table.loc["held", "fastest write of cap"] == "100%"
+    assert table.loc["escaped", "fastest write of cap"] == "200%"

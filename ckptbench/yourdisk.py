@@ -1,0 +1,90 @@
+"""A run under a disk profile read against its caps: how fast each strategy wrote and read, what bound it.
+
+Every row of such a run carries its profile and caps (``disk_profile``, ``disk_caps``) and the
+ceilings measured under them, so the floors here are the throttled disk's: bytes at the capped
+bandwidth plus files at the capped operation rate. ``over_caps`` names any row that wrote or read
+faster than its caps allow (I/O that escaped the throttle); ``across`` sets the same strategies side
+by side on several disks.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .floor import floors
+from .profiles import Caps
+from .report import sig
+from .results import succeeded
+from .study import ordered
+
+ALLOWANCE = 1.05
+"""A row faster than this multiple of its cap escaped the throttle."""
+
+
+def rates(results: pd.DataFrame) -> pd.DataFrame:
+    """Each completed row's checkpoint bytes over its save and its cold load, in B/s, with the caps it ran under."""
+    done = succeeded(results)
+    caps = [Caps.parse(spec) if spec else Caps() for spec in done["disk_caps"].fillna("")]
+    return pd.DataFrame(
+        {
+            "strategy": done["strategy"],
+            "repeat": done["repeat"],
+            "write_bps": done["bytes"] / done["save_s"],
+            "read_bps": done["bytes"] / done["load_cold_s"],
+            "write_cap": [c.write_bps for c in caps],
+            "read_cap": [c.read_bps for c in caps],
+        },
+        index=done.index,
+    )
+
+
+def over_caps(results: pd.DataFrame, allowance: float = ALLOWANCE) -> pd.DataFrame:
+    """The rows that wrote or read faster than ``allowance`` times their caps (none when the throttle held)."""
+    r = rates(results)
+    over = (r["write_bps"] > allowance * r["write_cap"].astype(float)) | (
+        r["read_bps"] > allowance * r["read_cap"].astype(float)
+    )
+    return r[over]
+
+
+def table(results: pd.DataFrame) -> pd.DataFrame:
+    """Per strategy: its files, median save and cold load against their floors (the files' part apart), and
+    its fastest write and read as a share of the caps."""
+    done = succeeded(results)
+    order = ordered(done["strategy"])
+    grouped = done.groupby("strategy", sort=False)
+    floor = floors(results)
+    r = rates(results).groupby("strategy", sort=False)
+    files = grouped["files"].max()
+    file_create = files / grouped["disk_files_per_s"].median()
+    file_reads = files / grouped["disk_read_iops"].median()
+    out = pd.DataFrame(
+        {
+            "files": files.map(lambda n: f"{n:,.0f}"),
+            "save s": grouped["save_s"].median().map(sig),
+            "save floor s": floor["save_floor_s"].map(sig),
+            "files' part s": file_create.map(sig),
+            "cold load s": grouped["load_cold_s"].median().map(sig),
+            "load floor s": floor["load_floor_s"].map(sig),
+            "files' reads s": file_reads.map(sig),
+            "fastest write of cap": (r["write_bps"].max() / r["write_cap"].max()).map(_share),
+            "fastest read of cap": (r["read_bps"].max() / r["read_cap"].max()).map(_share),
+        }
+    )
+    return out.reindex(order).rename_axis("strategy")
+
+
+def _share(value: float) -> str:
+    return "" if pd.isna(value) else f"{value:.0%}"
+
+
+def across(runs: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Median save and cold load (s) of each strategy on each disk: one labelled run per disk."""
+    columns = {}
+    for label, results in runs.items():
+        medians = succeeded(results).groupby("strategy", sort=False)[["save_s", "load_cold_s"]].median()
+        columns[f"save s ({label})"] = medians["save_s"]
+        columns[f"cold load s ({label})"] = medians["load_cold_s"]
+    table = pd.DataFrame(columns)
+    names = [n for results in runs.values() for n in results["strategy"]]
+    return table.reindex(ordered(dict.fromkeys(names))).map(sig).fillna("").rename_axis("strategy")

@@ -27,10 +27,12 @@ from tqdm.auto import tqdm
 from . import checkpoint, disk, environment, manifest, profiles, throttle, training
 from . import model as model_lib
 from .errors import InsufficientMemoryError, UsageError, VerificationError
+from .launch import under_torchrun
 from .limits import Limits, ProbeSettings, missed_caps
 from .measure import Measurement, measure, return_freed_memory
 from .objectstore import Requests
 from .results import ResultsStore, Row, config_json, frame, summarize
+from .shards import cores
 from .storage import FILE, Location, check_settings, is_local, open_storage, scheme, staged
 from .strategies import Strategy, Tensors, get_strategy, nbytes, total_bytes
 from .study import ordered
@@ -54,6 +56,10 @@ def _warmup_subset(tensors: Tensors) -> OrderedDict[str, torch.Tensor]:
         if total + size <= WARMUP_BYTES:
             subset[name], total = tensor, total + size
     return subset
+
+
+RANKS_PER_CORE = 4
+"""Processes a run may spawn per core of this host: more only queue for the cores (each takes ~0.4 GB)."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,10 @@ class RunConfig:
             raise UsageError(f"ranks must be at least 1, got {self.ranks}")
         if self.load_ranks is not None and (self.ranks is None or self.load_ranks < 1):
             raise UsageError(f"load_ranks needs ranks and must be at least 1, got {self.load_ranks}")
+        most = RANKS_PER_CORE * cores()
+        for label, count in (("ranks", self.ranks), ("load_ranks", self.load_ranks)):
+            if count is not None and count > most and not under_torchrun():
+                raise UsageError(f"{label} must be 1 to {most} ({RANKS_PER_CORE} per core of {cores()}), got {count}")
         if self.rank_timeout_s <= 0:
             raise UsageError(f"rank_timeout_s must be positive, got {self.rank_timeout_s}")
         if not self.profile.caps.empty and not is_local(self.store):
@@ -255,9 +265,7 @@ class Benchmark:
             tensors = self.checkpoint.tensors
             self._layout = manifest.layout(tensors, manifest.digests(tensors))
         self.out.mkdir(parents=True, exist_ok=True)
-        kept = self.store.check()
-        if kept is not None:
-            self.log(f"{self.store.csv} could not be appended to safely; kept it as {kept.name}")
+        self.store.check()  # a file set aside is named in its warning
         for stale in [*self.storage.clean_stale(), *throttle.clean_stale()]:
             self.log(f"removed the leftovers of an interrupted run: {stale}")
         if self.limits is None:

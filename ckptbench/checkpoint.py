@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, CkptbenchError, DiskFullError
+from .errors import CheckpointError, CkptbenchError, DiskFullError, gigabytes
 from .location import Location, Staging
-from .manifest import Layout, Manifest, check_loaded, problem
+from .manifest import MANIFEST, Layout, Manifest, ManifestError, check_loaded, problem
 from .pytree import structure_of
 from .storage import location
 from .strategies import Progress, Strategy, Tensors, from_config, get_strategy
@@ -61,10 +61,11 @@ def save(strategy: Strategy, tensors: Tensors, layout: Layout, staging: Staging,
         return None if pending is None else blocking
     except Exception as err:  # each library raises its own types for I/O failures; strategies wrap some
         if _disk_full(err, directory):
-            where, free = directory.space()
+            where, free_bytes = directory.space()
+            need, free = gigabytes(strategy.estimate_bytes(tensors), free_bytes)
             raise DiskFullError(
                 f"disk full under {where} during the {strategy.name} save: it needs about "
-                f"{strategy.estimate_bytes(tensors) / 1e9:.2f} GB; {free / 1e9:.2f} GB are free now "
+                f"{need} GB; {free} GB are free now "
                 f"that its partial files are written (they are removed)"
             ) from err
         if isinstance(err, CkptbenchError):
@@ -116,6 +117,8 @@ class Verification:
     strategy: str
     tensors: int
     damage: tuple[Damage, ...]
+    sealed: bool = True
+    """Whether the manifest carried its own digest; older checkpoints' do not (they are still verified)."""
 
     @property
     def intact(self) -> bool:
@@ -129,12 +132,35 @@ def verify(path: str | Path | Location, strategy: str | None = None) -> Verifica
     Raises ``CheckpointError`` when ``path`` is not a complete ckptbench checkpoint at all.
     """
     directory = location(path)
-    manifest = Manifest.read(directory)
+    try:
+        manifest = Manifest.read(directory)
+    except ManifestError as err:
+        return Verification(directory, "unknown", 0, (Damage(MANIFEST, str(err)),))
     reader = get_strategy(strategy) if strategy else from_config(manifest.strategy, manifest.config)
     if not reader.reads(manifest.config):
         raise CheckpointError(f"{directory}: written by {manifest.strategy}; {reader.name} reads another format")
-    damage = tuple(_damage(reader.load_each(directory, manifest.tensors)))
-    return Verification(directory, manifest.strategy, len(manifest.tensors), damage)
+    damage = (*_unnamed(reader, directory, manifest), *_damage(reader.load_each(directory, manifest.tensors)))
+    return Verification(directory, manifest.strategy, len(manifest.tensors), damage, manifest.sealed)
+
+
+def _unnamed(reader: Strategy, directory: Location, manifest: Manifest) -> Iterator[Damage]:
+    """The manifest against the format's own index: every tensor the data holds must be named in it.
+
+    Checked for a mapping of weights; a nested training state is keyed in each format its own way."""
+    if manifest.structure is not None:
+        return
+    try:
+        stored = reader.stored_names(directory)
+    except Exception:  # an unreadable index: the tensors' own reads say what is wrong
+        return
+    named = {e.name for e in manifest.tensors}
+    if stored is not None and not stored <= named:
+        extra = sorted(stored - named)
+        yield Damage(
+            MANIFEST,
+            f"names {len(named)} tensors but the {reader.name} data holds {len(stored)}: {len(extra)} unnamed "
+            f"(e.g. {', '.join(extra[:3])}): the manifest was cut or edited",
+        )
 
 
 def _damage(tensors: Iterator) -> Iterator[Damage]:

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import signal
 import sys
+import textwrap
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
+import psutil
 
 from . import (
     checkpoint,
@@ -38,6 +42,7 @@ from . import (
 )
 from .benchmark import LOAD_INTO, ORDERS, Benchmark, PhaseResult, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
+from .manifest import MANIFEST
 from .results import ResultsStore, frame, read_results, summarize
 from .storage import FILE, location, remote_kinds
 from .strategies import STRATEGIES
@@ -45,6 +50,12 @@ from .study import BENCH, GROUPS, parse_strategies
 
 DEFAULT_OUT = Path("saved_models")
 BENCH_FILE = "bench.csv"
+WIDTH = 100
+"""What ``list`` fits by default: a terminal of this many columns."""
+INTERRUPTED = (
+    "interrupted: an unfinished checkpoint is left only under a .partial- name, which the next run removes; "
+    "rows already measured are in the results"
+)
 
 
 def _session_options() -> argparse.ArgumentParser:
@@ -159,6 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     compare_cmd.add_argument("--figure", type=Path, metavar="DIR", help="also draw the calibration figure into DIR")
     list_cmd = commands.add_parser("list", help="the strategies and their knobs")
     list_cmd.add_argument("--markdown", action="store_true", help="as the Markdown table the docs embed")
+    list_cmd.add_argument("--wide", action="store_true", help="every knob as a column (wider than a terminal)")
     list_cmd.add_argument("--ranks", action="store_true", help="what each strategy does with ranks (run --ranks)")
     docs_cmd = commands.add_parser("docs", help="regenerate the tables in the docs from the registry and results")
     docs_cmd.add_argument("--check", action="store_true", help="exit 1 if any generated block is out of date")
@@ -205,7 +217,7 @@ def _session(config: RunConfig) -> Benchmark:
 def _finish(bench: Benchmark, phases: list[PhaseResult]) -> int:
     if cloud.is_cloud(bench.results):
         print(f"on {bench.storage.url}; times MODELLED at a real round trip = measured + requests x RTT / concurrency:")
-        print(cloud.table(bench.results).to_string())
+        _show(cloud.table(bench.results), "no strategy completed: nothing to model")
     if bench.limits is not None and bench.limits.throttle:
         for _, row in yourdisk.over_caps(bench.results).iterrows():
             print(
@@ -221,6 +233,11 @@ def _finish(bench: Benchmark, phases: list[PhaseResult]) -> int:
     return 1 if failed else 0
 
 
+def _show(table: pd.DataFrame, empty: str = "no rows: every strategy failed (the errors follow)", index=True) -> None:
+    """A table as text; an empty one as a sentence saying why, never pandas' "Empty DataFrame"."""
+    print(empty if table.empty else table.to_string(index=index))
+
+
 def _print_paths(paths: list[Path]) -> None:
     for path in paths:
         print(f"wrote {path}")
@@ -232,10 +249,11 @@ def _run(args: argparse.Namespace) -> int:
     names = parse_strategies(args.strategies)
     bench = _session(_config(args, keep_checkpoints=args.keep_checkpoints))
     phases = bench.run(names)
-    print(report.summary_table(bench.summary()).to_string())
+    _show(report.summary_table(bench.summary()))
     _print_paths(report.export_report(bench.results, args.out))
     if cloud.is_cloud(bench.results):
-        print(cloud.verdicts(bench.results)[["claim", "measured", "verdict"]].to_string(index=False))
+        verdicts = cloud.verdicts(bench.results)[["claim", "measured", "verdict"]]
+        _show(verdicts, "no verdicts: nothing completed", index=False)
     return _finish(bench, phases)
 
 
@@ -254,7 +272,7 @@ def _run_ranked(args: argparse.Namespace) -> int:
     if outcome is None:
         return 0
     results = frame(row for phase in outcome.phases for row in phase.rows)
-    print(report.summary_table(summarize(results)).to_string())
+    _show(report.summary_table(summarize(results)))
     _print_paths(report.export_report(results, args.out))
     store = ResultsStore(config.out, config.results_file)
     _print_paths(plot.export(scaling.figure(store.read()), args.out, stem=scaling.STEM))
@@ -266,11 +284,11 @@ def _run_ranked(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    knobs = dict(sweep.parse_knob(spec) for spec in args.knob)
+    knobs = sweep.parse_knobs(args.knob)
     print(f"{len(sweep.grid(knobs))} configurations of {', '.join(knobs)}")
     bench = _session(_config(args, results_file=sweep.RESULTS_FILE))
     summary, phases = sweep.run(bench, knobs)
-    print(report.summary_table(summary).to_string())
+    _show(report.summary_table(summary))
     print(f"best (lowest median save + cold load): {sweep.best(summary)}")
     _print_paths(plot.export(sweep.figure(bench.results, list(knobs)), args.out, stem=sweep.FIGURE_STEM))
     summary.to_csv(args.out / sweep.SUMMARY_FILE, index_label="strategy")
@@ -282,8 +300,8 @@ def _bench(args: argparse.Namespace) -> int:
     names = parse_strategies(args.strategies)
     bench = _session(_config(args, results_file=BENCH_FILE))
     outcome = targets.bench(bench, names)
-    print(report.summary_table(summarize(outcome.results)).to_string())
-    print(report.targets_table(outcome.targets).to_string(index=False))
+    _show(report.summary_table(summarize(outcome.results)))
+    _show(report.targets_table(outcome.targets), "no targets: nothing completed", index=False)
     return _finish(bench, outcome.phases)
 
 
@@ -299,8 +317,12 @@ def _verify(args: argparse.Namespace) -> int:
             continue
         for damage in found.damage:
             print(f"{found.path}: DAMAGED {damage.tensor}: {' '.join(damage.problem.split())}")
-        state = "intact" if found.intact else f"DAMAGED: {len(found.damage)} of {found.tensors} tensors"
-        print(f"{found.path}: {found.strategy} checkpoint, {found.tensors} tensors, {state}")
+        tensors = sum(d.tensor != MANIFEST for d in found.damage)
+        manifest = "its manifest" if len(found.damage) > tensors else ""
+        state = " and ".join(filter(None, [manifest, f"{tensors} of {found.tensors} tensors" if tensors else ""]))
+        state = "intact" if found.intact else f"DAMAGED: {state}"
+        old = "" if found.sealed else " (a manifest without its own digest: written before ckptbench sealed them)"
+        print(f"{found.path}: {found.strategy} checkpoint, {found.tensors} tensors, {state}{old}")
         code = max(code, 0 if found.intact else 1)
     return code
 
@@ -352,21 +374,61 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    """Fits ``WIDTH`` columns: the strategies' formats (``--wide``/``--markdown``: every knob), or their forms
+    with ranks, each described in wrapped lines."""
     if args.ranks:
-        print(docs.forms_markdown().rstrip("\n") if args.markdown else docs.forms_table().to_string())
+        if args.markdown:
+            print(docs.forms_markdown().rstrip("\n"))
+            return 0
+        forms = docs.forms_table()["with ranks"]
+        indent = " " * (max(map(len, forms.index)) + 2)
+        for name, how in forms.items():
+            print(textwrap.fill(how, WIDTH, initial_indent=f"{name:<{len(indent)}}", subsequent_indent=indent))
         return 0
     if args.markdown:
         print(docs.strategies_markdown().rstrip("\n"))
         return 0
     table = docs.strategies_table()
-    for kind in remote_kinds():
-        table[f"on {kind}"] = [
-            f"skipped: {why}" if (why := STRATEGIES[n].unsupported(kind)) else "ok" for n in table.index
-        ]
-    print(table.to_string())
+    kinds = remote_kinds()
+    if args.wide:
+        for kind in kinds:
+            table[f"on {kind}"] = [
+                f"skipped: {why}" if (why := STRATEGIES[n].unsupported(kind)) else "ok" for n in table.index
+            ]
+        print(table.to_string())
+        return 0
+    rows = [("name", "8-way", "format", *(f"on {kind}" for kind in kinds))]
+    rows += [
+        (
+            name,
+            table.loc[name, "8-way"],
+            table.loc[name, "format"],
+            *("no" if STRATEGIES[name].unsupported(kind) else "yes" for kind in kinds),
+        )
+        for name in table.index
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, [*widths, 0], strict=True)).rstrip())
+    print(f"every knob, and why a strategy cannot run on {' or '.join(kinds)}: `list --wide` or `list --markdown`")
     print(f"\npresets (--payload training: the state with a loaded copy and a step, in {training.memory_text()}):")
     print(training.presets_table().to_string())
     return 0
+
+
+def _exit_interrupted(signum: int, frame: object) -> None:
+    """Ctrl-C or SIGTERM during a measurement: end now, as a kill would, without waiting for queued writes.
+
+    Whatever was being written stays under its ``.partial-``/working name with this process's pid,
+    which the next run removes; rows are appended whole, so none is lost. Spawned ranks are ended too.
+    """
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    print(INTERRUPTED, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def _s3_server(args: argparse.Namespace) -> int:
@@ -379,6 +441,16 @@ def _docs(args: argparse.Namespace) -> int:
     for path in stale:
         print(f"{'out of date' if args.check else 'regenerated'}: {path}")
     return 1 if args.check and stale else 0
+
+
+@contextlib.contextmanager
+def _restored(handlers: dict) -> Iterator[None]:
+    """Put signal handlers back (``main`` may run inside another program: a test, a notebook)."""
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -405,10 +477,16 @@ COMMANDS = {
 }
 
 
+MEASURING = ("run", "sweep", "bench")
+"""The commands that write checkpoints: an interrupt ends them at once (``_exit_interrupted``)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    with _one_line_warnings():
+    ending = (signal.SIGINT, signal.SIGTERM) if args.command in MEASURING and not launch.under_torchrun() else ()
+    previous = {sig: signal.signal(sig, _exit_interrupted) for sig in ending}
+    with _one_line_warnings(), _restored(previous):
         try:
             return COMMANDS[args.command](args)
         except UsageError as err:
@@ -420,11 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            print(
-                "interrupted: an unfinished checkpoint is left only under a .partial- name, which the next run "
-                "removes; rows already measured are in the results",
-                file=sys.stderr,
-            )
+            print(INTERRUPTED, file=sys.stderr)
             return 130
         finally:
             throttle.leave()

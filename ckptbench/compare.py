@@ -11,14 +11,15 @@ median (both ways); an interval meant for a second run should hold it nine times
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from . import choices, targets, verdict
-from .report import sig
-from .results import succeeded
+from .report import select_run, sig
+from .results import read_results, succeeded
 from .rounds import Interval, of_values, per_round
 from .study import METRICS, ordered
 
@@ -206,6 +207,21 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] | None = No
         answer_table,
         clashing_claims + clashing_targets + clashing_answers,
     )
+
+
+STORED_RUNS = {
+    "openllama-3b-2l": "docs/results/2026-11-30-openllama-3b-2l/results.csv",
+    "openllama-3b": "docs/results/2026-11-30-openllama-3b/results.csv",
+}
+"""The committed run of each preset a session's run is compared with in the notebook."""
+
+
+def with_stored(session: pd.DataFrame, preset: str) -> Comparison | None:
+    """The session's rows against the committed run of its preset; None when no run of it is stored."""
+    if preset not in STORED_RUNS:
+        return None
+    stored = select_run(read_results(Path(__file__).resolve().parents[1] / STORED_RUNS[preset]))
+    return compare(stored, session, (STORED_RUNS[preset], "this session"))
 
 
 def figure(comparison: Comparison) -> Figure:

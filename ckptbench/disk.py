@@ -251,11 +251,11 @@ def clean_stale(directory: Path) -> list[Path]:
     return stale
 
 
-def refuse_file_in_the_way(path: Path) -> None:
+def refuse_file_in_the_way(path: Path, what: str = "output folder") -> None:
     """A folder that is, or would be under, a regular file is a mistake the user can correct."""
     blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise UsageError(f"output folder {path}: {blocker} is a file, not a folder")
+        raise UsageError(f"{what} {path}: {blocker} is a file, not a folder")
 
 
 def check_folder(path: Path) -> None:

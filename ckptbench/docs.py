@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import choices, cloud, ranked, report, scaling, verdict, yourdisk
+from . import choices, cloud, compare, ranked, report, scaling, verdict, yourdisk
 from .errors import CkptbenchError
 from .limits import MISS
 from .profiles import PROFILES, Caps
@@ -24,7 +24,13 @@ from .strategies import STRATEGIES
 from .study import EIGHT_WAY, GROUPS, ordered
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = ("README.md", "8WAY_COMPARISON_GUIDE.md", "docs/results/README.md", "docs/reference/ranks.md")
+DOCUMENTS = (
+    "README.md",
+    "8WAY_COMPARISON_GUIDE.md",
+    "docs/results/README.md",
+    "docs/reference/ranks.md",
+    "docs/reference/between-run-variance.md",
+)
 _BLOCK = re.compile(r"(<!-- ckptbench:(?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /ckptbench -->)", re.DOTALL)
 
 
@@ -135,6 +141,42 @@ def _cloud(path: str, rtt_ms: str = str(cloud.RTT_MS), concurrency: str = str(cl
     return markdown(table.rename_axis("strategy"))
 
 
+def _compare(path: str, run_a: str, run_b: str) -> str:
+    """Two runs of one results file side by side: the medians with intervals, then calibration and agreement."""
+    results = read_results(ROOT / path)
+    result = compare.compare(report.select_run(results, run_a), report.select_run(results, run_b))
+    lines = [f"{line}  " for line in result.summary().splitlines()]
+    targets = (
+        markdown(result.targets.drop(columns=["A covers B", "B covers A"]), index=False) if len(result.targets) else ""
+    )
+    return "\n".join([markdown(compare.medians_table(result), index=False), targets, *lines]) + "\n"
+
+
+def _rounds(path: str, loadavg: str = "") -> str:
+    """Per run and round: its rows' summed timed seconds and span, and with a load-average log (lines of
+    ``ISO-time load1 load5 load15 ...``, as ``/proc/loadavg`` sampled) the machine's mean 1-minute load then."""
+    results = read_results(ROOT / path)
+    results["time"] = pd.to_datetime(results["timestamp"], format="%Y-%m-%dT%H:%M:%S%z").dt.tz_convert(None)
+    results["timed s"] = results[["save_s", "load_cold_s", "load_warm_s"]].sum(axis=1)
+    table = results.groupby(["run_id", "repeat"], sort=False).agg(
+        first=("time", "min"), last=("time", "max"), timed=("timed s", "sum")
+    )
+    if loadavg:
+        log = pd.read_csv(ROOT / loadavg, sep=" ", header=None, usecols=[0, 1], names=["time", "load"])
+        log["time"] = pd.to_datetime(log["time"])
+        table["1-min load"] = [
+            log.loc[log["time"].between(a, b), "load"].mean()
+            for a, b in zip(table["first"], table["last"], strict=True)
+        ]
+    table["round"] = [int(r) + 1 for _, r in table.index]
+    shown = table.reset_index().drop(columns="repeat")
+    shown["first"] = shown["first"].dt.strftime("%H:%M:%S")
+    shown["last"] = shown["last"].dt.strftime("%H:%M:%S")
+    columns = ["run_id", "round", "first", "last", "timed", *(["1-min load"] if loadavg else [])]
+    shown = shown[columns].rename(columns={"run_id": "run", "timed": "timed s (sum)"})
+    return markdown(shown.apply(lambda c: c.map(report.sig) if pd.api.types.is_float_dtype(c) else c), index=False)
+
+
 def _profile(path: str) -> str:
     """A run under a disk profile: each strategy against its floors and caps (``yourdisk.table``)."""
     table = yourdisk.table(_results(path))
@@ -190,6 +232,8 @@ def _caps(path: str) -> str:
 
 
 KINDS: dict[str, Callable[..., str]] = {
+    "rounds": _rounds,
+    "compare": _compare,
     "untimed": _untimed,
     "csv": _csv,
     "choices": _choices,

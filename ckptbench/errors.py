@@ -7,6 +7,15 @@
 from __future__ import annotations
 
 
+def gigabytes(*sizes: int) -> list[str]:
+    """Byte counts in GB with the fewest decimals (at least two) that tell unequal ones apart."""
+    for digits in range(2, 10):
+        shown = [f"{size / 1e9:.{digits}f}" for size in sizes]
+        if len(set(shown)) == len(set(sizes)):
+            return shown
+    return shown
+
+
 class CkptbenchError(Exception):
     """Base class: the CLI turns these into a one-line message and a non-zero exit."""
 
@@ -47,9 +56,8 @@ class InsufficientDiskSpaceError(CkptbenchError):
     """Refused before writing: what comes next would not fit."""
 
     def __init__(self, path: str, needed: int, free: int, what: str = "the next checkpoint") -> None:
-        super().__init__(
-            f"not enough free disk under {path}: {what} needs about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free"
-        )
+        need, have = gigabytes(needed, free)
+        super().__init__(f"not enough free disk under {path}: {what} needs about {need} GB, {have} GB are free")
         self.needed, self.free = needed, free
 
 
@@ -57,9 +65,8 @@ class InsufficientMemoryError(CkptbenchError):
     """Refused before loading: the load would take more memory than is available, and the kernel would kill the run."""
 
     def __init__(self, what: str, needed: int, available: int) -> None:
-        super().__init__(
-            f"not enough memory: {what} needs about {needed / 1e9:.2f} GB, {available / 1e9:.2f} GB are available"
-        )
+        need, have = gigabytes(needed, available)
+        super().__init__(f"not enough memory: {what} needs about {need} GB, {have} GB are available")
         self.needed, self.available = needed, available
 
 

@@ -36,8 +36,19 @@ LOOPBACK = "127.0.0.1"
 GRACE_S = 2.0
 """After the first failure, how long the other ranks get to fail on their own (and say why) before SIGTERM."""
 _TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-_ECHOES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out waiting")
+_ECHOES = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Connection refused",  # OCDBT's coordinator lives in rank 0: its death fails the others' writes thus
+    "failed to connect to all addresses",
+    "Broken pipe",
+    "Timed out waiting",
+)
 """What a rank reports when a peer failed first: never the cause when another rank names one."""
+_TIMEOUTS = ("Timed out waiting", "timed out", "Timeout")
+"""What a rank reports when it waited for a peer past the rank timeout."""
+_ENDED = (-signal.SIGKILL, -signal.SIGTERM)
+"""How the launcher ends ranks once another failed: never the cause when another rank timed out waiting."""
 _LATE = re.compile(r"Rank (\d+) failed to pass monitoredBarrier in (\d+) ms")
 
 
@@ -197,22 +208,31 @@ def _late(rank: int, message: str) -> RankFailed | None:
     )
 
 
-def _first_failure(mailbox: Mailbox, context: mp.ProcessContext, err: Exception) -> RankFailed:
-    """The rank that failed for its own reasons: its own error; else a death without one; else a rank that
-    another's barrier waited for in vain (it hung); else the first error."""
+def _first_failure(mailbox: Mailbox, context: mp.ProcessContext, err: Exception, timeout_s: float) -> RankFailed:
+    """The rank that failed for its own reasons: its own error; else a rank that another's barrier waited for
+    in vain (it hung); else a rank that others timed out waiting for and that the launcher then killed (it
+    hung, or was stopped); else a death without an error; else the first error."""
     reported = {r: e for r in range(len(context.processes)) if (e := mailbox.get(f"error/{r}")) is not None}
     errors = sorted((when, rank, message) for rank, (when, message) in reported.items())
     own = [(rank, message) for _, rank, message in errors if not _is_echo(message) and _LATE.search(message) is None]
     if own:
         return RankFailed(*own[0])
+    late = [found for _, rank, message in errors if (found := _late(rank, message)) is not None]
+    if late:
+        return late[0]
+    silent = [r for r, p in enumerate(context.processes) if r not in reported and p.exitcode in _ENDED]
+    waited = [rank for _, rank, message in errors if any(word in message for word in _TIMEOUTS)]
+    if silent and waited:
+        return RankFailed(
+            silent[0],
+            f"did not answer within the rank timeout ({timeout_s:g} s): it hung or was stopped "
+            f"(rank {waited[0]} timed out waiting; the launcher then ended it)",
+        )
     for rank, process in enumerate(context.processes):
         code = process.exitcode
         if rank not in reported and code not in (0, None, -signal.SIGTERM):
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
             return RankFailed(rank, f"{how}, without a Python error")
-    late = [found for _, rank, message in errors if (found := _late(rank, message)) is not None]
-    if late:
-        return late[0]
     if errors:
         _, rank, message = errors[0]
         return RankFailed(rank, message)
@@ -228,7 +248,9 @@ def spawn(mailbox: Mailbox, fn: Callable[..., Any], size: int, *args: Any, timeo
     if "<locals>" in fn.__qualname__ or fn.__module__ == "__main__":
         raise TypeError(f"{fn.__qualname__}: spawned ranks import their function; define it in a module")
     threads = max(1, cores() // size)
-    with _environment(OMP_NUM_THREADS=str(threads)):
+    # torch's C++ warnings (gloo's "W..." lines as a peer goes away) would bury the one line that names the cause.
+    quiet = os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")
+    with _environment(OMP_NUM_THREADS=str(threads), TORCH_CPP_LOG_LEVEL=quiet):
         context = mp.start_processes(
             _entry,
             args=(fn, size, mailbox.port, timeout_s, args),
@@ -240,5 +262,5 @@ def spawn(mailbox: Mailbox, fn: Callable[..., Any], size: int, *args: Any, timeo
         while not context.join(timeout=0.5, grace_period=GRACE_S):
             pass
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
-        raise _first_failure(mailbox, context, err) from None
+        raise _first_failure(mailbox, context, err, timeout_s) from None
     return mailbox.get("result")

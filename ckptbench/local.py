@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from . import disk
 from . import limits as limits_lib
@@ -27,6 +28,7 @@ class Folder(Location):
     """A checkpoint's folder on a local filesystem."""
 
     path: Path
+    local: ClassVar[bool] = True
 
     def __truediv__(self, name: str) -> Folder:
         return Folder(self.path / name)
@@ -56,8 +58,10 @@ class Folder(Location):
         path = self.path / name
         return path.read_text() if path.is_file() else None
 
-    def exists(self) -> bool:
-        return self.path.is_dir()
+    def absent(self) -> str | None:
+        if self.path.is_dir():
+            return None
+        return "a file, not a checkpoint folder" if self.path.exists() else "no such checkpoint folder"
 
     def kvstore(self, path: str = "") -> dict:
         return {"driver": "file", "path": f"{self.path.resolve()}/{path}"}

@@ -45,6 +45,9 @@ def scheme(store: str) -> str:
 class Location(ABC):
     """Where one checkpoint's files live: a folder, a prefix in a bucket, ... (``/`` names a place inside)."""
 
+    local: ClassVar[bool] = False
+    """A folder on this machine (``folder`` is it): a format's own index can be read without fetching the data."""
+
     @abstractmethod
     def __truediv__(self, name: str) -> Location: ...
 
@@ -71,9 +74,10 @@ class Location(ABC):
     def get_text(self, name: str) -> str | None:
         """A small text file's text, or None when there is no such file."""
 
-    def exists(self) -> bool:
-        """Whether there is anything here at all (a prefix always is; its manifest says whether it is complete)."""
-        return True
+    def absent(self) -> str | None:
+        """Why nothing here can be a checkpoint (no such folder), or None (a prefix always may be: its manifest
+        says whether it is complete)."""
+        return None
 
     @abstractmethod
     def kvstore(self, path: str = "") -> dict:

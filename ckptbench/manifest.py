@@ -26,6 +26,17 @@ if TYPE_CHECKING:
 MANIFEST = "ckptbench.json"
 FORMAT = "ckptbench-checkpoint/1"
 DIGEST = "xxh3_64"
+SEAL = "manifest_digest"
+"""xxh3 of the manifest's other members: an edited or cut manifest no longer matches it. Manifests written
+before it existed have none and stay readable (``Manifest.sealed`` is then False)."""
+
+
+class ManifestError(CheckpointError):
+    """A manifest that is there but damaged: unparsable, or not matching its own digest."""
+
+
+def _seal(body: dict[str, Any]) -> str:
+    return xxhash.xxh3_64_hexdigest(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def digest(tensor: torch.Tensor) -> str:
@@ -80,6 +91,8 @@ class Manifest:
     tensors: Layout
     structure: dict[str, Any] | None = None
     """How the tensors nest into a training state (``pytree``); None for a flat mapping of weights."""
+    sealed: bool = True
+    """Whether the file carried its own digest (older checkpoints' manifests do not)."""
 
     def write(self, directory: Location) -> None:
         """Written last, as a file that exists only once complete (a disk renames it into place; a bucket PUTs it)."""
@@ -91,18 +104,25 @@ class Manifest:
             "tensors": [asdict(e) for e in self.tensors],
             **({} if self.structure is None else {"structure": self.structure}),
         }
+        body[SEAL] = _seal(body)
         directory.put_text(MANIFEST, json.dumps(body, indent=1))
 
     @classmethod
     def read(cls, directory: Location) -> Manifest:
         path = directory.where(MANIFEST)
         try:
-            if not directory.exists():
-                raise CheckpointError(f"{directory}: no such checkpoint directory")
+            if (absent := directory.absent()) is not None:
+                raise CheckpointError(f"{directory}: {absent}")
             text = directory.get_text(MANIFEST)
             if text is None:
                 raise CheckpointError(f"{directory}: no {MANIFEST}; not a complete ckptbench checkpoint")
             body = json.loads(text)
+            sealed = SEAL in body
+            if sealed and (found := _seal({k: v for k, v in body.items() if k != SEAL})) != body[SEAL]:
+                raise ManifestError(
+                    f"{path}: the manifest's digest {found} differs from the {body[SEAL]} it was written with: "
+                    "it was edited or cut"
+                )
             if body["format"] != FORMAT or body["digest"] != DIGEST:
                 raise CheckpointError(f"{path}: format {body['format']!r}, digest {body['digest']!r} not understood")
             entries = tuple(
@@ -110,9 +130,9 @@ class Manifest:
             )
             for entry in entries:
                 entry.torch_dtype  # noqa: B018 - refuses an unknown dtype here, not halfway through a load
-            return cls(body["strategy"], dict(body["config"]), entries, body.get("structure"))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: malformed manifest: {err!r}") from err
+            return cls(body["strategy"], dict(body["config"]), entries, body.get("structure"), sealed)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as err:
+            raise ManifestError(f"{path}: malformed manifest: {err!r}") from err
 
 
 def check_loaded(loaded: Mapping[str, torch.Tensor], entries: Layout, source: str) -> None:

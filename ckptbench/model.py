@@ -201,7 +201,8 @@ def load_local(path: str | Path) -> ModelCheckpoint:
     """Real weights from a local Hugging Face directory (config + safetensors), never the network."""
     directory = Path(path)
     if not directory.is_dir():
-        raise ModelSourceError(f"model directory {directory} does not exist")
+        what = "is a file, not a folder" if directory.exists() else "does not exist"
+        raise ModelSourceError(f"model directory {directory} {what}")
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise ModelSourceError(f"{directory} has no config.json")

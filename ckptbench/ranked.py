@@ -28,8 +28,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 
 import pandas as pd
+import psutil
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
@@ -38,15 +40,16 @@ from . import launch, manifest, throttle
 from . import model as model_lib
 from .benchmark import Benchmark, PhaseResult, RunConfig, _Drift, _warmup_subset
 from .disk import DiskUsage
-from .errors import CheckpointError, UnknownChoiceError, UsageError, VerificationError
+from .errors import CheckpointError, UnknownChoiceError, UsageError, VerificationError, gigabytes
 from .limits import Limits
 from .location import Location, Staging
 from .manifest import Layout, Manifest
-from .measure import Measurement, measure
+from .measure import Measurement, measure, return_freed_memory
 from .results import ResultsStore, Row, frame
 from .shards import Ranks, row_range
 from .storage import open_storage
-from .strategies import STRATEGIES, Strategy, Tensors
+from .strategies import STRATEGIES, Strategy, Tensors, total_bytes
+from .strategies import nbytes as tensor_bytes
 from .strategies.sharded import Sharded
 from .strategies.sharded import forms as forms_of
 from .study import GROUPS
@@ -56,6 +59,9 @@ RESULTS_FILE = "ranks.csv"
 """Where the notebook's scaling section keeps its rows, apart from the comparison's."""
 PENDING = "pending-row"
 """The mailbox key of the row rank 0 is measuring: recorded as failed if the run ends before it does."""
+RANK_BYTES = 400 * 10**6
+"""What a rank holds before any tensor: an interpreter with torch and TensorStore imported (0.47 GB RSS
+measured, some of it shared libraries)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,8 @@ def run(
         raise UsageError("a run with ranks needs ranks (--ranks N)")
     chosen = forms(strategies)
     size = max(config.ranks, config.load_ranks or config.ranks)
+    if not launch.under_torchrun():
+        _check_memory(config, chosen, size)
     if launch.under_torchrun():
         if not config.profile.caps.empty:
             raise UsageError("--disk-profile needs ranks spawned by this run (--ranks N), not started by torchrun")
@@ -146,6 +154,29 @@ def run(
         _record_failure(config, mailbox, str(err))
         open_storage(config.store, config.out).clean_stale()
         raise
+
+
+def _check_memory(config: RunConfig, chosen: list[Sharded], size: int) -> None:
+    """Refuse ranks whose memory together exceeds what is available, before any is spawned (exit 2, naming how
+    many fit): each rank's interpreter, the model's rows once to save and once to check a reshard against,
+    the loaded rows (times the hungriest strategy's copies) and a whole tensor in passing on every rank."""
+    if config.model_path is None:
+        tensors = model_lib.build_each(config.preset, config.seed)[0].tensors
+        nbytes, largest = total_bytes(tensors), max(map(tensor_bytes, tensors.values()))
+    else:
+        nbytes = largest = sum(p.stat().st_size for p in Path(config.model_path).glob("*.safetensors"))
+    copies = max(form.load_copies() for form in chosen)
+    held = nbytes * (1 + (config.load_ranks not in (None, config.ranks)) + copies)
+    needed = size * (RANK_BYTES + largest) + held
+    return_freed_memory()
+    available = psutil.virtual_memory().available
+    if needed > available:
+        fit = max(0, (available - held) // (RANK_BYTES + largest))
+        need, have = gigabytes(needed, available)
+        raise UsageError(
+            f"{size} ranks need about {need} GB of memory, {have} GB are available: at most {fit} fit "
+            f"(each about {RANK_BYTES / 1e9:g} GB plus its rows)"
+        )
 
 
 def scale(

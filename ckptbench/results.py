@@ -171,6 +171,8 @@ def _cell(column: str, text: str) -> Any:
     if column in _TEXT:
         return text
     value = float(text)  # raises ValueError for a non-numeric cell
+    if not math.isfinite(value):
+        raise ValueError(f"{column}={text!r} is not a finite number")
     return value
 
 
@@ -182,6 +184,8 @@ def read_results(path: str | Path) -> pd.DataFrame:
     Schema-1 rows get their ``config`` from the registry when their strategy is known.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ResultsFileError(f"results file {path} is a folder, not a file (give the CSV inside it)")
     if not path.is_file():
         raise ResultsFileError(f"results file {path} does not exist (write one with `python -m ckptbench run`)")
     lines = path.read_bytes().splitlines()

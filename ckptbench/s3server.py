@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import IO
 
-from .errors import CkptbenchError
+from . import disk
+from .errors import CkptbenchError, UsageError
 
 DEFAULT_BUCKET = "ckpt"
 DEFAULT_PORT = 8333
@@ -31,10 +32,27 @@ DEFAULT_SECRET_KEY = "ckptbench-secret"
 REGION = "us-east-1"
 _COMPONENTS = ("master", "volume", "filer", "s3", "admin")
 _BANNER = re.compile(r"S3 Endpoint:\s+http://[^:\s]+:(\d+)")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IP = re.compile(r"\d+\.\d+\.\d+\.\d+")
 
 
 class S3ServerError(CkptbenchError):
-    """The local S3 server could not be started."""
+    """The local S3 server could not be started, or stopped on its own."""
+
+
+def check_bucket(name: str) -> None:
+    """S3's bucket naming rules (3-63 of a-z 0-9 . -, a letter or digit at each end, not an IP address, no
+    ``..``), checked before a server starts rather than answered with InvalidBucketName after it has."""
+    if not _BUCKET.fullmatch(name) or ".." in name or _IP.fullmatch(name):
+        raise UsageError(
+            f"bucket {name!r}: S3 bucket names are 3 to 63 lowercase letters, digits, dots and hyphens, "
+            "starting and ending with a letter or digit (not an IP address, no '..')"
+        )
+
+
+def check_port(port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise UsageError(f"port {port}: a TCP port is 1 to 65535")
 
 
 def find_weed() -> str:
@@ -82,8 +100,11 @@ class S3Server:
         startup_timeout: float = 60.0,
         stop_timeout: float = 15.0,
     ) -> None:
-        if not 3 <= len(bucket) <= 63:
-            raise S3ServerError(f"bucket {bucket!r}: S3 bucket names are 3 to 63 characters")
+        check_bucket(bucket)
+        if port is not None:
+            check_port(port)
+        if data_dir is not None:
+            disk.refuse_file_in_the_way(Path(data_dir), "data folder")
         self.bucket, self.host, self.requested_port = bucket, host, port
         self.access_key, self.secret_key = credentials()
         self.startup_timeout, self.stop_timeout = startup_timeout, stop_timeout
@@ -188,6 +209,13 @@ class S3Server:
         self.startup_s = time.perf_counter() - began
         return self
 
+    def check_alive(self) -> None:
+        """Raise when the server process ended on its own (killed, crashed), naming how and its log's last lines."""
+        code = None if self._process is None else self._process.poll()
+        if code is not None:
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            raise S3ServerError(f"the S3 server (weed mini, pid {self._process.pid}) {how}: {self._log_tail(3)}")
+
     def _wait_until_answering(self, began: float) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -269,6 +297,7 @@ def serve(bucket: str, data_dir: Path | None, port: int, announce=print) -> None
                 "Ctrl-C stops it."
             )
             while not stop["now"]:
+                server.check_alive()
                 time.sleep(0.2)
             announce("stopping")
     finally:

@@ -28,6 +28,9 @@ _BOOLS = {"on": True, "true": True, "off": False, "false": False}
 KNOBS: tuple[str, ...] = tuple(f.name for f in fields(TensorStoreOptions))
 _HINTS = get_type_hints(TensorStoreOptions)
 RESULTS_FILE, SUMMARY_FILE, FIGURE_STEM = "sweep.csv", "sweep_summary.csv", "sweep_effects"
+MINIMUM = {"chunk_bytes": 4 << 10, "concurrency": 1}
+"""The least a knob may be: a chunk of a filesystem block (4 KiB; below it every element could be a file of
+its own, hundreds of thousands of them), at least one I/O at a time."""
 
 
 def _optional(knob: str) -> bool:
@@ -58,7 +61,10 @@ def _parse_value(knob: str, text: str) -> Any:
     match = re.fullmatch(r"(\d+)([KMG]?)(?:i?B)?", text, flags=re.IGNORECASE)
     if not match:
         raise UsageError(f"--knob {knob}: {text!r} is not a count or a size like 64K, 1M, 2G")
-    return int(match[1]) * _SIZES[match[2].upper()]
+    value = int(match[1]) * _SIZES[match[2].upper()]
+    if value < MINIMUM.get(knob, 0):
+        raise UsageError(f"--knob {knob}: {text!r} is below its minimum, {format_value(knob, MINIMUM[knob])}")
+    return value
 
 
 def parse_knob(spec: str) -> tuple[str, list[Any]]:
@@ -71,6 +77,15 @@ def parse_knob(spec: str) -> tuple[str, list[Any]]:
     if not parsed:
         raise UsageError(f"--knob {spec!r}: no values")
     return knob, list(dict.fromkeys(parsed))
+
+
+def parse_knobs(specs: list[str]) -> dict[str, list[Any]]:
+    """Every ``--knob`` flag; a knob given twice takes the values of both (the flag repeats, it does not replace)."""
+    knobs: dict[str, list[Any]] = {}
+    for spec in specs:
+        knob, values = parse_knob(spec)
+        knobs[knob] = list(dict.fromkeys([*knobs.get(knob, []), *values]))
+    return knobs
 
 
 def format_value(knob: str, value: Any) -> str:

@@ -1,4 +1,9 @@
-"""Shared fixtures: the tiny model, every eight-way strategy saved once, and quick Benchmark sessions."""
+"""Shared fixtures and helpers: the tiny model, each strategy's checkpoint saved once, fake disk limits,
+quick Benchmark sessions, ``python -m ckptbench`` as a process, the notebook, and the fast/slow split.
+
+``python -m pytest -q`` runs the fast tests; ``--slow`` adds the tests marked slow (``SLOW``): the whole
+suite, as CI runs it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import nbformat
 import pandas as pd
 import psutil
 import pytest
@@ -20,13 +26,45 @@ except ModuleNotFoundError:  # plain `pytest` from elsewhere: the package sits n
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import ckptbench
 
-from ckptbench import checkpoint, disk, manifest, read_results
-from ckptbench.limits import Limits
+from ckptbench import checkpoint, disk, get_strategy, manifest, read_results
+from ckptbench.limits import CACHE_DIR, Limits
 from ckptbench.local import Folder
 from ckptbench.location import staged
 from ckptbench.model import ModelCheckpoint
 from ckptbench.s3server import S3Server
 from ckptbench.strategies import Strategy
+
+# --- the fast set by default, the slow set with --slow --------------------------------------------------------
+
+SLOW = "the notebook, CLI processes, rank groups, the S3 server, the fault suite, models of 100s of MB"
+_LEFT_OUT = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--slow",
+        action="store_true",
+        help=f"run the tests marked slow too ({SLOW}): the whole suite, as CI runs it",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without --slow (and without an -m expression of the user's own), deselect the slow tests, counted."""
+    if config.getoption("--slow") or config.getoption("markexpr"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        config.hook.pytest_deselected(items=slow)
+        config.stash[_LEFT_OUT] = len(slow)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Say why tests were deselected, so a fast run is never mistaken for the whole suite."""
+    if left_out := config.stash.get(_LEFT_OUT, 0):
+        terminalreporter.write_line(
+            f"{left_out} slow tests deselected ({SLOW}); `python -m pytest -q --slow` runs the whole suite"
+        )
 
 
 @dataclass(frozen=True)
@@ -58,8 +96,16 @@ def load_checkpoint(strategy: Strategy, path: Path, progress=lambda n: None):
 
 
 def leftovers(directory: Path) -> list[str]:
-    """Every name in ``directory`` (none when it does not exist), sorted."""
-    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+    """Every name in ``directory`` but a run's records (``runs/`` and the disk limits' cache), sorted; none
+    when it does not exist. What a run leaves: its results and figures, kept checkpoints, anything partial."""
+    if not directory.exists():
+        return []
+    return sorted(p.name for p in directory.iterdir() if p.name not in ("runs", CACHE_DIR))
+
+
+def written(printed: str) -> list[str]:
+    """The names of the files a command said it wrote (``wrote PATH``)."""
+    return [Path(line.removeprefix("wrote ")).name for line in printed.splitlines() if line.startswith("wrote ")]
 
 
 def dead_pid() -> int:
@@ -70,29 +116,39 @@ def dead_pid() -> int:
     return child.pid
 
 
+class SavedCheckpoints:
+    """Each registered strategy's checkpoint of the tiny model, saved (made durable, measured with
+    ``disk.evict``) the first time a test asks for it, then shared by every test of the session."""
+
+    def __init__(self, tiny: ModelCheckpoint, root: Path) -> None:
+        self._tiny = tiny
+        self._root = root
+        self._saved: dict[str, Saved] = {}
+
+    def __getitem__(self, name: str) -> Saved:
+        if name not in self._saved:
+            progress: list[int] = []
+            path = self._root / name
+            usage = save_checkpoint(get_strategy(name), self._tiny.tensors, path, progress.append)
+            self._saved[name] = Saved(name, path, usage, sum(progress))
+        return self._saved[name]
+
+
 @pytest.fixture(scope="session")
-def saved(tiny: ModelCheckpoint, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Saved]:
-    """Each of the eight strategies' checkpoints of ``tiny``, made durable and measured with ``disk.evict``."""
-    root = tmp_path_factory.mktemp("eight-way")
-    result = {}
-    for name in ckptbench.EIGHT_WAY:
-        progress: list[int] = []
-        usage = save_checkpoint(ckptbench.get_strategy(name), tiny.tensors, root / name, progress.append)
-        result[name] = Saved(name, root / name, usage, sum(progress))
-    return result
+def saved(tiny: ModelCheckpoint, tmp_path_factory: pytest.TempPathFactory) -> SavedCheckpoints:
+    """``saved[name]``: strategy ``name``'s checkpoint of ``tiny``, saved once per session."""
+    return SavedCheckpoints(tiny, tmp_path_factory.mktemp("saved"))
+
+
+FAKE_LIMITS = Limits(write_gbps=1.0, read_gbps=2.0, probe_bytes=0, files_per_s=1000.0, fresh_copy_gbps=1.0)
+"""Disk limits given up front, so a Benchmark skips the (slower) probe; no test reads a figure from them."""
 
 
 @pytest.fixture
-def fake_limits() -> Limits:
-    """Disk limits given up front, so a Benchmark skips the (slower) probe."""
-    return Limits(write_gbps=1.0, read_gbps=2.0, probe_bytes=0, files_per_s=1000.0, fresh_copy_gbps=1.0)
-
-
-@pytest.fixture
-def make_bench(tiny: ModelCheckpoint, tmp_path: Path, fake_limits: Limits) -> Callable[..., ckptbench.Benchmark]:
+def make_bench(tiny: ModelCheckpoint, tmp_path: Path) -> Callable[..., ckptbench.Benchmark]:
     """A quiet, fast Benchmark on the shared tiny model in ``tmp_path/out``; keywords are RunConfig settings."""
 
-    def make(*, log=lambda message: None, limits=fake_limits, **settings) -> ckptbench.Benchmark:
+    def make(*, log=lambda message: None, limits=FAKE_LIMITS, **settings) -> ckptbench.Benchmark:
         config = ckptbench.RunConfig(
             **{
                 "preset": "tiny",
@@ -125,7 +181,8 @@ QUICK = ("--preset", "tiny", "--no-warmup", "--no-drift")
 
 
 def environment() -> dict[str, str]:
-    """This checkout's package first, whatever is installed."""
+    """This process's environment with this checkout's package first on PYTHONPATH, whatever is installed:
+    for every process a test starts (runs, ranks under torchrun, the notebook's kernel)."""
     path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path}
 
@@ -159,3 +216,22 @@ def rows(csv: Path) -> pd.DataFrame:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         return read_results(csv)
+
+
+# --- the notebook, as papermill and nbclient run it ---------------------------------------------------------------
+
+NOTEBOOK = PACKAGE_ROOT / "main.ipynb"
+NOTEBOOK_TIMEOUT = 600
+"""Seconds a cell may take on the tiny preset."""
+
+
+def tagged(nb: nbformat.NotebookNode, tag: str) -> list[nbformat.NotebookNode]:
+    return [cell for cell in nb.cells if tag in cell.metadata.get("tags", [])]
+
+
+@pytest.fixture(scope="module")
+def kernel_env() -> Iterator[None]:
+    """A kernel started in the test imports this checkout's ckptbench, even where it is not installed."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", environment()["PYTHONPATH"])
+        yield

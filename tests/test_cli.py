@@ -11,19 +11,15 @@ from ckptbench.results import COLUMNS
 from ckptbench.strategies.orbax import SUBFOLDER, describe
 from ckptbench.study import ASYNC, GROUPS
 
-from conftest import save_checkpoint
+from conftest import FAKE_LIMITS, leftovers, save_checkpoint, written
 
 VALID_STRATEGIES = "valid choices: " + ", ".join([*GROUPS, *STRATEGIES])
 RUN = ["run", "--preset", "tiny", "--strategies", "pytorch,ts+chunks", "--no-drift"]
 
 
 @pytest.fixture
-def quick_probe(monkeypatch, fake_limits):
-    monkeypatch.setattr(limits, "measured", lambda directory, settings, **kwargs: fake_limits)
-
-
-def _leftovers(out) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if p.name in STRATEGIES or ".partial-" in p.name or ".work-" in p.name)
+def quick_probe(monkeypatch):
+    monkeypatch.setattr(limits, "measured", lambda directory, settings, **kwargs: FAKE_LIMITS)
 
 
 @pytest.mark.slow
@@ -43,13 +39,13 @@ def test_run_twice_prints_a_summary_and_appends(tmp_path, capsys):
     assert first["verified"].all()
 
     assert main([*RUN, "--out", str(out), "--no-warmup"]) == 0
-    capsys.readouterr()
+    assert written(capsys.readouterr().out) == written(printed)
     second = pd.read_csv(out / "results.csv")
     assert len(second) == 2 * len(first)
     assert second.head(len(first)).equals(first)
     assert second["run_id"].nunique() == 2
     assert len(list((out / "runs").glob("*.json"))) == 2
-    assert _leftovers(out) == []
+    assert leftovers(out) == sorted(["results.csv", *written(printed)])  # no checkpoint, nothing partial
 
 
 def test_run_with_repeats_and_kept_checkpoints(tmp_path, capsys, quick_probe):
@@ -64,7 +60,7 @@ def test_run_with_repeats_and_kept_checkpoints(tmp_path, capsys, quick_probe):
 
 
 def test_list_prints_every_strategy_and_its_markdown_table(capsys):
-    assert main(["list"]) == 0
+    assert main(["list", "--wide"]) == 0
     printed = capsys.readouterr().out
     rows = {line.split()[0] for line in printed.splitlines()[2:]}
     assert set(STRATEGIES) <= rows
@@ -80,7 +76,7 @@ def test_list_shows_orbax_and_the_async_saves_with_what_orbax_wrote(tiny, tmp_pa
     path = tmp_path / "ckpt"
     save_checkpoint(STRATEGIES["orbax+uncompressed"], tiny.tensors, path)
     stored = describe(path / SUBFOLDER, next(iter(tiny.tensors)))
-    assert main(["list"]) == 0
+    assert main(["list", "--wide"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
     assert {"orbax", "orbax+uncompressed", *ASYNC} <= set(lines)
     assert all(value in lines["orbax+uncompressed"] for value in stored.values())
@@ -167,7 +163,7 @@ def test_ctrl_c_during_a_save_exits_130_keeps_earlier_rows_and_no_partial(tmp_pa
     assert len(saves) == 1
     assert ".partial-" in saves[0].name
     assert not saves[0].exists()
-    assert _leftovers(out) == []
+    assert leftovers(out) == ["results.csv"]
     assert pd.read_csv(out / "results.csv")["strategy"].tolist() == ["ts+chunks"]
 
 

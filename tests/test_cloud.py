@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import nbformat
 import pandas as pd
 import pytest
 import torch
+from nbclient import NotebookClient
 
 from ckptbench import (
     Benchmark,
@@ -28,17 +28,16 @@ from ckptbench import (
 )
 from ckptbench.cli import main
 from ckptbench.delayproxy import DelayProxy
-from ckptbench.limits import Limits
 from ckptbench.manifest import MANIFEST
 from ckptbench.objectstore import Prefix, S3Storage
 from ckptbench.results import COLUMNS, ResultsStore, Row
 from ckptbench.s3server import S3Server, S3ServerError
-from ckptbench.strategies import STRATEGIES
+
+from conftest import FAKE_LIMITS, NOTEBOOK, NOTEBOOK_TIMEOUT, dead_pid, tagged
 
 ON_S3 = ["tensorstore", "ts+chunks", "ts+ocdbt", "ts+best", "ts+zarr3", "pytorch", "safetensors"]
 ZARR_PER_OBJECT = ["tensorstore", "ts+chunks", "ts+best"]
 """Strategies whose every object is written once by one PUT: their PUTs and bytes equal the listing exactly."""
-LIMITS = Limits(write_gbps=0.1, read_gbps=0.2, probe_bytes=0)
 
 
 def _listing(s3: S3Server, prefix: str) -> tuple[int, int]:
@@ -60,7 +59,7 @@ def measured(s3, tiny, tmp_path_factory) -> tuple[Benchmark, pd.DataFrame]:
         store="s3://ckpt/kept",
         s3_endpoint=s3.endpoint,
     )
-    bench = Benchmark(config, checkpoint=tiny, limits=LIMITS, log=lambda message: None)
+    bench = Benchmark(config, checkpoint=tiny, limits=FAKE_LIMITS, log=lambda message: None)
     bench.run(ON_S3)
     return bench, bench.results.set_index("strategy")
 
@@ -159,9 +158,8 @@ def test_the_run_command_measures_on_s3_with_request_counts_and_skips_what_canno
 
 
 def test_list_says_which_strategies_cannot_write_to_s3(capsys):
-    assert main(["list"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    lines = {name: " ".join(line for line in out if line.split()[:1] == [name]) for name in STRATEGIES}
+    assert main(["list", "--wide"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert "fsspec writer needs s3fs" in lines["dcp"]
     assert "mmap needs a local file" in lines["pytorch+mmap"]
     assert "file_io_sync is a file knob" in lines["ts+nosync"]
@@ -208,7 +206,7 @@ def test_a_server_that_dies_mid_save_fails_the_repeat_quickly_and_leaves_no_comp
             preset="tiny", out=tmp_path / "out", progress=False, warmup=False, drift=False,
             store="s3://ckpt/dying", s3_endpoint=server.endpoint,
         )  # fmt: skip
-        bench = Benchmark(config, checkpoint=tiny, limits=LIMITS, log=lambda message: None)
+        bench = Benchmark(config, checkpoint=tiny, limits=FAKE_LIMITS, log=lambda message: None)
         started = time.perf_counter()
         (phase,) = bench.run([StopsTheServer("dies", get_strategy("ts+chunks").options)])
         assert time.perf_counter() - started < 60
@@ -302,7 +300,7 @@ def test_the_delay_proxy_adds_its_round_trip_and_a_run_through_it_records_it(s3,
         preset="tiny", out=tmp_path, progress=False, warmup=False, drift=False,
         store="s3://ckpt/delayed", s3_endpoint=s3.endpoint, s3_rtt_ms=30,
     )  # fmt: skip
-    bench = Benchmark(config, checkpoint=tiny, limits=LIMITS, log=lambda message: None)
+    bench = Benchmark(config, checkpoint=tiny, limits=FAKE_LIMITS, log=lambda message: None)
     (phase,) = bench.run(["pytorch"])
     assert phase.ok
     (row,) = phase.rows
@@ -357,26 +355,21 @@ def test_a_requested_port_that_is_taken_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_notebooks_cloud_section_shows_objects_requests_and_the_verdict(s3, tmp_path):
-    from nbclient import NotebookClient
-    from test_notebook import NOTEBOOK, PACKAGE_ROOT, TIMEOUT, _tagged
-
+def test_the_notebooks_cloud_section_shows_objects_requests_and_the_verdict(s3, kernel_env, tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    (parameters,) = _tagged(nb, "parameters")
+    (parameters,) = tagged(nb, "parameters")
     parameters.source += (
         f'\nPRESET = "tiny"\nSTRATEGIES = "pytorch,ts+best"\nOUT = {str(tmp_path / "out")!r}\nPROGRESS = False'
         f'\nSTORE = "s3://ckpt/notebook"\nS3_ENDPOINT = {s3.endpoint!r}\nCLOUD_RTT_MS = 40\nCLOUD_CONCURRENCY = 8'
     )
-    cells = [parameters, *(_tagged(nb, tag)[0] for tag in ("approaches", "setup", "measure", "cloud"))]
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
-        client = NotebookClient(
-            nb, kernel_name="python3", timeout=TIMEOUT, resources={"metadata": {"path": str(tmp_path)}}
-        )
-        with client.setup_kernel():
-            for index, cell in enumerate(cells):
-                cell.outputs = []
-                client.execute_cell(cell, index)
+    cells = [parameters, *(tagged(nb, tag)[0] for tag in ("approaches", "setup", "measure", "cloud"))]
+    client = NotebookClient(
+        nb, kernel_name="python3", timeout=NOTEBOOK_TIMEOUT, resources={"metadata": {"path": str(tmp_path)}}
+    )
+    with client.setup_kernel():
+        for index, cell in enumerate(cells):
+            cell.outputs = []
+            client.execute_cell(cell, index)
     html = "".join(o.get("data", {}).get("text/html", "") for o in cells[-1].outputs)
     table = pd.read_html(io.StringIO(html), index_col=0)[0]
     assert list(table.index) == ["pytorch", "ts+best"]
@@ -389,9 +382,9 @@ def test_the_notebooks_cloud_section_shows_objects_requests_and_the_verdict(s3, 
 def test_a_dead_runs_working_prefix_is_removed_and_a_live_or_foreign_one_kept(s3, tiny, tmp_path):
     host = socket.gethostname()
     runs = {
-        "dead": f"{host}-{_finished_pid()}-abc123",
+        "dead": f"{host}-{dead_pid()}-abc123",
         "live": f"{host}-{os.getpid()}-abc123",
-        "foreign": f"another-host-{_finished_pid()}-abc123",
+        "foreign": f"another-host-{dead_pid()}-abc123",
     }
     client = s3.client()
     for run in runs.values():
@@ -399,17 +392,11 @@ def test_a_dead_runs_working_prefix_is_removed_and_a_live_or_foreign_one_kept(s3
             client.put_object(Bucket="ckpt", Key=key, Body=b"x")
     messages: list[str] = []
     config = RunConfig(preset="tiny", out=tmp_path, store="s3://ckpt/stale", s3_endpoint=s3.endpoint)
-    Benchmark(config, checkpoint=tiny, limits=LIMITS, log=messages.append).prepare()
+    Benchmark(config, checkpoint=tiny, limits=FAKE_LIMITS, log=messages.append).prepare()
     assert _listing(s3, f"stale/.work/{runs['dead']}/")[0] == 0
     assert _listing(s3, f"stale/.work/{runs['live']}/")[0] == 2
     assert _listing(s3, f"stale/.work/{runs['foreign']}/")[0] == 2
     assert any(runs["dead"] in message for message in messages)
-
-
-def _finished_pid() -> int:
-    process = subprocess.Popen(["true"])
-    process.wait()
-    return process.pid
 
 
 def test_the_docs_render_a_cloud_table_from_a_results_file(tmp_path):

@@ -58,3 +58,11 @@ def test_one_file_and_two_run_ids(tmp_path, capsys):
         main(["compare", str(tmp_path / "bench.csv"), "again"])
     assert exit_.value.code == 2
     assert "again is not a file" in capsys.readouterr().err
+
+
+def test_the_notebook_compares_a_session_with_the_stored_run_of_its_preset():
+    stored = report.select_run(read_results(RUN.parents[1] / "2026-11-30-openllama-3b-2l/results.csv"))
+    against = compare.with_stored(stored, "openllama-3b-2l")
+    assert against.agree
+    assert against.calibration()[0] == against.calibration()[1] > 0
+    assert compare.with_stored(stored, "tiny") is None

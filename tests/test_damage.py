@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptbench import CheckpointError, TensorStore, TensorStoreOptions, get_strategy
+from ckptbench import STRATEGIES, CheckpointError, TensorStore, TensorStoreOptions, get_strategy
 from ckptbench.manifest import MANIFEST
 from ckptbench.strategies import Strategy
 
@@ -93,8 +93,10 @@ def damaged(tiny, saved, tmp_path_factory) -> list[Damaged]:
     root = tmp_path_factory.mktemp("damage")
     cases = []
     for fmt, strategy in FORMATS.items():
-        original = saved[strategy.name].path if strategy.name in saved else root / "intact" / fmt.replace(" ", "-")
-        if not original.exists():
+        if strategy.name in STRATEGIES:
+            original = saved[strategy.name].path
+        else:
+            original = root / "intact" / fmt.replace(" ", "-")
             save_checkpoint(strategy, tiny.tensors, original)
         for damage in DAMAGES:
             path = shutil.copytree(original, root / damage / fmt.replace(" ", "-"))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -17,15 +15,12 @@ import psutil
 import pytest
 import torch
 
-import ckptbench
 from ckptbench import EIGHT_WAY, CheckpointError, InsufficientDiskSpaceError, disk, get_strategy
 from ckptbench.local import Folder
 from ckptbench.location import staged
 from ckptbench.manifest import MANIFEST, Manifest
 
-from conftest import dead_pid, leftovers, load_checkpoint
-
-PACKAGE_ROOT = Path(ckptbench.__file__).resolve().parents[1]
+from conftest import QUICK, dead_pid, leftovers, load_checkpoint, start
 
 
 def _ignore(nbytes: int) -> None:
@@ -219,14 +214,11 @@ def test_benchmark_prepare_cleans_stale_partials(make_bench, tmp_path):
     assert any(str(dead) in message for message in messages)
 
 
+@pytest.mark.slow  # a run as a process
 def test_killed_save_leaves_only_a_stale_partial_that_the_next_run_removes(make_bench, tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "ckptbench", "run", "--preset", "tiny", "--strategies", "tensorstore"]
-    command += ["--out", str(out), "--no-warmup", "--no-drift"]
     log = tmp_path / "child.log"
-    with log.open("wb") as output:
-        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    child = start("run", *QUICK, "--strategies", "tensorstore", "--out", out, cwd=tmp_path, log=log)
     partial = None
     try:
         deadline = time.monotonic() + 120

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,34 +18,24 @@ IN_PLACE = ["ts+chunks", "ts+best", "safetensors", "dcp", "orbax", "orbax+uncomp
 ``pytorch`` loads fresh and copies (the default)."""
 
 
-@pytest.fixture(scope="module")
-def saved_once(tiny, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("load-into")
-    names = [*IN_PLACE, "pytorch", "pytorch+mmap"]
-    paths = {name: root / name for name in names}
-    for name, path in paths.items():
-        save_checkpoint(STRATEGIES[name], tiny.tensors, path)
-    return paths
-
-
 def _poisoned(tensors) -> OrderedDict[str, torch.Tensor]:
     return OrderedDict((k, torch.full_like(t, float("nan"))) for k, t in tensors.items())
 
 
 @pytest.mark.parametrize("name", [*IN_PLACE, "pytorch", "pytorch+mmap"])
-def test_a_load_into_existing_tensors_fills_them_exactly_in_place(name, tiny, saved_once):
+def test_a_load_into_existing_tensors_fills_them_exactly_in_place(name, tiny, saved):
     into = _poisoned(tiny.tensors)
     pointers = {k: t.data_ptr() for k, t in into.items()}
     read: list[int] = []
-    disk.evict(saved_once[name])
-    loaded = checkpoint.load(STRATEGIES[name], saved_once[name], read.append, into=into)
+    disk.evict(saved[name].path)
+    loaded = checkpoint.load(STRATEGIES[name], saved[name].path, read.append, into=into)
     assert all(loaded[k] is into[k] and into[k].data_ptr() == pointers[k] for k in into)
     verify(into, tiny.tensors, name)
     assert sum(read) == tiny.nbytes
 
 
 @pytest.mark.parametrize("name", IN_PLACE)
-def test_in_place_loads_allocate_no_copy_of_the_model(name, tiny, saved_once, monkeypatch):
+def test_in_place_loads_allocate_no_copy_of_the_model(name, tiny, saved, monkeypatch):
     """A strategy that read fresh and copied would call its own ``load``; these never do."""
 
     def refuse(*args, **kwargs):
@@ -54,24 +43,24 @@ def test_in_place_loads_allocate_no_copy_of_the_model(name, tiny, saved_once, mo
 
     monkeypatch.setattr(type(STRATEGIES[name]), "load", refuse)
     into = _poisoned(tiny.tensors)
-    checkpoint.load(STRATEGIES[name], saved_once[name], lambda n: None, into=into)
+    checkpoint.load(STRATEGIES[name], saved[name].path, lambda n: None, into=into)
     verify(into, tiny.tensors, name)
 
 
 @pytest.mark.parametrize("name", IN_PLACE)
-def test_non_contiguous_destinations_are_filled_too(name, tiny, saved_once):
+def test_non_contiguous_destinations_are_filled_too(name, tiny, saved):
     into = OrderedDict((k, torch.full(t.shape[::-1], float("nan"), dtype=t.dtype).t()) for k, t in tiny.tensors.items())
     assert not into["lm_head.weight"].is_contiguous()
-    checkpoint.load(STRATEGIES[name], saved_once[name], lambda n: None, into=into)
+    checkpoint.load(STRATEGIES[name], saved[name].path, lambda n: None, into=into)
     verify(into, tiny.tensors, name)
 
 
-def test_tensors_that_do_not_match_the_checkpoint_are_refused(tiny, saved_once):
+def test_tensors_that_do_not_match_the_checkpoint_are_refused(tiny, saved):
     into = _poisoned(tiny.tensors)
     name = next(iter(into))
     into[name] = into[name].to(torch.float32)
     with pytest.raises(CheckpointError, match=name):
-        checkpoint.load(STRATEGIES["safetensors"], saved_once["safetensors"], lambda n: None, into=into)
+        checkpoint.load(STRATEGIES["safetensors"], saved["safetensors"].path, lambda n: None, into=into)
 
 
 def test_a_truncated_safetensors_file_is_named(tiny, tmp_path):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import html
 import io
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
@@ -15,24 +13,13 @@ import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
-import ckptbench
 from ckptbench import EIGHT_WAY, STRATEGIES
 from ckptbench.report import EXTENDED_STEM
 from ckptbench.sweep import RESULTS_FILE
 
-PACKAGE_ROOT = Path(ckptbench.__file__).resolve().parents[1]
-NOTEBOOK = PACKAGE_ROOT / "main.ipynb"
+from conftest import NOTEBOOK, NOTEBOOK_TIMEOUT, tagged
+
 FIGURE = "8way_performance_comparison"
-TIMEOUT = 600
-
-
-@pytest.fixture(scope="module")
-def kernel_env() -> Iterator[None]:
-    """The kernel imports this checkout's ckptbench even where it is not installed."""
-    path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PYTHONPATH", path)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +41,13 @@ def executed(kernel_env, tmp_path_factory: pytest.TempPathFactory) -> tuple[nbfo
         kernel_name="python3",
         cwd=str(work),
         progress_bar=False,
-        execution_timeout=TIMEOUT,
+        execution_timeout=NOTEBOOK_TIMEOUT,
     )
     return nbformat.read(work / "executed.ipynb", as_version=4), out
 
 
-def _tagged(nb: nbformat.NotebookNode, tag: str) -> list[nbformat.NotebookNode]:
-    return [cell for cell in nb.cells if tag in cell.metadata.get("tags", [])]
-
-
 def _phase_cell(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookNode:
-    (cell,) = (cell for cell in _tagged(nb, "phase") if f'"{name}"' in cell.source)
+    (cell,) = (cell for cell in tagged(nb, "phase") if f'"{name}"' in cell.source)
     return cell
 
 
@@ -102,22 +85,22 @@ def test_the_whole_notebook_runs_headless(executed):
 @pytest.mark.slow
 def test_the_comparison_and_verdict_cells_show_their_tables_and_the_figure(executed):
     nb, _ = executed
-    (comparison,) = _tagged(nb, "comparison")
+    (comparison,) = tagged(nb, "comparison")
     assert "all 8 approaches measured" in "".join(o.get("text", "") for o in comparison.outputs)
     assert any("image/png" in o.get("data", {}) for o in comparison.outputs)
     assert any("ts+ocdbt" in o.get("data", {}).get("text/html", "") for o in comparison.outputs)
-    (verdict,) = _tagged(nb, "verdict")
+    (verdict,) = tagged(nb, "verdict")
     html = "".join(o.get("data", {}).get("text/html", "") for o in verdict.outputs)
     assert "every approach verified" in html
     assert "HELD" in html
-    (measure,) = _tagged(nb, "measure")
+    (measure,) = tagged(nb, "measure")
     assert "8 strategies x 1 repeats, interleaved order" in "".join(o.get("text", "") for o in measure.outputs)
 
 
 @pytest.mark.slow
 def test_the_ranks_section_measures_each_count_and_draws_time_against_ranks(executed):
     nb, out = executed
-    (section,) = _tagged(nb, "ranks")
+    (section,) = tagged(nb, "ranks")
     assert any("image/png" in o.get("data", {}) for o in section.outputs)
     assert "save s, 2->2 ranks" in html.unescape(_cell_html(section))
     ranked = pd.read_csv(out / "ranks.csv")
@@ -151,7 +134,7 @@ def test_rendered_phase_outputs_are_compact_tables_not_truncated_frames(executed
         for number in table[["save s", "cold load s", "warm load s", "size GB"]].astype(str).to_numpy().ravel():
             digits = number.replace(",", "").replace(".", "").lstrip("0")
             assert len(digits) <= 3, number  # three significant digits, not six decimals
-    (comparison,) = _tagged(nb, "comparison")
+    (comparison,) = tagged(nb, "comparison")
     summary = pd.read_html(io.StringIO(_cell_html(comparison)), index_col=0)[0]
     assert {"save s", "size GB", "files", "verified"} <= set(summary.columns)
     assert "bytes" not in summary.columns
@@ -162,15 +145,17 @@ def test_one_phase_cell_runs_alone_and_replaces_its_rows(kernel_env, tmp_path):
     """Parameters, setup, then the t5x cell twice: the session keeps one set of rows, the CSV both."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     out = tmp_path / "out"
-    (parameters,) = _tagged(nb, "parameters")
+    (parameters,) = tagged(nb, "parameters")
     parameters.source += f'\nPRESET = "tiny"\nSTRATEGIES = "t5x"\nOUT = {str(out)!r}\nPROGRESS = False'
-    (approaches,) = _tagged(nb, "approaches")
-    (setup,) = _tagged(nb, "setup")
+    (approaches,) = tagged(nb, "approaches")
+    (setup,) = tagged(nb, "setup")
     t5x, pytorch = _phase_cell(nb, "t5x"), _phase_cell(nb, "pytorch")
     probe = nbformat.v4.new_code_cell("print(len(bench.results), sorted(set(bench.results['strategy'])))")
     cells = [parameters, approaches, setup, t5x, t5x, pytorch, probe]
 
-    client = NotebookClient(nb, kernel_name="python3", timeout=TIMEOUT, resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        nb, kernel_name="python3", timeout=NOTEBOOK_TIMEOUT, resources={"metadata": {"path": str(tmp_path)}}
+    )
     printed = []
     with client.setup_kernel():
         for index, cell in enumerate(cells):
@@ -214,5 +199,5 @@ def test_the_committed_notebook_is_clean_and_parameterised():
         "LOAD_RANKS",
         "RANK_STRATEGIES",
     }
-    assert len(_tagged(nb, "phase")) == len(EIGHT_WAY)
+    assert len(tagged(nb, "phase")) == len(EIGHT_WAY)
     assert nb.metadata.kernelspec.name == "python3"

@@ -7,12 +7,11 @@ import logging
 import shutil
 import threading
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 import torch
 
-from ckptbench import STRATEGIES, CheckpointError, checkpoint, disk
+from ckptbench import STRATEGIES, CheckpointError, checkpoint
 from ckptbench.manifest import MANIFEST
 from ckptbench.model import ROTARY_BUFFER
 from ckptbench.strategies import Orbax
@@ -24,12 +23,6 @@ from conftest import load_checkpoint, save_checkpoint
 ORBAX = [name for name, s in STRATEGIES.items() if isinstance(s, Orbax)]
 
 
-@pytest.fixture(scope="module")
-def orbax_saved(tiny, tmp_path_factory) -> dict[str, tuple[Path, disk.DiskUsage]]:
-    root = tmp_path_factory.mktemp("orbax")
-    return {name: (root / name, save_checkpoint(STRATEGIES[name], tiny.tensors, root / name)) for name in ORBAX}
-
-
 def test_the_registry_has_orbax_with_its_defaults_without_compression_and_async():
     assert {"orbax", "orbax+uncompressed", "orbax+async"} <= set(ORBAX)
     assert STRATEGIES["orbax"] == Orbax("orbax")
@@ -38,8 +31,8 @@ def test_the_registry_has_orbax_with_its_defaults_without_compression_and_async(
 
 
 @pytest.mark.parametrize("name", ORBAX)
-def test_round_trip_is_bit_exact_in_the_saved_order_and_dtypes(name, tiny, orbax_saved):
-    path, usage = orbax_saved[name]
+def test_round_trip_is_bit_exact_in_the_saved_order_and_dtypes(name, tiny, saved):
+    path, usage = saved[name].path, saved[name].usage
     loaded = load_checkpoint(STRATEGIES[name], path)
     verify(loaded, tiny.tensors, name)  # names, order, dtypes, shapes and bits
     assert loaded["model.embed_tokens.weight"].dtype == torch.float16
@@ -48,18 +41,18 @@ def test_round_trip_is_bit_exact_in_the_saved_order_and_dtypes(name, tiny, orbax
 
 
 @pytest.mark.parametrize("name", ORBAX)
-def test_orbax_writes_inside_the_staged_directory(name, orbax_saved):
-    path, _ = orbax_saved[name]
+def test_orbax_writes_inside_the_staged_directory(name, saved):
+    path = saved[name].path
     assert sorted(p.name for p in path.iterdir()) == sorted([MANIFEST, SUBFOLDER])
     assert (path / SUBFOLDER / "commit_success.txt").is_file()
     assert not list(path.parent.glob("*orbax-checkpoint-tmp*"))
     assert not list(path.rglob("*orbax-checkpoint-tmp*"))
 
 
-def test_knobs_are_what_its_files_say(tiny, orbax_saved):
+def test_knobs_are_what_its_files_say(tiny, saved):
     name = next(iter(tiny.tensors))
     for strategy in ORBAX:
-        stored = describe(orbax_saved[strategy][0] / SUBFOLDER, name)
+        stored = describe(saved[strategy].path / SUBFOLDER, name)
         knobs = STRATEGIES[strategy].knobs()
         assert {k: knobs[k] for k in stored} == stored, strategy
     assert STRATEGIES["orbax"].knobs()["compression"] != "none"
@@ -67,9 +60,13 @@ def test_knobs_are_what_its_files_say(tiny, orbax_saved):
     assert STRATEGIES["orbax"].knobs()["chunks"] == "one per array"
 
 
-def test_compression_changes_the_bytes_not_the_layout(orbax_saved):
-    compressed, raw = orbax_saved["orbax"][1], orbax_saved["orbax+uncompressed"][1]
-    assert compressed.bytes < raw.bytes  # the tiny model's normal(0, 0.02) weights compress
+def test_compression_changes_the_bytes_not_the_layout(tiny, saved):
+    compressed, raw = saved["orbax"], saved["orbax+uncompressed"]
+    assert compressed.usage.bytes < raw.usage.bytes  # the tiny model's normal(0, 0.02) weights compress
+    for name in tiny.tensors:  # every array stored alike (format, chunks, kvstore) but for its compression
+        packed, plain = describe(compressed.path / SUBFOLDER, name), describe(raw.path / SUBFOLDER, name)
+        assert (packed.pop("compression"), plain.pop("compression")) == ("zstd level 1", "none"), name
+        assert packed == plain, name
 
 
 def test_bfloat16_round_trips(tmp_path):

@@ -4,26 +4,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 import ckptbench
-from ckptbench import EIGHT_WAY, STRATEGIES, Benchmark, RunConfig, TensorStore, TensorStoreOptions, disk, model
-from ckptbench.limits import Limits
+from ckptbench import EIGHT_WAY, STRATEGIES, Benchmark, RunConfig, TensorStore, TensorStoreOptions, model
 from ckptbench.measure import measure
 from ckptbench.verify import verify
 
-from conftest import load_checkpoint, save_checkpoint
+from conftest import FAKE_LIMITS, load_checkpoint, save_checkpoint
 
 EXTRA = [name for name in STRATEGIES if name not in EIGHT_WAY]
-
-
-@pytest.fixture(scope="module")
-def extra_saved(tiny, tmp_path_factory) -> dict[str, tuple[Path, disk.DiskUsage]]:
-    root = tmp_path_factory.mktemp("extended")
-    return {name: (root / name, save_checkpoint(STRATEGIES[name], tiny.tensors, root / name)) for name in EXTRA}
 
 
 def test_the_registry_keeps_the_eight_and_adds_the_peers():
@@ -33,31 +25,29 @@ def test_the_registry_keeps_the_eight_and_adds_the_peers():
 
 
 @pytest.mark.parametrize("name", EXTRA)
-def test_each_extra_strategy_round_trips_bit_exactly(name, tiny, extra_saved):
-    path, usage = extra_saved[name]
+def test_each_extra_strategy_round_trips_bit_exactly(name, tiny, saved):
+    path, usage = saved[name].path, saved[name].usage
     loaded = load_checkpoint(STRATEGIES[name], path)
     assert len(loaded) == 238
     verify(loaded, tiny.tensors, name)
     assert usage.bytes <= STRATEGIES[name].estimate_bytes(tiny.tensors)
 
 
-def test_zarr3_writes_one_shard_per_tensor(extra_saved):
-    _, usage = extra_saved["ts+zarr3"]
+def test_zarr3_writes_one_shard_per_tensor(saved):
+    usage = saved["ts+zarr3"].usage
     assert usage.files == 2 * 238 + 1  # zarr.json and one shard per tensor, plus the manifest
 
 
-def test_nosync_changes_only_the_fsyncs(tiny, tmp_path):
+def test_nosync_changes_only_the_fsyncs(saved):
     nosync = STRATEGIES["ts+nosync"].options
     assert replace(nosync, sync=True) == TensorStoreOptions()
-    baseline = save_checkpoint(STRATEGIES["tensorstore"], tiny.tensors, tmp_path / "baseline")
-    unsynced = save_checkpoint(STRATEGIES["ts+nosync"], tiny.tensors, tmp_path / "nosync")
+    baseline, unsynced = saved["tensorstore"].usage, saved["ts+nosync"].usage
     assert unsynced.files == baseline.files
     assert abs(unsynced.bytes - baseline.bytes) < 100  # the manifest records the option
 
 
-def test_zstd_compresses_like_gzip_does(extra_saved, tiny, tmp_path):
-    raw = save_checkpoint(STRATEGIES["tensorstore"], tiny.tensors, tmp_path / "raw")
-    assert extra_saved["ts+zstd"][1].bytes < raw.bytes
+def test_zstd_compresses_like_gzip_does(saved):
+    assert saved["ts+zstd"].usage.bytes < saved["tensorstore"].usage.bytes
 
 
 def _big(megabytes: int) -> OrderedDict[str, torch.Tensor]:
@@ -98,17 +88,18 @@ def mem_model() -> model.ModelCheckpoint:
 INFLIGHT_32M = TensorStore("ts+best@32M", replace(ckptbench.STRATEGIES["ts+best"].options, inflight_bytes=32 << 20))
 
 
+@pytest.mark.slow  # a 235 MB model, a phase each
 @pytest.mark.parametrize("strategy", ["pytorch", "ts+chunks", "ts+float16", INFLIGHT_32M], ids=str)
 def test_memory_stays_within_one_loaded_copy(strategy, mem_model, tmp_path):
     """A whole-model copy during a save (e.g. converting every tensor to float32 first) breaks the bound."""
     config = RunConfig(preset="tiny", out=tmp_path, progress=False, warmup=False, drift=False)
-    bench = Benchmark(config, checkpoint=mem_model, limits=Limits(1.0, 1.0, 0), log=lambda m: None)
+    bench = Benchmark(config, checkpoint=mem_model, limits=FAKE_LIMITS, log=lambda m: None)
     row = bench.run_phase(strategy).frame.iloc[0]
     assert row["peak_rss_save"] < 0.5 * mem_model.nbytes
     assert row["peak_rss_load"] < 1.0 * mem_model.nbytes + (64 << 20)
 
 
-def test_checkpoint_format_mismatch_is_refused(extra_saved):
-    path, _ = extra_saved["ts+zarr3"]
+def test_checkpoint_format_mismatch_is_refused(saved):
+    path = saved["ts+zarr3"].path
     with pytest.raises(ckptbench.CheckpointError, match="written as"):
         load_checkpoint(STRATEGIES["tensorstore"], path)

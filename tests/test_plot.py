@@ -11,11 +11,13 @@ import pytest
 from matplotlib.figure import Figure
 
 import ckptbench
-from ckptbench import EIGHT_WAY, STRATEGIES, floor, plot, report
+from ckptbench import EIGHT_WAY, STRATEGIES, floor, limits, plot, report
 from ckptbench.cli import main
 from ckptbench.model import ModelCheckpoint
 from ckptbench.results import COLUMNS
 from ckptbench.study import ordered
+
+from conftest import FAKE_LIMITS
 
 RUN = ("pytorch", "tensorstore", "ts+chunks")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -23,11 +25,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def measured(tiny: ModelCheckpoint, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
-    """Three strategies x two repeats of the tiny model, measured for real (disk probe included)."""
+    """Three strategies x two repeats of the tiny model, measured for real against given disk limits."""
     config = ckptbench.RunConfig(
-        preset="tiny", out=tmp_path_factory.mktemp("plot") / "out", repeats=2, progress=False, warmup=False
+        preset="tiny", out=tmp_path_factory.mktemp("plot") / "out", repeats=2, progress=False, warmup=False, drift=False
     )
-    bench = ckptbench.Benchmark(config, checkpoint=tiny, log=lambda message: None)
+    bench = ckptbench.Benchmark(config, checkpoint=tiny, limits=FAKE_LIMITS, log=lambda message: None)
     bench.run(RUN)
     return bench.results
 
@@ -210,7 +212,8 @@ def test_cli_plot_reads_a_results_file_from_an_older_version(measured, tmp_path,
     assert pd.read_csv(tmp_path / "summary.csv")["strategy"].tolist() == list(RUN)
 
 
-def test_cli_run_ends_by_exporting_the_figure_and_summary(tmp_path, capsys):
+def test_cli_run_ends_by_exporting_the_figure_and_summary(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(limits, "measured", lambda directory, settings, **kwargs: FAKE_LIMITS)
     out = tmp_path / "out"
     assert (
         main(["run", "--preset", "tiny", "--strategies", "pytorch", "--out", str(out), "--no-warmup", "--no-drift"])

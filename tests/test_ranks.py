@@ -7,7 +7,6 @@ row arithmetic, the layouts, the refusals and the figure are checked without any
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,22 +15,20 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import ranks_rows
 import torch
 from ranks_faults import FAULT_TIME, Faulty
 
 import ckptbench
-from ckptbench import checkpoint, docs, launch, manifest, model, ranked, scaling
+from ckptbench import checkpoint, docs, launch, model, ranked, scaling
 from ckptbench.cli import main
 from ckptbench.errors import UsageError
-from ckptbench.limits import CACHE_DIR, Limits
-from ckptbench.local import Folder
 from ckptbench.results import COLUMNS, Row, config_json, frame, read_results
-from ckptbench.shards import Ranks, block_rows, contiguous_stride, row_range
+from ckptbench.shards import block_rows, contiguous_stride, row_range
 from ckptbench.strategies import Strategy, TensorStoreOptions, from_config, get_strategy, sharded
-from ckptbench.verify import verify
 
-PACKAGE_ROOT = Path(ckptbench.__file__).resolve().parents[1]
-FAKE_LIMITS = Limits(write_gbps=1.0, read_gbps=2.0, probe_bytes=0)
+from conftest import FAKE_LIMITS, environment, leftovers, written
+
 PLANNED = ["dcp", "ts+chunks", "ts+ocdbt", "ts+ocdbt+per-process"]
 """What ``--strategies dcp,ts+chunks,ts+ocdbt`` runs with ranks: OCDBT both ways."""
 
@@ -39,11 +36,6 @@ PLANNED = ["dcp", "ts+chunks", "ts+ocdbt", "ts+ocdbt+per-process"]
 def _config(tmp_path: Path, ranks: int, load_ranks: int | None = None, **settings) -> ckptbench.RunConfig:
     settings = {"warmup": False, "drift": False, "progress": False, "rank_timeout_s": 120.0, **settings}
     return ckptbench.RunConfig(preset="tiny", out=tmp_path / "out", ranks=ranks, load_ranks=load_ranks, **settings)
-
-
-def _leftovers(out: Path) -> list[str]:
-    """Anything that looks like a checkpoint, complete or not."""
-    return sorted(p.name for p in out.iterdir() if p.is_dir() and p.name not in ("runs", CACHE_DIR))
 
 
 def _check_rows(rows: pd.DataFrame, names: list[str], ranks: int, load_ranks: int) -> None:
@@ -119,32 +111,15 @@ def test_every_registered_strategy_has_a_form_and_ocdbt_has_two():
         assert from_config(form.name, form.config()) == form
 
 
-@pytest.mark.parametrize("name", ["ts+chunks", "ts+zarr3", "ts+ocdbt+per-process"])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ts+chunks", "ts+zarr3", "ts+ocdbt", "ts+ocdbt+per-process"])
 def test_rows_written_by_three_ranks_read_back_by_two_and_by_four(name, tmp_path):
-    """Every writer and reader rank in turn in this process (no group: the barriers are no-ops), rows bit-exact."""
-    (form,) = ranked.forms(name)
-    generator = torch.Generator().manual_seed(0)
-    tensors = {
-        "wide": torch.randn(10, 6, generator=generator).half(),
-        "two rows": torch.randn(2, 3, generator=generator),  # fewer rows than ranks: some hold none
-        "vector": torch.randn(7, generator=generator).half(),
-    }
-    entries = manifest.layout(tensors, dict.fromkeys(tensors, ""))
-
-    def rows(ranks: Ranks, name: str) -> torch.Tensor:
-        lo, hi = ranks.rows(tensors[name].shape[0])
-        return tensors[name][lo:hi]
-
-    for rank in range(3):
-        ranks = Ranks(rank, 3)
-        with form.session(ranks, writing=True) as session:
-            form.save_shards(session, {n: rows(ranks, n) for n in tensors}, entries, Folder(tmp_path), ranks)
-    for readers in (2, 4):
-        for rank in range(readers):
-            ranks = Ranks(rank, readers)
-            with form.session(ranks, writing=False) as session:
-                loaded = form.load_shards(session, Folder(tmp_path), entries, ranks)
-            verify(loaded, {n: rows(ranks, n) for n in tensors}, f"{name}, rank {rank} of {readers}")
+    """Four real ranks (gloo): three write their rows at once, then two and four read theirs back, bit-exact,
+    each verified on its own rank; a tensor has fewer rows than ranks, so some ranks hold none of it."""
+    form = ranked.forms(name)[0]  # ts+ocdbt: its shared database, through the coordinator
+    mailbox = launch.Mailbox.serve(ranks_rows.TIMEOUT_S)
+    launch.spawn(mailbox, ranks_rows.write_then_read, 4, form, tmp_path, 3, [2, 4], timeout_s=ranks_rows.TIMEOUT_S)
+    assert sorted(p.name for p in tmp_path.iterdir()), "nothing was written"
 
 
 class _Unsharded(Strategy):
@@ -246,13 +221,12 @@ def test_two_ranks_save_and_one_loads_from_the_command_line(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "ckptbench", "run", "--preset", "tiny", "--ranks", "2", "--load-ranks", "1"]
     command += ["--strategies", "dcp,ts+chunks,ts+ocdbt", "--out", str(out), "--no-drift", "--no-warmup"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=600, check=False)
     assert done.returncode == 0, done.stderr
     assert "2->1 ranks" in done.stdout
     assert "NOT VERIFIED" not in done.stdout
     _check_rows(read_results(out / "results.csv"), PLANNED, 2, 1)
-    assert _leftovers(out) == []
+    assert leftovers(out) == sorted(["results.csv", *written(done.stdout)])  # no checkpoint, nothing partial
     assert (out / f"{scaling.STEM}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -266,7 +240,7 @@ def test_one_rank_saves_and_two_load_and_a_corrupted_rank_fails_the_row(tmp_path
     assert not bad.verified  # rank 0's rows were right; rank 1's were not
     assert bad.error == ""
     assert [p.ok for p in outcome.phases] == [True] * 4 + [False]
-    assert _leftovers(tmp_path / "out") == []
+    assert leftovers(tmp_path / "out") == ["results.csv"]
 
 
 @pytest.mark.slow
@@ -277,9 +251,9 @@ def test_two_ranks_save_and_load_and_kept_checkpoints_verify_in_one_process(tmp_
     names = [*PLANNED, "pytorch", "safetensors"]
     assert [p.strategy for p in outcome.phases] == names
     _check_rows(read_results(config.out / "results.csv"), names, 2, 2)
-    environment = json.loads((config.out / "runs" / f"{outcome.run_id}.json").read_text())
-    assert environment["ranks"]["save"] == 2
-    assert environment["ranks"]["launcher"] == "spawn"
+    recorded = json.loads((config.out / "runs" / f"{outcome.run_id}.json").read_text())
+    assert recorded["ranks"]["save"] == 2
+    assert recorded["ranks"]["launcher"] == "spawn"
     assert len(list((config.out / "dcp").glob("*.distcp"))) == 2 * 4  # two ranks, four writer threads each
     assert sorted(p.name for p in (config.out / "ts+ocdbt+per-process").glob("ocdbt.process_*")) == [
         "ocdbt.process_0",
@@ -302,7 +276,7 @@ def _fails(tmp_path: Path, fault: str, **settings) -> tuple[launch.RankFailed, f
     assert rows["strategy"].tolist() == ["ts+chunks", "faulty"]  # the interrupted repeat is a failed row
     assert rows["verified"].tolist() == [True, False]
     assert rows["error"].iloc[1] == str(failure.value)
-    assert _leftovers(config.out) == []  # nothing complete-looking, nothing partial
+    assert leftovers(config.out) == ["results.csv"]  # nothing complete-looking, nothing partial
     return failure.value, after
 
 
@@ -336,10 +310,9 @@ def test_torchrun_starts_the_same_command_as_ranks(tmp_path):
     out = tmp_path / "out"
     command = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "ckptbench", "run", "--preset", "tiny"]
     command += ["--strategies", "ts+ocdbt", "--out", str(out), "--no-drift", "--no-warmup"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_results(out / "results.csv")
     _check_rows(rows, ["ts+ocdbt", "ts+ocdbt+per-process"], 2, 2)
-    (environment,) = (out / "runs").glob("*.json")
-    assert json.loads(environment.read_text())["ranks"]["launcher"] == "torchrun"
+    (recorded,) = (out / "runs").glob("*.json")
+    assert json.loads(recorded.read_text())["ranks"]["launcher"] == "torchrun"

@@ -208,6 +208,7 @@ def _append_many(directory: str, name: str, count: int) -> None:
         store.append([make_row(name, i, config=config_json({"padding": "x" * 3000}))])
 
 
+@pytest.mark.slow  # two processes, each importing the package
 def test_two_processes_appending_at_once_lose_no_row(tmp_path):
     context = multiprocessing.get_context("spawn")
     writers = [context.Process(target=_append_many, args=(str(tmp_path), name, 150)) for name in ("a", "b")]

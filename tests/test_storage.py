@@ -228,11 +228,10 @@ def test_a_save_that_fails_on_a_new_store_leaves_no_checkpoint(mem, tiny, tmp_pa
 
 def test_list_names_each_remote_store(mem, capsys):
     assert main(["list"]) == 0
-    out = capsys.readouterr().out.splitlines()
-
-    def row(name: str) -> str:  # a wide table is printed in blocks of columns, each starting with the names
-        return " ".join(line for line in out if line.split()[:1] == [name])
-
-    assert "mmap needs a local file" in row("pytorch+mmap")
-    assert row("pytorch+mmap").count("skipped:") == 2  # on s3 and on mem
-    assert row("safetensors").split()[-2:] == ["ok", "ok"]
+    narrow = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:-1]}
+    assert narrow["name"][-2:] == ["s3", "mem"]  # "on s3", "on mem"
+    assert narrow["pytorch+mmap"][-2:] == ["no", "no"]
+    assert narrow["safetensors"][-2:] == ["yes", "yes"]
+    assert main(["list", "--wide"]) == 0
+    wide = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:] if line.split()}
+    assert wide["pytorch+mmap"].count("mmap needs a local file") == 2  # on s3 and on mem

@@ -13,17 +13,9 @@ import torch
 from ckptbench import STRATEGIES, CheckpointError, checkpoint, disk
 from ckptbench.verify import verify
 
-from conftest import load_checkpoint, save_checkpoint
+from conftest import load_checkpoint
 
 STREAMERS = ["runai-streamer", "fastsafetensors", "tensorizer"]
-
-
-@pytest.fixture(scope="module")
-def streamed(tiny, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("streamers")
-    for name in STREAMERS:
-        save_checkpoint(STRATEGIES[name], tiny.tensors, root / name)
-    return {name: root / name for name in STREAMERS}
 
 
 def _file(path: Path) -> Path:
@@ -31,26 +23,26 @@ def _file(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("name", STREAMERS)
-def test_a_cold_load_gives_back_every_tensor_bit_for_bit(name, tiny, streamed):
-    disk.evict(streamed[name])
+def test_a_cold_load_gives_back_every_tensor_bit_for_bit(name, tiny, saved):
+    disk.evict(saved[name].path)
     read: list[int] = []
-    loaded = load_checkpoint(STRATEGIES[name], streamed[name], read.append)
+    loaded = load_checkpoint(STRATEGIES[name], saved[name].path, read.append)
     assert list(loaded) == list(tiny.tensors)
     verify(loaded, tiny.tensors, name)
     assert sum(read) == tiny.nbytes
 
 
-def test_the_safetensors_streamers_read_what_the_safetensors_strategy_writes(streamed):
+def test_the_safetensors_streamers_read_what_the_safetensors_strategy_writes(saved):
     plain = STRATEGIES["safetensors"]
     for name in ("runai-streamer", "fastsafetensors"):
         assert STRATEGIES[name].filename == plain.filename
-        assert _file(streamed[name]).read_bytes() == _file(streamed["runai-streamer"]).read_bytes()
+        assert _file(saved[name].path).read_bytes() == _file(saved["runai-streamer"].path).read_bytes()
 
 
 @pytest.mark.parametrize("name", STREAMERS)
-def test_loaded_tensors_stay_valid_after_the_loader_has_closed(name, tiny, streamed):
+def test_loaded_tensors_stay_valid_after_the_loader_has_closed(name, tiny, saved):
     """Views of a buffer the loader freed would read whatever the allocator put there next."""
-    loaded = load_checkpoint(STRATEGIES[name], streamed[name])
+    loaded = load_checkpoint(STRATEGIES[name], saved[name].path)
     gc.collect()
     scribbled = [torch.full_like(t, float("nan")) for t in tiny.tensors.values() for _ in range(2)]
     verify(loaded, tiny.tensors, name)
@@ -58,17 +50,17 @@ def test_loaded_tensors_stay_valid_after_the_loader_has_closed(name, tiny, strea
 
 
 @pytest.mark.parametrize("name", STREAMERS)
-def test_a_load_into_existing_tensors_fills_them_in_place(name, tiny, streamed):
+def test_a_load_into_existing_tensors_fills_them_in_place(name, tiny, saved):
     into = OrderedDict((k, torch.full_like(t, float("nan"))) for k, t in tiny.tensors.items())
     pointers = {k: t.data_ptr() for k, t in into.items()}
     read: list[int] = []
-    checkpoint.load(STRATEGIES[name], streamed[name], read.append, into=into)
+    checkpoint.load(STRATEGIES[name], saved[name].path, read.append, into=into)
     assert all(into[k].data_ptr() == pointers[k] for k in into)
     verify(into, tiny.tensors, name)
     assert sum(read) == tiny.nbytes
 
 
-def test_the_run_ai_streamer_loads_into_existing_tensors_without_a_fresh_copy(tiny, streamed, monkeypatch):
+def test_the_run_ai_streamer_loads_into_existing_tensors_without_a_fresh_copy(tiny, saved, monkeypatch):
     strategy = STRATEGIES["runai-streamer"]
 
     def refuse(*args, **kwargs):
@@ -76,7 +68,7 @@ def test_the_run_ai_streamer_loads_into_existing_tensors_without_a_fresh_copy(ti
 
     monkeypatch.setattr(type(strategy), "load", refuse)
     into = OrderedDict((k, torch.full_like(t, float("nan"))) for k, t in tiny.tensors.items())
-    checkpoint.load(strategy, streamed["runai-streamer"], lambda n: None, into=into)
+    checkpoint.load(strategy, saved["runai-streamer"].path, lambda n: None, into=into)
     verify(into, tiny.tensors, "runai-streamer")
 
 
@@ -93,8 +85,8 @@ def _scramble_header(file: Path) -> None:
 @pytest.mark.parametrize("damage", [_truncate, _scramble_header], ids=["truncated", "header"])
 @pytest.mark.parametrize("name", STREAMERS)
 @pytest.mark.parametrize("into", [False, True], ids=["fresh", "existing"])
-def test_a_damaged_file_is_refused_in_one_line_naming_it(name, damage, into, tiny, streamed, tmp_path):
-    path = shutil.copytree(streamed[name], tmp_path / name)
+def test_a_damaged_file_is_refused_in_one_line_naming_it(name, damage, into, tiny, saved, tmp_path):
+    path = shutil.copytree(saved[name].path, tmp_path / name)
     damage(_file(path))
     existing = OrderedDict((k, torch.empty_like(t)) for k, t in tiny.tensors.items()) if into else None
     with pytest.raises(CheckpointError) as refused:
@@ -105,8 +97,8 @@ def test_a_damaged_file_is_refused_in_one_line_naming_it(name, damage, into, tin
 
 
 @pytest.mark.parametrize("name", STREAMERS)
-def test_a_flipped_byte_the_loader_takes_is_named_by_verify(name, tiny, streamed, tmp_path):
-    path = shutil.copytree(streamed[name], tmp_path / name)
+def test_a_flipped_byte_the_loader_takes_is_named_by_verify(name, tiny, saved, tmp_path):
+    path = shutil.copytree(saved[name].path, tmp_path / name)
     tensor = "model.layers.3.self_attn.q_proj.weight"
     file = _file(path)
     data = bytearray(file.read_bytes())

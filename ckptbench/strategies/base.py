@@ -102,6 +102,11 @@ class Strategy(ABC):
         for entry in entries:
             yield entry, tensors.get(entry.name, failure)
 
+    def stored_names(self, directory: Location) -> set[str] | None:
+        """The tensors the format's own index holds, for ``verify`` to check the manifest against; None where
+        that index is not read (object storage, and formats without a reader here)."""
+        return None
+
     def reads(self, config: dict[str, Any]) -> bool:
         """Whether a checkpoint written with ``config`` is in the format this strategy reads."""
         mine = self.config()

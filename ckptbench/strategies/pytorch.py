@@ -51,6 +51,12 @@ class TorchSave(SingleFile):
         structure = structure_of(tensors)
         torch.save(OrderedDict(tensors) if structure is None else unflatten(tensors, structure), target)
 
+    def stored_names(self, directory: Location) -> set[str] | None:
+        """The pickle's keys, its storages mapped and never read (a local file only)."""
+        if not directory.local:
+            return None
+        return set(torch.load(directory.folder / self.filename, weights_only=True, mmap=True))
+
     def read(self, source: Path | BinaryIO, entries: Layout) -> OrderedDict[str, torch.Tensor]:
         loaded = torch.load(source, weights_only=True, mmap=self.mmap)
         # A nested state (numbers as Python numbers) comes back as the named tensors it was saved from.
@@ -84,6 +90,13 @@ class SafeTensors(SingleFile):
             safetensors.torch.save_file(dict(tensors), target, metadata=metadata)
         else:
             target.write(safetensors.torch.save(dict(tensors), metadata=metadata))
+
+    def stored_names(self, directory: Location) -> set[str] | None:
+        """The keys of the file's JSON header (a local file only)."""
+        if not directory.local:
+            return None
+        with safetensors.safe_open(directory.folder / self.filename, framework="pt") as f:
+            return set(f.keys())
 
     def read(self, source: Path | BinaryIO, entries: Layout) -> OrderedDict[str, torch.Tensor]:
         # safetensors orders tensors its own way; the manifest keeps the mapping's order.
@@ -234,6 +247,10 @@ class DistributedCheckpoint(Strategy):
         except Exception as err:
             raise CheckpointError(f"{directory}: unreadable distributed checkpoint: {err}") from err
         progress(total_bytes(tensors))
+
+    def stored_names(self, directory: Location) -> set[str] | None:
+        """The keys of dcp's ``.metadata``."""
+        return set(dcp.FileSystemReader(directory.folder).read_metadata().state_dict_metadata)
 
     def load(self, directory: Location, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
         tensors = OrderedDict((e.name, torch.empty(e.shape, dtype=e.torch_dtype)) for e in entries)

@@ -32,7 +32,7 @@ from ..manifest import Entry, Layout, layout
 from ..shards import Ranks, block_rows, contiguous_stride, row_range
 from .base import Progress, SingleFile, Strategy, Tensors, from_numpy, nbytes, to_numpy
 from .pytorch import DistributedCheckpoint
-from .zarr import TensorStore, _ts_dtype
+from .zarr import TensorStore, _ts_dtype, array_names
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -74,6 +74,9 @@ class Sharded(Strategy):
 
     def load_each(self, directory: Location, entries: Layout) -> Iterator[tuple[Entry, torch.Tensor | Exception]]:
         return self.base.load_each(directory, entries)
+
+    def stored_names(self, directory: Location) -> set[str] | None:
+        return self.base.stored_names(directory)
 
     def estimate_bytes(self, tensors: Tensors) -> int:
         return self.base.estimate_bytes(tensors)
@@ -260,6 +263,11 @@ class PerProcessOcdbt(Sharded):
         tensors = self.load_shards(self.base.options.context(), directory, entries, Ranks())
         progress(sum(nbytes(t) for t in tensors.values()))
         return tensors
+
+    def stored_names(self, directory: Location) -> set[str] | None:
+        """Every process's database holds every tensor (its rows of it): their union."""
+        databases = directory.folder.glob("ocdbt.process_*")
+        return set().union(*(array_names(f"file://{db.resolve()}/") for db in databases))
 
     def load_each(self, directory: Location, entries: Layout) -> Iterator[tuple[Entry, torch.Tensor | Exception]]:
         context = self.base.options.context()

@@ -9,6 +9,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import tensorstore as ts
@@ -156,6 +157,17 @@ class TensorStoreOptions:
             if self.background
             else "synchronous",
         }
+
+
+_METADATA = (".zarray", "zarr.json")
+
+
+def array_names(where: str | dict | Path) -> set[str]:
+    """The arrays under a folder (``where`` a path) or in an OCDBT database (``where`` its base kvstore)."""
+    if isinstance(where, Path):
+        return {p.name for p in where.iterdir() if any((p / m).is_file() for m in _METADATA)}
+    keys = ts.KvStore.open({"driver": "ocdbt", "base": where}).result().list().result()
+    return {key.decode().rpartition("/")[0] for key in keys if key.decode().rpartition("/")[2] in _METADATA}
 
 
 def divisor_chunks(shape: tuple[int, ...], target_elements: int) -> list[int]:
@@ -308,6 +320,12 @@ class TensorStore(Strategy):
             (e.name, e.nbytes, functools.partial(self._read_into, directory, e, context, into[e.name])) for e in entries
         )
         self._pipeline(directory, jobs, progress)
+
+    def stored_names(self, directory: Location) -> set[str] | None:
+        """Every array's name: a folder with zarr metadata, or (OCDBT) a metadata key in the database (local only)."""
+        if not directory.local:
+            return None
+        return array_names(directory.kvstore() if self.options.driver == "ocdbt" else directory.folder)
 
     def load_each(self, directory: Location, entries: Layout) -> Iterator[tuple[Entry, torch.Tensor | Exception]]:
         context = self.options.context()

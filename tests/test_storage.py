@@ -27,6 +27,8 @@ from ckptbench.location import Location, Source, Storage, T
 from ckptbench.manifest import MANIFEST
 from ckptbench.results import COLUMNS
 
+from conftest import FAKE_LIMITS
+
 # --- the new store's module ---------------------------------------------------------------------------------------
 
 OBJECTS: dict[str, dict[str, bytes]] = {}
@@ -183,13 +185,13 @@ def test_the_registry_resolves_every_store_by_scheme(mem, tmp_path):
         MemoryLocation("b", "x/").folder  # noqa: B018 - the property is what refuses
 
 
-def test_strategies_run_through_a_new_store_bit_exact_and_what_cannot_is_skipped(mem, tiny, tmp_path, fake_limits):
+def test_strategies_run_through_a_new_store_bit_exact_and_what_cannot_is_skipped(mem, tiny, tmp_path):
     config = RunConfig(
         preset="tiny", out=tmp_path / "out", progress=False, warmup=True, drift=False, keep_checkpoints=True,
         store="mem://b/run",
     )  # fmt: skip
     messages: list[str] = []
-    bench = Benchmark(config, checkpoint=tiny, limits=fake_limits, log=messages.append)
+    bench = Benchmark(config, checkpoint=tiny, limits=FAKE_LIMITS, log=messages.append)
     phases = {p.strategy: p for p in bench.run(["pytorch", "safetensors", "dcp", "orbax"])}
     assert phases["dcp"].skipped.startswith("torch.distributed.checkpoint writes through a filesystem")
     assert phases["orbax"].skipped is not None
@@ -210,14 +212,14 @@ def test_strategies_run_through_a_new_store_bit_exact_and_what_cannot_is_skipped
     assert list(bench.results.columns) == COLUMNS
 
 
-def test_a_save_that_fails_on_a_new_store_leaves_no_checkpoint(mem, tiny, tmp_path, fake_limits):
+def test_a_save_that_fails_on_a_new_store_leaves_no_checkpoint(mem, tiny, tmp_path):
     class Fails(TorchSave):
         def save(self, tensors, directory, progress):
             super().save(tensors, directory, progress)
             raise OSError("the store went away")
 
     config = RunConfig(preset="tiny", out=tmp_path, progress=False, warmup=False, drift=False, store="mem://b/run")
-    bench = Benchmark(config, checkpoint=tiny, limits=fake_limits, log=lambda message: None)
+    bench = Benchmark(config, checkpoint=tiny, limits=FAKE_LIMITS, log=lambda message: None)
     (phase,) = bench.run([Fails("fails")])
     (row,) = phase.rows
     assert "the store went away" in row.error
@@ -228,8 +230,8 @@ def test_a_save_that_fails_on_a_new_store_leaves_no_checkpoint(mem, tiny, tmp_pa
 
 def test_list_names_each_remote_store(mem, capsys):
     assert main(["list"]) == 0
-    narrow = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:-1]}
-    assert narrow["name"][-2:] == ["s3", "mem"]  # "on s3", "on mem"
+    narrow = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.split()}
+    assert narrow["name"][-4:] == ["on", "s3", "on", "mem"]
     assert narrow["pytorch+mmap"][-2:] == ["no", "no"]
     assert narrow["safetensors"][-2:] == ["yes", "yes"]
     assert main(["list", "--wide"]) == 0

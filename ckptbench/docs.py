@@ -152,6 +152,19 @@ def _compare(path: str, run_a: str, run_b: str) -> str:
     return "\n".join([markdown(compare.medians_table(result), index=False), targets, *lines]) + "\n"
 
 
+def _spread(path: str, run_a: str, run_b: str) -> str:
+    """How far two runs of one command moved apart, in a few lines: the medians' B / A and the calibration."""
+    results = read_results(ROOT / path)
+    result = compare.compare(report.select_run(results, run_a), report.select_run(results, run_b))
+    moved = result.medians["B / A"]
+    lines = [
+        f"the same strategy and timing moved by B / A = {report.sig(moved.min())} to {report.sig(moved.max())} "
+        f"(median {report.sig(moved.median())}) over {len(moved)} medians",
+        *result.summary().splitlines()[1:],
+    ]
+    return markdown(pd.DataFrame({"between the two runs": [line.strip() for line in lines]}), index=False)
+
+
 def _rounds(path: str, loadavg: str = "") -> str:
     """Per run and round: its rows' summed timed seconds and span, and with a load-average log (lines of
     ``ISO-time load1 load5 load15 ...``, as ``/proc/loadavg`` sampled) the machine's mean 1-minute load then."""
@@ -234,6 +247,7 @@ def _caps(path: str) -> str:
 KINDS: dict[str, Callable[..., str]] = {
     "rounds": _rounds,
     "compare": _compare,
+    "spread": _spread,
     "untimed": _untimed,
     "csv": _csv,
     "choices": _choices,

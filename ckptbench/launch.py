@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import pickle
 import re
@@ -258,9 +259,14 @@ def spawn(mailbox: Mailbox, fn: Callable[..., Any], size: int, *args: Any, timeo
             join=False,
             start_method="spawn",
         )
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_log.level
+    spawn_log.setLevel(logging.ERROR)  # its "W... Terminating process" lines: the one error line says why
     try:
         while not context.join(timeout=0.5, grace_period=GRACE_S):
             pass
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
         raise _first_failure(mailbox, context, err, timeout_s) from None
+    finally:
+        spawn_log.setLevel(level)
     return mailbox.get("result")

@@ -11,6 +11,7 @@ bit for bit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,8 +34,8 @@ Payload = Literal["weights", "training"]
 PAYLOADS: tuple[str, ...] = get_args(Payload)
 BYTES_PER_PARAM = 2 + 4 + 4 + 4
 """float16 weights, float32 master copy, exp_avg and exp_avg_sq."""
-STEP_BYTES_PER_PARAM = 2 + 4
-"""What one step adds while it runs: the float16 gradients and the master's float32 ones."""
+STEP_BYTES_PER_PARAM = 4
+"""What one step adds while it runs: the master's float32 gradients (each float16 one is freed once converted)."""
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,16 @@ def _model(config: LlamaConfig, weights: Mapping[str, torch.Tensor]) -> LlamaFor
     return model
 
 
+def _to_master(master: nn.Parameter, param: torch.Tensor) -> None:
+    master.grad = param.grad.float()
+    param.grad = None
+
+
 def _job(config: LlamaConfig, recipe: Recipe, model: LlamaForCausalLM, master: Mapping[str, torch.Tensor]) -> _Job:
+    """AdamW over the float32 master copy; each float16 gradient goes to it as soon as backward has made it."""
     params = {name: nn.Parameter(tensor) for name, tensor in master.items()}
+    for name, param in model.named_parameters():
+        param.register_post_accumulate_grad_hook(functools.partial(_to_master, params[name]))
     optimizer = torch.optim.AdamW(
         params.values(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay, foreach=False
     )
@@ -123,7 +132,8 @@ def _resume(config: LlamaConfig, recipe: Recipe, state: dict) -> _Job:
     job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
     job.step = state["step"]
-    job.data.set_state(state["rng"]["torch"])
+    # A copy in torch's own memory: set_state crashed on a view into fastsafetensors' buffer.
+    job.data.set_state(state["rng"]["torch"].clone())
     job.python.setstate(state["rng"]["python"])
     numpy = state["rng"]["numpy"]
     job.numpy.set_state(
@@ -158,9 +168,6 @@ def _train(job: _Job, recipe: Recipe, steps: int) -> None:
         for _ in range(steps):
             tokens = torch.randint(vocab, (recipe.batch, recipe.sequence), generator=job.data)
             job.model(input_ids=tokens, labels=tokens).loss.backward()
-            for name, param in job.model.named_parameters():
-                job.master[name].grad = param.grad.float()
-                param.grad = None
             job.optimizer.step()
             job.optimizer.zero_grad(set_to_none=True)
             job.scheduler.step()

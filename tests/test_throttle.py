@@ -86,6 +86,7 @@ def test_refusals_are_one_line_saying_what_to_do(tmp_path: Path, monkeypatch: py
         throttle.check(tmp_path)
 
 
+@pytest.mark.slow  # a run as a process
 def test_cli_refuses_a_profile_on_tmpfs_in_one_line(tmp_path: Path) -> None:
     if not Path("/dev/shm").is_dir():
         pytest.skip("no /dev/shm (tmpfs) on this machine")

@@ -100,6 +100,7 @@ def test_every_strategy_resumes_bit_for_bit(name: str, trained: training.Trainin
     _resume_after_saving(name, trained, tmp_path)
 
 
+@pytest.mark.slow  # measured 8 s CPU
 def test_verify_covers_the_scalars(trained: training.TrainingCheckpoint, tmp_path: Path) -> None:
     """The scheduler's epoch is a leaf like any tensor: changing it on disk is damage ``verify`` names."""
     path = tmp_path / "ts"
@@ -131,6 +132,7 @@ def test_a_run_whose_resume_differs_is_a_failed_row_naming_the_leaf(
     assert phase.rows[0].payload == "training"
 
 
+@pytest.mark.slow  # a run as a process
 def test_a_preset_whose_state_does_not_fit_is_refused_in_one_line(tmp_path: Path) -> None:
     needed = training.needed_bytes(ckptbench.model.get_preset("openllama-3b"))
     result = run("run", "--preset", "openllama-3b", "--payload", "training", "--out", tmp_path / "out", cwd=tmp_path)
@@ -153,5 +155,8 @@ def test_the_issue_run_verifies_every_row_at_seven_times_the_bytes(tmp_path: Pat
     assert len(trained) == 12
     assert trained["verified"].all()
     assert set(trained["payload"]) == {"training"}
+    assert plain["verified"].all()
     ratio = trained.set_index("strategy")["bytes"] / plain.set_index("strategy")["bytes"]
-    assert all(math.isfinite(r) and 6 < r < 8 for r in ratio), ratio
+    # Those that store each tensor in its own dtype, uncompressed: the state's 14 bytes a parameter against 2.
+    same_dtypes = ratio[["pytorch", "safetensors", "dcp", "ts+best"]]
+    assert all(math.isfinite(r) and 6.5 < r < 7.5 for r in same_dtypes), ratio

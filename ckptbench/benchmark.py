@@ -30,10 +30,10 @@ from .errors import InsufficientMemoryError, UsageError, VerificationError
 from .launch import under_torchrun
 from .limits import Limits, ProbeSettings, missed_caps
 from .measure import Measurement, measure, return_freed_memory
-from .objectstore import Requests, check_endpoint, parse_url
+from .objectstore import Requests
 from .results import ResultsStore, Row, config_json, frame, summarize
 from .shards import cores
-from .storage import FILE, Location, open_storage
+from .storage import FILE, Location, check_settings, is_local, open_storage, scheme, staged
 from .strategies import Strategy, Tensors, get_strategy, nbytes, total_bytes
 from .study import ordered
 from .verify import verify
@@ -121,15 +121,7 @@ class RunConfig:
         if self.order not in ORDERS:
             raise UsageError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         disk.refuse_file_in_the_way(self.out)
-        if self.store == FILE:
-            if self.s3_endpoint is not None or self.s3_rtt_ms is not None:
-                raise UsageError("--s3-endpoint and --s3-rtt-ms need an s3:// --store")
-        else:
-            parse_url(self.store)
-            if self.s3_endpoint is not None:
-                check_endpoint(self.s3_endpoint)
-        if self.s3_rtt_ms is not None and self.s3_rtt_ms < 0:
-            raise UsageError(f"--s3-rtt-ms must be 0 or more, got {self.s3_rtt_ms:g}")
+        check_settings(self.store, self.s3_endpoint, self.s3_rtt_ms, self.ranks)
         if self.load_into not in LOAD_INTO:
             raise UsageError(f"load_into must be one of {', '.join(LOAD_INTO)}, got {self.load_into!r}")
         if self.ranks is not None and self.ranks < 1:
@@ -142,10 +134,10 @@ class RunConfig:
                 raise UsageError(f"{label} must be 1 to {most} ({RANKS_PER_CORE} per core of {cores()}), got {count}")
         if self.rank_timeout_s <= 0:
             raise UsageError(f"rank_timeout_s must be positive, got {self.rank_timeout_s}")
-        if self.ranks is not None and self.store != FILE:
-            raise UsageError("--ranks writes to a shared filesystem (--out); an s3:// --store is one process only")
-        if not self.profile.caps.empty and self.store != FILE:
-            raise UsageError("--disk-profile and --disk-limit throttle the disk under --out; not an s3:// --store")
+        if not self.profile.caps.empty and not is_local(self.store):
+            raise UsageError(
+                f"--disk-profile and --disk-limit throttle the disk under --out; not an {scheme(self.store)}:// --store"
+            )
 
         if self.payload not in training.PAYLOADS:
             raise UsageError(f"payload must be one of {', '.join(training.PAYLOADS)}, got {self.payload!r}")
@@ -350,9 +342,9 @@ class Benchmark:
             self._bar(f"{label} save", total_bytes(tensors)) as bar,
             self.storage.counting() as counted,
             measure() as timing,
-            self.storage.staged(path) as partial,
+            staged(path) as staging,
         ):
-            blocking = checkpoint.save(strategy, tensors, layout, partial, bar.update)
+            blocking = checkpoint.save(strategy, tensors, layout, staging, bar.update)
         return timing, blocking, counted.requests
 
     def _existing(self, saved: Tensors) -> OrderedDict[str, torch.Tensor] | None:

@@ -22,7 +22,6 @@ CPU cost of drawing the whole model on every rank. Rank 0 digests each whole ten
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from collections import OrderedDict
@@ -37,15 +36,18 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import disk, launch, manifest, throttle
+from . import launch, manifest, throttle
 from . import model as model_lib
 from .benchmark import Benchmark, PhaseResult, RunConfig, _Drift, _warmup_subset
+from .disk import DiskUsage
 from .errors import CheckpointError, UnknownChoiceError, UsageError, VerificationError, gigabytes
 from .limits import Limits
+from .location import Location, Staging
 from .manifest import Layout, Manifest
 from .measure import Measurement, measure, return_freed_memory
 from .results import ResultsStore, Row, frame
 from .shards import Ranks, row_range
+from .storage import open_storage
 from .strategies import STRATEGIES, Strategy, Tensors, total_bytes
 from .strategies import nbytes as tensor_bytes
 from .strategies.sharded import Sharded
@@ -150,7 +152,7 @@ def run(
         return launch.spawn(mailbox, _on_rank, size, config, chosen, limits, timeout_s=config.rank_timeout_s)
     except launch.RankFailed as err:
         _record_failure(config, mailbox, str(err))
-        disk.clean_stale(config.out)
+        open_storage(config.store, config.out).clean_stale()
         raise
 
 
@@ -272,20 +274,12 @@ def _phase(world: launch.World, count: int, timeout_s: float) -> Ranks | None:
     return Ranks(world.rank, count, group, world.host, world.threads, timeout_s) if world.rank < count else None
 
 
-def _entries(strategy: Sharded, path: Path) -> Layout:
+def _entries(strategy: Sharded, path: Location) -> Layout:
     """The manifest's tensors; a directory without it is not a checkpoint, one of another format not this one's."""
     found = Manifest.read(path)
     if not strategy.reads(found.config):
         raise CheckpointError(f"{path}: written by {found.strategy}; {strategy.name} reads another format")
     return found.tensors
-
-
-def _commit(strategy: Sharded, entries: Layout, partial: Path, path: Path) -> None:
-    """Rank 0, once every rank's data is durable: the manifest, synced, then the rename that completes it."""
-    Manifest(strategy.name, strategy.config(), entries).write(partial)
-    disk.sync_filesystem(partial)
-    os.replace(partial, path)
-    disk.fsync_directory(path.parent)
 
 
 def _quiet(message: str) -> None:
@@ -387,10 +381,10 @@ class RankedBenchmark(Benchmark):
             self._cycle(strategy, entries, path)
         finally:
             if self._lead:
-                disk.discard(path)
+                self.storage.discard(path)
         self._warm.add(strategy.name)
 
-    def _path(self, name: str) -> Path:
+    def _path(self, name: str) -> Location:
         return self.everyone.broadcast(self.storage.working(name) if self._lead else None)
 
     def _repeat(self, strategy: Strategy, repeat: int) -> Row:
@@ -404,19 +398,19 @@ class RankedBenchmark(Benchmark):
             reports: list[_Report] | None = [None] * self.world.size if self._lead else None
             dist.gather_object(report, reports, dst=0)
             if self._lead and self.config.keep_checkpoints and repeat == self.config.repeats - 1:
-                disk.install(path, self.out / strategy.name)
+                self.storage.install(path, strategy.name)
         finally:
             if self._lead:
-                disk.discard(path)
+                self.storage.discard(path)
         row = None
         if self._lead:
             row = self._ranked_row(strategy, repeat, reports, usage, drift, time.perf_counter() - started, probe_s)
         return self.everyone.broadcast(row)
 
-    def _cycle(self, strategy: Sharded, entries: Layout, path: Path) -> tuple[_Report, disk.DiskUsage | None]:
+    def _cycle(self, strategy: Sharded, entries: Layout, path: Location) -> tuple[_Report, DiskUsage | None]:
         """Save, evict, cold load, warm load and verify on this rank; the disk usage on local rank 0s."""
         saved = self._timed_save(strategy, entries, path)
-        usage = disk.evict(path) if self.world.local_rank == 0 else None
+        usage = self.storage.settle(path) if self.world.local_rank == 0 else None
         self.everyone.barrier()
         cold, loaded = self._timed_load(strategy, path)
         cold_ok = self._holds(strategy, entries, loaded, path)
@@ -425,40 +419,39 @@ class RankedBenchmark(Benchmark):
         warm_ok = self._holds(strategy, entries, loaded, path)
         return _Report(saved, cold, warm, cold_ok and warm_ok), usage
 
-    def _timed_save(self, strategy: Sharded, entries: Layout, path: Path) -> _Timing | None:
-        partial = None
+    def _timed_save(self, strategy: Sharded, entries: Layout, path: Location) -> _Timing | None:
+        staging = None
         if self._lead:
-            disk.ensure_free(
-                self.out, strategy.estimate_bytes({e.name: self.checkpoint.tensors[e.name] for e in entries})
+            self.storage.ensure_free(
+                strategy.estimate_bytes({e.name: self.checkpoint.tensors[e.name] for e in entries})
             )
-            partial = disk.partial_name(path)
-            partial.mkdir(parents=True)
-        partial = self.everyone.broadcast(partial)
+            staging = Staging.begin(path)
+        staging = self.everyone.broadcast(staging)
         try:
-            timing = None if self.saving is None else self._save_shards(strategy, entries, partial, path)
+            timing = None if self.saving is None else self._save_shards(strategy, entries, staging)
             self.everyone.barrier()  # committed before any rank evicts or reads it
         except BaseException as failure:
             if self._lead:
-                disk.remove_failed(partial, failure)
+                staging.abandon(failure)
             raise
         return timing
 
-    def _save_shards(self, strategy: Sharded, entries: Layout, partial: Path, path: Path) -> _Timing:
+    def _save_shards(self, strategy: Sharded, entries: Layout, staging: Staging) -> _Timing:
         ranks = self.saving
         shards: Tensors = {e.name: self.shards[e.name] for e in entries}
         with strategy.session(ranks, writing=True) as session:
             ranks.barrier()
             with measure() as timing:
                 start = time.perf_counter()
-                strategy.save_shards(session, shards, entries, partial, ranks)
-                disk.sync_filesystem(partial)
+                strategy.save_shards(session, shards, entries, staging.partial, ranks)
+                staging.partial.sync()
                 own = time.perf_counter() - start
                 ranks.barrier()
-                if ranks.rank == 0:
-                    _commit(strategy, entries, partial, path)
+                if ranks.rank == 0:  # every rank's data is durable: the manifest, synced, then published
+                    staging.commit(Manifest(strategy.name, strategy.config(), entries))
         return _Timing.of(timing, own)
 
-    def _timed_load(self, strategy: Sharded, path: Path) -> tuple[_Timing | None, OrderedDict | None]:
+    def _timed_load(self, strategy: Sharded, path: Location) -> tuple[_Timing | None, OrderedDict | None]:
         ranks = self.loading
         if ranks is None:
             return None, None
@@ -471,7 +464,7 @@ class RankedBenchmark(Benchmark):
                 ranks.barrier()
         return _Timing.of(timing, own), loaded
 
-    def _holds(self, strategy: Sharded, entries: Layout, loaded: Tensors | None, path: Path) -> bool:
+    def _holds(self, strategy: Sharded, entries: Layout, loaded: Tensors | None, path: Location) -> bool:
         """Whether this rank's loaded rows are, bit for bit, the rows it must hold (true when it loaded none)."""
         if loaded is None:
             return True
@@ -488,7 +481,7 @@ class RankedBenchmark(Benchmark):
         strategy: Strategy,
         repeat: int,
         reports: list[_Report],
-        usage: disk.DiskUsage,
+        usage: DiskUsage,
         drift: _Drift,
         wall_s: float,
         probe_s: float,

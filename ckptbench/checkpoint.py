@@ -1,14 +1,13 @@
 """A complete checkpoint: a strategy's files plus the manifest, saved, loaded and verified as one.
 
-Every save goes through ``save`` (library errors wrapped, a full disk named as such, the manifest
-last), every load through ``load`` (refused without the manifest, checked against it), and
+Every save goes through ``save`` (library errors wrapped, a full disk named as such, committed with
+the manifest last), every load through ``load`` (refused without the manifest, checked against it), and
 ``verify`` re-reads any checkpoint ckptbench wrote and names each damaged tensor.
 """
 
 from __future__ import annotations
 
 import errno
-import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -18,15 +17,16 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, CkptbenchError, DiskFullError, gigabytes
+from .location import Location, Staging
 from .manifest import MANIFEST, Layout, Manifest, ManifestError, check_loaded, problem
-from .objectstore import Prefix
 from .pytree import structure_of
-from .strategies import Location, Progress, Strategy, Tensors, from_config, get_strategy
+from .storage import location
+from .strategies import Progress, Strategy, Tensors, from_config, get_strategy
 
 _NEARLY_FULL = 16 << 20
 
 
-def _disk_full(err: BaseException, directory: Path) -> bool:
+def _disk_full(err: BaseException, directory: Location) -> bool:
     """ENOSPC anywhere in the chain, or a write that failed on a (nearly) full filesystem.
 
     Libraries report a full disk their own way (torch.save: "unexpected pos"; TensorStore: an
@@ -39,32 +39,32 @@ def _disk_full(err: BaseException, directory: Path) -> bool:
         if "No space left on device" in str(chain):
             return True
         chain = chain.__cause__ or chain.__context__
-    try:
-        return shutil.disk_usage(directory).free < _NEARLY_FULL
-    except OSError:
-        return False
+    space = directory.space()
+    return space is not None and space[1] < _NEARLY_FULL
 
 
-def save(strategy: Strategy, tensors: Tensors, layout: Layout, directory: Location, progress: Progress) -> float | None:
-    """Write ``tensors`` with ``strategy`` into ``directory``, then the manifest that marks it complete.
+def save(strategy: Strategy, tensors: Tensors, layout: Layout, staging: Staging, progress: Progress) -> float | None:
+    """Write ``tensors`` with ``strategy`` where ``staging`` stages them, then commit: the manifest last.
 
     For an asynchronous save, returns the seconds until the strategy gave control back (the stall
     training would see; the save is then waited for); None for a synchronous one, whose caller waits
     for all of it.
     """
+    directory = staging.partial
     try:
         started = time.perf_counter()
         pending = strategy.save(tensors, directory, progress)
         blocking = time.perf_counter() - started
         if pending is not None:
             pending()
-        Manifest(strategy.name, strategy.config(), layout, structure_of(tensors)).write(directory)
+        staging.commit(Manifest(strategy.name, strategy.config(), layout, structure_of(tensors)))
         return None if pending is None else blocking
     except Exception as err:  # each library raises its own types for I/O failures; strategies wrap some
-        if isinstance(directory, Path) and _disk_full(err, directory):
-            need, free = gigabytes(strategy.estimate_bytes(tensors), shutil.disk_usage(directory).free)
+        if _disk_full(err, directory):
+            where, free_bytes = directory.space()
+            need, free = gigabytes(strategy.estimate_bytes(tensors), free_bytes)
             raise DiskFullError(
-                f"disk full under {directory.parent} during the {strategy.name} save: it needs about "
+                f"disk full under {where} during the {strategy.name} save: it needs about "
                 f"{need} GB; {free} GB are free now "
                 f"that its partial files are written (they are removed)"
             ) from err
@@ -74,12 +74,13 @@ def save(strategy: Strategy, tensors: Tensors, layout: Layout, directory: Locati
 
 
 def load(
-    strategy: Strategy, directory: Location, progress: Progress, into: Tensors | None = None
+    strategy: Strategy, where: Location | Path, progress: Progress, into: Tensors | None = None
 ) -> OrderedDict[str, torch.Tensor]:
     """Every tensor, as the manifest describes it, in fresh memory or read ``into`` existing tensors.
 
     Refuses an incomplete checkpoint, one of another format, and existing tensors that do not match it.
     """
+    directory = location(where)
     manifest = Manifest.read(directory)
     if not strategy.reads(manifest.config):
         raise CheckpointError(
@@ -124,13 +125,13 @@ class Verification:
         return not self.damage
 
 
-def verify(path: str | Location, strategy: str | None = None) -> Verification:
+def verify(path: str | Path | Location, strategy: str | None = None) -> Verification:
     """Re-read a checkpoint tensor by tensor and check each against its manifest (dtype, shape, digest).
 
     The strategy comes from the manifest (rebuilt from its stored configuration) unless named.
     Raises ``CheckpointError`` when ``path`` is not a complete ckptbench checkpoint at all.
     """
-    directory = path if isinstance(path, Prefix) else Path(path)
+    directory = location(path)
     try:
         manifest = Manifest.read(directory)
     except ManifestError as err:

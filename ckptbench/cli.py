@@ -45,7 +45,7 @@ from .config import LOAD_INTO, ORDERS, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
 from .manifest import MANIFEST
 from .results import ResultsFile, frame, read_results, summarize
-from .storage import FILE, S3Storage
+from .storage import FILE, location, remote_kinds
 from .strategies import STRATEGIES
 from .study import BENCH, GROUPS, parse_strategies
 
@@ -207,10 +207,9 @@ def _config(args: argparse.Namespace, **extra) -> RunConfig:
 def _session(config: RunConfig) -> Benchmark:
     bench = Benchmark(config)
     checkpoint = bench.prepare()
-    where = "disk" if config.store == FILE else f"{config.store} (single-stream PUT/GET)"
     print(
         f"{checkpoint.source}: {len(checkpoint.tensors)} tensors, {checkpoint.params:,} parameters, "
-        f"{checkpoint.nbytes / 1e9:.3g} GB; {where}: {bench.limits.describe()}; "
+        f"{checkpoint.nbytes / 1e9:.3g} GB; {bench.storage.measured_on}: {bench.limits.describe()}; "
         f"{config.repeats} repeat(s), {config.order} order, loads into {config.load_into} tensors"
     )
     return bench
@@ -312,8 +311,7 @@ def _verify(args: argparse.Namespace) -> int:
     code = 0
     for path in args.paths:
         try:
-            place = S3Storage(path, args.s3_endpoint, args.s3_rtt_ms).root if path.startswith("s3://") else path
-            found = checkpoint.verify(place, args.strategy)
+            found = checkpoint.verify(location(path, args.s3_endpoint, args.s3_rtt_ms), args.strategy)
         except CheckpointError as err:
             print(f"error: not a checkpoint ckptbench can verify: {err}", file=sys.stderr)
             code = 2
@@ -392,17 +390,28 @@ def _list(args: argparse.Namespace) -> int:
         print(docs.strategies_markdown().rstrip("\n"))
         return 0
     table = docs.strategies_table()
+    kinds = remote_kinds()
     if args.wide:
-        table["on s3"] = [f"skipped: {why}" if (why := STRATEGIES[n].unsupported("s3")) else "ok" for n in table.index]
+        for kind in kinds:
+            table[f"on {kind}"] = [
+                f"skipped: {why}" if (why := STRATEGIES[n].unsupported(kind)) else "ok" for n in table.index
+            ]
         print(table.to_string())
         return 0
-    rows = [("name", "8-way", "format", "on s3")]
-    s3 = ["no" if STRATEGIES[n].unsupported("s3") else "yes" for n in table.index]
-    rows += zip(table.index, table["8-way"], table["format"], s3, strict=True)
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    rows = [("name", "8-way", "format", *(f"on {kind}" for kind in kinds))]
+    rows += [
+        (
+            name,
+            table.loc[name, "8-way"],
+            table.loc[name, "format"],
+            *("no" if STRATEGIES[name].unsupported(kind) else "yes" for kind in kinds),
+        )
+        for name in table.index
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, [*widths, 0], strict=True)).rstrip())
-    print("every knob, and why a strategy cannot run on s3: `list --wide` or `list --markdown`")
+    print(f"every knob, and why a strategy cannot run on {' or '.join(kinds)}: `list --wide` or `list --markdown`")
     print(f"\npresets (--payload training: the state with a loaded copy and a step, in {training.memory_text()}):")
     print(training.presets_table().to_string())
     return 0

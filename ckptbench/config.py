@@ -14,9 +14,8 @@ from . import disk, profiles, training
 from . import model as model_lib
 from .errors import UsageError
 from .launch import under_torchrun
-from .objectstore import check_endpoint, parse_url
 from .shards import cores
-from .storage import FILE
+from .storage import FILE, check_settings, is_local, scheme
 
 Order = Literal["interleaved", "shuffled", "sequential"]
 ORDERS: tuple[str, ...] = get_args(Order)
@@ -85,15 +84,7 @@ class RunConfig:
         if self.order not in ORDERS:
             raise UsageError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         disk.refuse_file_in_the_way(self.out)
-        if self.store == FILE:
-            if self.s3_endpoint is not None or self.s3_rtt_ms is not None:
-                raise UsageError("--s3-endpoint and --s3-rtt-ms need an s3:// --store")
-        else:
-            parse_url(self.store)
-            if self.s3_endpoint is not None:
-                check_endpoint(self.s3_endpoint)
-        if self.s3_rtt_ms is not None and self.s3_rtt_ms < 0:
-            raise UsageError(f"--s3-rtt-ms must be 0 or more, got {self.s3_rtt_ms:g}")
+        check_settings(self.store, self.s3_endpoint, self.s3_rtt_ms, self.ranks)
         if self.load_into not in LOAD_INTO:
             raise UsageError(f"load_into must be one of {', '.join(LOAD_INTO)}, got {self.load_into!r}")
         if self.ranks is not None and self.ranks < 1:
@@ -106,12 +97,12 @@ class RunConfig:
                 raise UsageError(f"{label} must be 1 to {most} ({RANKS_PER_CORE} per core of {cores()}), got {count}")
         if self.rank_timeout_s <= 0:
             raise UsageError(f"rank_timeout_s must be positive, got {self.rank_timeout_s}")
-        if self.ranks is not None and self.store != FILE:
-            raise UsageError("--ranks writes to a shared filesystem (--out); an s3:// --store is one process only")
         if self.ranks is not None and self.load_into != "fresh":
             raise UsageError("--load-into existing is one process's live model; with --ranks every rank loads fresh")
-        if not self.profile.caps.empty and self.store != FILE:
-            raise UsageError("--disk-profile and --disk-limit throttle the disk under --out; not an s3:// --store")
+        if not self.profile.caps.empty and not is_local(self.store):
+            raise UsageError(
+                f"--disk-profile and --disk-limit throttle the disk under --out; not an {scheme(self.store)}:// --store"
+            )
         if self.payload not in training.PAYLOADS:
             raise UsageError(f"payload must be one of {', '.join(training.PAYLOADS)}, got {self.payload!r}")
         if self.payload == "training" and (self.model_path is not None or self.ranks is not None):

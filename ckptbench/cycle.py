@@ -30,7 +30,7 @@ from .manifest import Layout
 from .measure import Measurement, measure, return_freed_memory
 from .objectstore import Requests
 from .results import Measured, Row
-from .storage import Location, Storage
+from .storage import Location, Storage, staged
 from .strategies import Strategy, Tensors, total_bytes
 
 _POISON = 0xFF
@@ -172,9 +172,9 @@ class LocalCycle(Cycle):
             self._bar(f"{label} save", total_bytes(tensors)) as bar,
             self.storage.counting() as counted,
             measure() as timing,
-            self.storage.staged(path) as partial,
+            staged(path) as staging,
         ):
-            blocking = checkpoint.save(strategy, tensors, layout, partial, bar.update)
+            blocking = checkpoint.save(strategy, tensors, layout, staging, bar.update)
         return timing, blocking, counted.requests
 
     def _existing(self, saved: Tensors) -> OrderedDict[str, torch.Tensor] | None:

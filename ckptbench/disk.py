@@ -1,4 +1,4 @@
-"""Filesystem work around a checkpoint: durability, cache eviction, accounting, staging.
+"""Filesystem work around a checkpoint: durability, cache eviction, accounting, partial names, removal.
 
 The study's 64-element chunks make hundreds of thousands of files per float32 checkpoint, so the
 walks here spread the top-level entries over many threads and touch each file once.
@@ -15,7 +15,6 @@ import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,25 +230,6 @@ def _install_in_two_steps(source: Path, final: Path) -> None:
     fsync_directory(final.parent)
     if old is not None:
         remove(old)
-
-
-@contextmanager
-def staged(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``final`` only when the block succeeds.
-
-    The temporary name carries the writer's pid, so an interrupted save is never mistaken for a
-    complete checkpoint and a later run can tell a dead writer's leftovers from a live one's.
-    """
-    partial = partial_name(final)
-    partial.mkdir(parents=True)
-    try:
-        yield partial
-        sync_filesystem(partial)
-        os.replace(partial, final)
-        fsync_directory(final.parent)
-    except BaseException as failure:
-        remove_failed(partial, failure)
-        raise
 
 
 def clean_stale(directory: Path) -> list[Path]:

@@ -13,14 +13,15 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import xxhash
 
 from .errors import CheckpointError
-from .objectstore import Prefix
+
+if TYPE_CHECKING:
+    from .location import Location
 
 MANIFEST = "ckptbench.json"
 FORMAT = "ckptbench-checkpoint/1"
@@ -93,8 +94,8 @@ class Manifest:
     sealed: bool = True
     """Whether the file carried its own digest (older checkpoints' manifests do not)."""
 
-    def write(self, directory: Path | Prefix) -> None:
-        """Written last, under a temporary name and renamed (on S3: one PUT), so it exists only once complete."""
+    def write(self, directory: Location) -> None:
+        """Written last, as a file that exists only once complete (a disk renames it into place; a bucket PUTs it)."""
         body = {
             "format": FORMAT,
             "strategy": self.strategy,
@@ -104,18 +105,15 @@ class Manifest:
             **({} if self.structure is None else {"structure": self.structure}),
         }
         body[SEAL] = _seal(body)
-        if isinstance(directory, Prefix):
-            directory.write_text(MANIFEST, json.dumps(body, indent=1))
-            return
-        partial = directory / f".{MANIFEST}.partial"
-        partial.write_text(json.dumps(body, indent=1))
-        os.replace(partial, directory / MANIFEST)
+        directory.put_text(MANIFEST, json.dumps(body, indent=1))
 
     @classmethod
-    def read(cls, directory: Path | Prefix) -> Manifest:
-        path = f"{directory}{MANIFEST}" if isinstance(directory, Prefix) else directory / MANIFEST
+    def read(cls, directory: Location) -> Manifest:
+        path = directory.where(MANIFEST)
         try:
-            text = directory.read_text(MANIFEST) if isinstance(directory, Prefix) else _read_local(directory)
+            if (absent := directory.absent()) is not None:
+                raise CheckpointError(f"{directory}: {absent}")
+            text = directory.get_text(MANIFEST)
             if text is None:
                 raise CheckpointError(f"{directory}: no {MANIFEST}; not a complete ckptbench checkpoint")
             body = json.loads(text)
@@ -135,14 +133,6 @@ class Manifest:
             return cls(body["strategy"], dict(body["config"]), entries, body.get("structure"), sealed)
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as err:
             raise ManifestError(f"{path}: malformed manifest: {err!r}") from err
-
-
-def _read_local(directory: Path) -> str | None:
-    if not directory.is_dir():
-        what = "a file, not a checkpoint folder" if directory.exists() else "no such checkpoint folder"
-        raise CheckpointError(f"{directory}: {what}")
-    path = directory / MANIFEST
-    return path.read_text() if path.is_file() else None
 
 
 def check_loaded(loaded: Mapping[str, torch.Tensor], entries: Layout, source: str) -> None:

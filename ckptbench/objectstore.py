@@ -1,4 +1,11 @@
-"""Checkpoints in an S3 bucket: where one lives, the client that moves its objects, and the requests it cost.
+"""Checkpoints in an S3 bucket (``--store s3://BUCKET/PREFIX``): where one lives, what a run does with the
+bucket, the client that moves its objects, and the requests it cost.
+
+A bucket has no rename and no page cache: every PUT is durable once acknowledged, nothing is cached
+on the client (each load opens a fresh TensorStore context; boto3 keeps nothing), and the manifest,
+written last, is the commit marker, so a prefix without one is never complete. Each run writes
+under its own working prefix (host, pid, token), so runs sharing a bucket never collide, and a later
+run on the same host removes a dead run's.
 
 TensorStore talks to S3 itself (its ``s3`` kvstore, spec from ``Prefix.kvstore``); the one-file
 libraries go through boto3 (multipart upload, parallel ranged download). Requests are counted by
@@ -10,20 +17,33 @@ wrong endpoint fails within seconds, not after TensorStore's default quarter of 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+import itertools
 import os
+import secrets
+import socket
+import statistics
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+import psutil
 import tensorstore as ts
 
+from .disk import DiskUsage
 from .errors import CkptbenchError, UsageError
+from .limits import Limits, ProbeSettings, Stream
+from .location import Counted, Location, Source, Storage, T
+from .manifest import MANIFEST
 
 MiB = 1 << 20
 SCHEME = "s3://"
@@ -37,6 +57,10 @@ TENSORSTORE_RETRIES = {"max_retries": 3, "initial_delay": "200ms", "max_delay": 
 STALL_S = "30"
 """A TensorStore request that moves no bytes for this long fails (its default is 120 s)."""
 _TS_METRICS = ("/tensorstore/kvstore/s3/", "/tensorstore/http/request_started")
+_WORK = ".work"
+_THREADS = 8
+PREFLIGHT_TIMEOUT_S = 5
+"""The pre-flight check's connect and read time-out (two attempts): a wrong endpoint fails within seconds."""
 
 
 class StorageError(CkptbenchError):
@@ -166,13 +190,6 @@ class BotoCounter:
             return self._counts
 
 
-@dataclass
-class Counted:
-    """Filled in when a ``counting`` block exits: the requests made inside it (None on a local disk)."""
-
-    requests: Requests | None = None
-
-
 @functools.cache
 def _client(endpoint: Endpoint, keys: tuple[str, str, str], attempts: int, timeout: float) -> tuple[Any, BotoCounter]:
     import boto3
@@ -219,8 +236,12 @@ def transfer_config() -> Any:
 
 
 @dataclass(frozen=True)
-class Prefix:
-    """A "folder" in a bucket: where one checkpoint's objects live (``key`` ends with '/')."""
+class Prefix(Location):
+    """A "folder" in a bucket: where one checkpoint's objects live (``key`` ends with '/').
+
+    Written in place (``stage`` is the prefix itself): there is no rename, every PUT is durable once
+    acknowledged, and the manifest, PUT last, is what makes it complete.
+    """
 
     bucket: str
     key: str
@@ -231,6 +252,9 @@ class Prefix:
 
     def __truediv__(self, name: str) -> Prefix:
         return replace(self, key=f"{self.key}{name}/")
+
+    def where(self, name: str) -> str:
+        return f"{self}{name}"
 
     @property
     def client(self) -> Any:
@@ -256,28 +280,84 @@ class Prefix:
             spec["endpoint"] = self.endpoint.url
         return spec
 
+    def write(self, name: str, fill: Callable[[Source], None]) -> None:
+        """One object, filled in memory, then uploaded: a multipart upload in parallel parts when large."""
+        buffer = io.BytesIO()
+        fill(buffer)
+        buffer.seek(0)
+        self.upload(name, buffer)
+
+    def read(self, name: str, parse: Callable[[Source], T]) -> T:
+        """One object downloaded into memory (a HEAD, then parallel ranged GETs when large), then parsed."""
+        from botocore.exceptions import ClientError
+
+        try:
+            buffer = self.download(name)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                raise FileNotFoundError(f"{self.where(name)}: no such object") from err
+            raise
+        return parse(buffer)
+
     def upload(self, name: str, data: io.BufferedIOBase) -> None:
-        """One object from a file object: a multipart upload in parallel parts when large."""
         self.client.upload_fileobj(data, self.bucket, f"{self.key}{name}", Config=transfer_config())
 
     def download(self, name: str) -> io.BytesIO:
-        """One object into memory: a HEAD, then parallel ranged GETs when large."""
         buffer = io.BytesIO()
         self.client.download_fileobj(self.bucket, f"{self.key}{name}", buffer, Config=transfer_config())
         buffer.seek(0)
         return buffer
 
-    def write_text(self, name: str, text: str) -> None:
+    def put_text(self, name: str, text: str) -> None:
         """One PUT: an object appears whole or not at all, so this is the commit marker's write."""
         self.client.put_object(Bucket=self.bucket, Key=f"{self.key}{name}", Body=text.encode())
 
-    def read_text(self, name: str) -> str | None:
-        """The object's text, or None if there is no such object."""
+    def get_text(self, name: str) -> str | None:
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=f"{self.key}{name}")["Body"]
         except self.client.exceptions.NoSuchKey:
             return None
         return body.read().decode()
+
+    def objects(self) -> Iterator[dict[str, Any]]:
+        """Every object under this prefix, as the server lists them (key, size, ...)."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.key)
+        for page in pages:
+            yield from page.get("Contents", [])
+
+    def children(self) -> list[Prefix]:
+        """The prefixes one level below this one."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.key, Delimiter="/"
+        )
+        names = [c["Prefix"].removeprefix(self.key).rstrip("/") for p in pages for c in p.get("CommonPrefixes", [])]
+        return [self / name for name in names]
+
+    def stage(self) -> Prefix:
+        """A fresh prefix (each run's own, each checkpoint numbered) is written in place."""
+        return self
+
+    def sync(self) -> None:
+        """Nothing to do: an acknowledged PUT is durable."""
+
+    def publish(self, final: Location) -> None:
+        """Nothing to do: the manifest just PUT made the prefix complete where it is."""
+        if final != self:
+            raise ValueError(f"{self} was staged in place for itself, not for {final}")
+
+    def remove(self) -> None:
+        """The manifest first (from then on it is not a checkpoint), then every other object, in batches."""
+        s3 = self.client
+        s3.delete_object(Bucket=self.bucket, Key=f"{self.key}{MANIFEST}")
+
+        def delete(keys: list[str]) -> None:
+            found = s3.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys]})
+            if found.get("Errors"):
+                first = found["Errors"][0]
+                raise OSError(f"{self}: could not delete {first['Key']}: {first.get('Message', first)}")
+
+        keys = (o["Key"] for o in self.objects())
+        _parallel(delete, iter(lambda: list(itertools.islice(keys, 1000)), []))
 
 
 @contextmanager
@@ -328,3 +408,170 @@ def explain(err: BaseException, endpoint: Endpoint, bucket: str) -> StorageError
                 exit_code=2,
             )
     return StorageError(f"S3 at {where}, bucket {bucket!r}: {type(err).__name__}: {err}")
+
+
+class S3Storage(Storage):
+    """A prefix in a bucket: ``s3://bucket/prefix``; kept checkpoints go to ``prefix/<name>/``."""
+
+    kind = "s3"
+    form = "s3://BUCKET/PREFIX"
+    local = False
+
+    def __init__(self, url: str, endpoint: str | None, injected_rtt_ms: float | None = None) -> None:
+        self.url = url
+        self.bucket, key = parse_url(url)
+        self._endpoint_url = None if endpoint is None else check_endpoint(endpoint)
+        self.injected_rtt_ms = injected_rtt_ms
+        self._run = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._key = key
+        self._names = itertools.count()
+        self._endpoint: Endpoint | None = None
+
+    @classmethod
+    def validate(cls, url: str, endpoint: str | None) -> None:
+        parse_url(url)
+        if endpoint is not None:
+            check_endpoint(endpoint)
+
+    @classmethod
+    def open(cls, url: str, out: Path, endpoint: str | None, injected_rtt_ms: float | None) -> S3Storage:
+        return cls(url, endpoint, injected_rtt_ms)
+
+    @classmethod
+    def locate(cls, url: str, endpoint: str | None, injected_rtt_ms: float | None) -> Prefix:
+        return cls(url, endpoint, injected_rtt_ms).root
+
+    @property
+    def measured_on(self) -> str:
+        return f"{self.url} (single-stream PUT/GET)"
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The endpoint clients use (the delay proxy's when latency is injected); set by ``check``."""
+        if self._endpoint is None:
+            self.check()
+        assert self._endpoint is not None
+        return self._endpoint
+
+    @property
+    def root(self) -> Prefix:
+        return Prefix(self.bucket, self._key, self.endpoint)
+
+    def check(self) -> None:
+        """Credentials present, the server answering, the key pair accepted and the bucket there.
+
+        TensorStore, asked to create an array in a missing bucket, retries forever (a 404 on its
+        conditional PUT reads as a lost race), so the bucket is checked before any save.
+        """
+        if self._endpoint is not None:
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        endpoint = Endpoint.from_environment(self._endpoint_url)
+        if self.injected_rtt_ms is not None:
+            endpoint = Endpoint(self._start_delay(endpoint), endpoint.region)
+        try:
+            client(endpoint, attempts=2, timeout=PREFLIGHT_TIMEOUT_S)[0].head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as err:
+            raise explain(err, endpoint, self.bucket) from err
+        self._endpoint = endpoint
+
+    def _start_delay(self, endpoint: Endpoint) -> str:
+        from .delayproxy import DelayProxy
+
+        if endpoint.url is None:
+            raise UsageError("--s3-rtt-ms needs --s3-endpoint: the delay is injected in front of that endpoint")
+        proxy = DelayProxy(endpoint.url, float(self.injected_rtt_ms or 0)).start()
+        weakref.finalize(self, proxy.stop)
+        return proxy.endpoint
+
+    def working(self, name: str) -> Prefix:
+        return self.root / _WORK / self._run / f"{name}.{next(self._names)}"
+
+    def counting(self) -> contextlib.AbstractContextManager[Counted]:
+        return counting(self.endpoint)
+
+    def settle(self, location: Location) -> DiskUsage:
+        """Nothing to evict on the client; the size and object count as the server lists them."""
+        objects = list(_prefix(location).objects())
+        size = sum(o["Size"] for o in objects)
+        return DiskUsage(size, size, len(objects))
+
+    def install(self, location: Location, name: str) -> Prefix:
+        """Server-side copies into ``prefix/<name>/``, the manifest last; then the working copy goes."""
+        source, final = _prefix(location), self.root / name
+        final.remove()
+        s3 = source.client
+        objects = [o["Key"] for o in source.objects()]
+        marker = f"{source.key}{MANIFEST}"
+
+        def copy(key: str) -> None:
+            target = f"{final.key}{key.removeprefix(source.key)}"
+            s3.copy_object(Bucket=final.bucket, Key=target, CopySource={"Bucket": source.bucket, "Key": key})
+
+        _parallel(copy, (k for k in objects if k != marker))
+        if marker in objects:
+            copy(marker)
+        source.remove()
+        return final
+
+    def clean_stale(self) -> list[str]:
+        """Working prefixes of this host's runs whose process is gone (another host's are left alone)."""
+        work = self.root / _WORK
+        host = socket.gethostname()
+        removed = []
+        for stale in work.children():
+            run = stale.key.removeprefix(work.key).rstrip("/")
+            owner, _, rest = run.rpartition("-")
+            owner_host, _, pid = owner.rpartition("-")
+            if owner_host == host and pid.isdigit() and rest and not psutil.pid_exists(int(pid)):
+                for checkpoint in stale.children():
+                    checkpoint.remove()
+                stale.remove()
+                removed.append(str(stale))
+        return removed
+
+    def limits(self, settings: ProbeSettings, reprobe: bool = False) -> Limits:
+        """One object uploaded and downloaded three times, as one-file strategies do: measured every run."""
+        return self._probe(settings.total_bytes, repeats=3)
+
+    def stream(self, size: int) -> Stream:
+        probe = self._probe(size, repeats=1)
+        return Stream(probe.write_gbps, probe.read_gbps, probe.probe_s)
+
+    def _probe(self, size: int, repeats: int) -> Limits:
+        """One object of ``size`` random bytes uploaded and downloaded ``repeats`` times."""
+        place = self.working("store-probe")
+        data = os.urandom(size)
+        writes, reads = [], []
+        try:
+            for _ in range(repeats):
+                writes.append(_timed(lambda: place.upload("probe", io.BytesIO(data))))
+                reads.append(_timed(lambda: place.download("probe")))
+        finally:
+            place.remove()
+        return Limits(
+            write_gbps=size / statistics.median(writes) / 1e9,
+            read_gbps=size / statistics.median(reads) / 1e9,
+            probe_bytes=size,
+            probe_s=sum(writes) + sum(reads),
+            tool="one object, boto3",
+        )
+
+
+def _prefix(location: Location) -> Prefix:
+    if not isinstance(location, Prefix):
+        raise TypeError(f"{location} is not an S3 prefix")
+    return location
+
+
+def _timed(action: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def _parallel(action: Callable[[Any], None], items: Iterator[Any]) -> None:
+    with ThreadPoolExecutor(_THREADS) as pool:
+        for future in [pool.submit(action, item) for item in items]:
+            future.result()

@@ -23,7 +23,6 @@ CPU cost of drawing the whole model on every rank. Rank 0 digests each whole ten
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections import OrderedDict
@@ -38,7 +37,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import disk, launch, manifest, study, throttle
+from . import launch, manifest, study, throttle
 from . import model as model_lib
 from .benchmark import Benchmark, PhaseResult, new_run_id
 from .bitwise import check_identical
@@ -46,6 +45,7 @@ from .config import RunConfig
 from .cycle import Cycle, Stopwatch
 from .errors import CheckpointError, UsageError, VerificationError, gigabytes
 from .limits import Limits
+from .location import Location, Staging
 from .manifest import Layout, Manifest
 from .measure import Measurement, measure, return_freed_memory
 from .results import Measured, ResultsFile, Row, frame
@@ -110,7 +110,7 @@ def run(
         return launch.spawn(mailbox, _on_rank, size, config, chosen, limits, timeout_s=config.rank_timeout_s)
     except launch.RankFailed as err:
         _record_failure(config, mailbox, str(err))
-        disk.clean_stale(config.out)
+        open_storage(config.store, config.out).clean_stale()
         raise
 
 
@@ -250,14 +250,6 @@ def _entries(strategy: Sharded, path: Path) -> Layout:
     return found.tensors
 
 
-def _commit(strategy: Sharded, entries: Layout, partial: Path, path: Path) -> None:
-    """Rank 0, once every rank's data is durable: the manifest, synced, then the rename that completes it."""
-    Manifest(strategy.name, strategy.config(), entries).write(partial)
-    disk.sync_filesystem(partial)
-    os.replace(partial, path)
-    disk.fsync_directory(path.parent)
-
-
 def _quiet(message: str) -> None:
     """The log of ranks other than 0: rank 0 speaks for the run."""
 
@@ -320,7 +312,7 @@ class RankedCycle(Cycle):
         try:
             save = self._save(strategy, tensors, layout, path)
             with clock("evict"):
-                usage = disk.evict(path) if self.world.local_rank == 0 else None
+                usage = self.storage.settle(path) if self.world.local_rank == 0 else None
                 self.everyone.barrier()
             cold, loaded = self._load(strategy, path)
             with clock("verify"):
@@ -357,36 +349,35 @@ class RankedCycle(Cycle):
         )
 
     def _save(
-        self, strategy: Sharded, tensors: Tensors, layout: Layout, path: Path
+        self, strategy: Sharded, tensors: Tensors, layout: Layout, path: Location
     ) -> tuple[Measurement, float] | None:
-        partial = None
+        staging = None
         if self.lead:
             self.storage.ensure_free(strategy.estimate_bytes({e.name: tensors[e.name] for e in layout}))
-            partial = disk.partial_name(path)
-            partial.mkdir(parents=True)
-        partial = self.everyone.broadcast(partial)
+            staging = Staging.begin(path)
+        staging = self.everyone.broadcast(staging)
         try:
-            timing = None if self.saving is None else self._save_shards(strategy, layout, partial, path)
+            timing = None if self.saving is None else self._save_shards(strategy, layout, staging)
             self.everyone.barrier()  # committed before any rank evicts or reads it
         except BaseException as failure:
             if self.lead:
-                disk.remove_failed(partial, failure)
+                staging.abandon(failure)
             raise
         return timing
 
-    def _save_shards(self, strategy: Sharded, layout: Layout, partial: Path, path: Path) -> tuple[Measurement, float]:
+    def _save_shards(self, strategy: Sharded, layout: Layout, staging: Staging) -> tuple[Measurement, float]:
         ranks = self.saving
         shards: Tensors = {e.name: self.held.save[e.name] for e in layout}
         with strategy.session(ranks, writing=True) as session:
             ranks.barrier()
             with measure() as timing:
                 start = time.perf_counter()
-                strategy.save_shards(session, shards, layout, partial, ranks)
-                disk.sync_filesystem(partial)
+                strategy.save_shards(session, shards, layout, staging.partial, ranks)
+                staging.partial.sync()
                 own = time.perf_counter() - start
                 ranks.barrier()
-                if ranks.rank == 0:
-                    _commit(strategy, layout, partial, path)
+                if ranks.rank == 0:  # every rank's data is durable: the manifest, synced, then published
+                    staging.commit(Manifest(strategy.name, strategy.config(), layout))
         return timing, own
 
     def _load(self, strategy: Sharded, path: Path) -> tuple[tuple[Measurement, float] | None, Tensors | None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .location import FILE, scheme
 from .results import drift_stands_out, succeeded
 from .rounds import Interval, paired_ratio, per_round
 from .study import CLAIMS, EIGHT_WAY, EXACT_METRICS, METRICS, Claim, Criterion, Each, Ratio
@@ -117,9 +118,9 @@ def _table_row(claim: Claim, measured: str, verdict: str, reason: str) -> dict[s
 
 
 def store_kind(results: pd.DataFrame) -> str:
-    """``s3`` when the rows measured object storage, else ``file`` (rows from before stores existed too)."""
+    """The scheme of the store the rows measured (``s3``, ...), else ``file`` (rows from before stores existed too)."""
     stores = results["store"].dropna() if "store" in results else pd.Series(dtype=str)
-    return "s3" if stores.str.startswith("s3://").any() else "file"
+    return next(iter(sorted({scheme(s) for s in stores if s} - {FILE})), FILE)
 
 
 def check(results: pd.DataFrame) -> pd.DataFrame:

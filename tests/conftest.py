@@ -28,6 +28,8 @@ except ModuleNotFoundError:  # plain `pytest` from elsewhere: the package sits n
 
 from ckptbench import checkpoint, disk, get_strategy, manifest, read_results
 from ckptbench.limits import CACHE_DIR, Limits
+from ckptbench.local import Folder
+from ckptbench.location import staged
 from ckptbench.model import ModelCheckpoint
 from ckptbench.s3server import S3Server
 from ckptbench.strategies import Strategy
@@ -84,8 +86,8 @@ def tiny() -> ModelCheckpoint:
 def save_checkpoint(strategy: Strategy, tensors, path: Path, progress=lambda n: None) -> disk.DiskUsage:
     """A complete checkpoint (files, manifest, sync, rename) as the harness writes it; its size on disk."""
     layout = manifest.layout(tensors, manifest.digests(tensors))
-    with disk.staged(path) as partial:
-        checkpoint.save(strategy, tensors, layout, partial, progress)
+    with staged(Folder(path)) as staging:
+        checkpoint.save(strategy, tensors, layout, staging, progress)
     return disk.evict(path)
 
 

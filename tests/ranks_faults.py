@@ -9,9 +9,9 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
+from ckptbench.location import Location
 from ckptbench.strategies.sharded import Regions
 
 FAULT_TIME = "fault-time"
@@ -27,8 +27,8 @@ class Faulty(Regions):
     fault: str = "kill"
     form: ClassVar[str] = "faulty"
 
-    def _mark(self, directory: Path) -> None:
-        (directory.parent / FAULT_TIME).write_text(repr(time.time()))
+    def _mark(self, directory: Location) -> None:
+        (directory.folder.parent / FAULT_TIME).write_text(repr(time.time()))
 
     def save_shards(self, session, shards, entries, directory, ranks) -> None:
         super().save_shards(session, shards, entries, directory, ranks)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from ckptbench import manifest
 from ckptbench.bitwise import check_identical
 from ckptbench.launch import World
+from ckptbench.local import Folder
 from ckptbench.shards import Ranks
 from ckptbench.strategies.sharded import Sharded
 
@@ -53,13 +54,13 @@ def write_then_read(world: World, form: Sharded, directory: Path, writers: int, 
 
     if (ranks := phase(writers)) is not None:
         with form.session(ranks, writing=True) as session:
-            form.save_shards(session, {n: _rows(ranks, t) for n, t in data.items()}, entries, directory, ranks)
+            form.save_shards(session, {n: _rows(ranks, t) for n, t in data.items()}, entries, Folder(directory), ranks)
             ranks.barrier()  # a session (OCDBT's coordinator) outlives every rank's writes
     dist.barrier()
     for count in readers:
         if (ranks := phase(count)) is not None:
             with form.session(ranks, writing=False) as session:
-                loaded = form.load_shards(session, directory, entries, ranks)
+                loaded = form.load_shards(session, Folder(directory), entries, ranks)
             expected = {n: _rows(ranks, t) for n, t in data.items()}
             check_identical(loaded, expected, f"{form.name}, rank {ranks.rank} of {count} reading what {writers} wrote")
         dist.barrier()

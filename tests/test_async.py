@@ -9,8 +9,10 @@ from collections import OrderedDict
 import pandas as pd
 import pytest
 
-from ckptbench import STRATEGIES, disk, manifest, plot, report
+from ckptbench import STRATEGIES, manifest, plot, report
 from ckptbench.bitwise import check_identical
+from ckptbench.local import Folder
+from ckptbench.location import staged
 from ckptbench.manifest import Manifest
 from ckptbench.results import Row, frame, summarize
 from ckptbench.study import ASYNC
@@ -32,13 +34,13 @@ def test_an_async_save_keeps_what_it_was_given_when_training_changes_it_at_once(
     layout = manifest.layout(live, manifest.digests(live))
     before = set(threading.enumerate())
     written: list[int] = []
-    with disk.staged(tmp_path / "ckpt") as partial:
-        pending = strategy.save(live, partial, written.append)
+    with staged(Folder(tmp_path / "ckpt")) as staging:
+        pending = strategy.save(live, staging.partial, written.append)
         assert pending is not None
         for tensor in live.values():
             tensor.zero_()
         pending()
-        Manifest(strategy.name, strategy.config(), layout).write(partial)
+        staging.commit(Manifest(strategy.name, strategy.config(), layout))
     assert sum(written) == tiny.nbytes
     assert set(threading.enumerate()) <= before
     check_identical(load_checkpoint(strategy, tmp_path / "ckpt"), original, name)
@@ -49,7 +51,7 @@ def test_every_other_strategy_is_synchronous(name, tiny, tmp_path):
     path = tmp_path / "ckpt"
     path.mkdir()
     subset = OrderedDict(list(tiny.tensors.items())[:3])
-    assert STRATEGIES[name].save(subset, path, lambda n: None) is None
+    assert STRATEGIES[name].save(subset, Folder(path), lambda n: None) is None
 
 
 @pytest.mark.slow

@@ -226,8 +226,8 @@ def test_an_interrupted_phase_leaves_no_checkpoint_and_no_row(make_bench, monkey
     calls = []
 
     def interrupted_save(self, tensors, directory, progress):
-        calls.append(directory)
-        (directory / "model.pt").write_bytes(b"half")
+        calls.append(directory.folder)
+        (directory.folder / "model.pt").write_bytes(b"half")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(TorchSave, "save", interrupted_save)

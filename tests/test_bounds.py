@@ -168,23 +168,23 @@ def test_verify_finds_a_cut_or_edited_manifest_and_reads_an_older_one(name, tiny
     assert intact.returncode == 0, intact.stdout + intact.stderr
     assert intact.stdout.strip().endswith("238 tensors, intact"), intact.stdout
 
-    def check_identical(text: str) -> subprocess.CompletedProcess[str]:
+    def verify(text: str) -> subprocess.CompletedProcess[str]:
         (saved / MANIFEST).write_text(text)
         return run("verify", saved, cwd=tmp_path)
 
     original = json.dumps(body)
     for edit in (_cut(100), _cut(0)):
-        damaged = check_identical(json.dumps(edit(body)))  # still carries the digest of the full list
+        damaged = verify(json.dumps(edit(body)))  # still carries the digest of the full list
         assert damaged.returncode == 1, damaged.stdout + damaged.stderr
         assert f"DAMAGED {MANIFEST}: " in damaged.stdout
         assert "edited or cut" in damaged.stdout
-    truncated = check_identical(original[: len(original) // 2])
+    truncated = verify(original[: len(original) // 2])
     assert truncated.returncode == 1, truncated.stdout + truncated.stderr
     assert "malformed manifest" in truncated.stdout
-    older = check_identical(json.dumps(_unsealed(body)))  # before manifests carried their digest
+    older = verify(json.dumps(_unsealed(body)))  # before manifests carried their digest
     assert older.returncode == 0, older.stdout + older.stderr
     assert "238 tensors, intact (a manifest without its own digest" in older.stdout
-    cut_older = check_identical(json.dumps(_cut(100)(_unsealed(body))))  # the format's own index still tells
+    cut_older = verify(json.dumps(_cut(100)(_unsealed(body))))  # the format's own index still tells
     assert cut_older.returncode == 1, cut_older.stdout + cut_older.stderr
     assert f"names 100 tensors but the {name} data holds 238: 138 unnamed" in cut_older.stdout
 

@@ -151,8 +151,8 @@ def test_ctrl_c_during_a_save_exits_130_keeps_earlier_rows_and_no_partial(tmp_pa
     saves = []
 
     def interrupted(self, tensors, directory, progress):
-        saves.append(directory)
-        (directory / "model.pt").write_bytes(b"half a checkpoint")
+        saves.append(directory.folder)
+        (directory.folder / "model.pt").write_bytes(b"half a checkpoint")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(TorchSave, "save", interrupted)

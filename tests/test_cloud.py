@@ -29,10 +29,9 @@ from ckptbench import (
 from ckptbench.cli import main
 from ckptbench.delayproxy import DelayProxy
 from ckptbench.manifest import MANIFEST
-from ckptbench.objectstore import Prefix
+from ckptbench.objectstore import Prefix, S3Storage
 from ckptbench.results import COLUMNS, ResultsFile, row
 from ckptbench.s3server import S3Server, S3ServerError
-from ckptbench.storage import S3Storage
 
 from conftest import FAKE_LIMITS, NOTEBOOK, NOTEBOOK_TIMEOUT, dead_pid, tagged
 

@@ -16,6 +16,9 @@ import pytest
 import torch
 
 from ckptbench import EIGHT_WAY, CheckpointError, InsufficientDiskSpaceError, disk, get_strategy
+from ckptbench.local import Folder
+from ckptbench.location import staged
+from ckptbench.manifest import MANIFEST, Manifest
 
 from conftest import QUICK, dead_pid, leftovers, load_checkpoint, start
 
@@ -44,9 +47,9 @@ class InterruptingTensors(Mapping):
             yield name
 
 
-def _staged(final: Path, save: Callable[[Path], None]) -> None:
-    with disk.staged(final) as partial:
-        save(partial)
+def _staged(final: Path, save: Callable[[Folder], None]) -> None:
+    with staged(Folder(final)) as staging:
+        save(staging.partial)
 
 
 @pytest.mark.parametrize("name", ["tensorstore", "ts+ocdbt"])
@@ -56,9 +59,9 @@ def test_interrupted_save_leaves_no_checkpoint_and_no_partial(name, tiny, tmp_pa
     written: list[str] = []
     partials: list[Path] = []
 
-    def save(partial: Path) -> None:
-        partials.append(partial)
-        tensors = InterruptingTensors(tiny.tensors, 5, lambda: written.extend(os.listdir(partial)))
+    def save(partial: Folder) -> None:
+        partials.append(partial.path)
+        tensors = InterruptingTensors(tiny.tensors, 5, lambda: written.extend(os.listdir(partial.path)))
         strategy.save(tensors, partial, _ignore)
 
     with pytest.raises(KeyboardInterrupt):
@@ -77,9 +80,9 @@ def test_interrupt_from_progress_after_data_was_written(name, tiny, tmp_path):
     final = tmp_path / name
     seen: list[str] = []
 
-    def save(partial: Path) -> None:
+    def save(partial: Folder) -> None:
         def progress(nbytes: int) -> None:
-            seen.extend(os.listdir(partial))
+            seen.extend(os.listdir(partial.path))
             raise KeyboardInterrupt
 
         strategy.save(tiny.tensors, partial, progress)
@@ -94,12 +97,19 @@ def test_interrupt_from_progress_after_data_was_written(name, tiny, tmp_path):
 
 def test_staged_success_renames_into_place(tiny, tmp_path):
     final = tmp_path / "a" / "b" / "pytorch"
-    with disk.staged(final) as partial:
-        get_strategy("pytorch").save(tiny.tensors, partial, _ignore)
+    with staged(Folder(final)) as staging:
+        get_strategy("pytorch").save(tiny.tensors, staging.partial, _ignore)
         assert not final.exists()
+        staging.commit(Manifest("pytorch", {}, ()))
     assert final.is_dir()
     assert leftovers(final.parent) == ["pytorch"]
-    assert (final / "model.pt").is_file()
+    assert sorted(p.name for p in final.iterdir()) == [MANIFEST, "model.pt"]
+
+
+def test_a_staged_block_that_never_commits_leaves_nothing(tmp_path):
+    with staged(Folder(tmp_path / "ckpt")) as staging:
+        (staging.partial.path / "data").write_text("written, never committed")
+    assert leftovers(tmp_path) == []
 
 
 def test_staged_never_writes_into_an_existing_partial(tmp_path):
@@ -107,10 +117,12 @@ def test_staged_never_writes_into_an_existing_partial(tmp_path):
     old = tmp_path / f".ckpt.partial-{os.getpid()}-0"
     old.mkdir()
     (old / "junk").write_text("someone else's")
-    with disk.staged(final) as partial:
+    with staged(Folder(final)) as staging:
+        partial = staging.partial.path
         assert partial != old
         assert list(partial.iterdir()) == []
         (partial / "data").write_text("new")
+        staging.commit(Manifest("none", {}, ()))
     assert leftovers(tmp_path) == [old.name, "ckpt"]
     assert (final / "data").read_text() == "new"
     assert (old / "junk").read_text() == "someone else's"
@@ -132,8 +144,8 @@ def test_a_failed_save_whose_library_goes_on_writing_leaves_nothing_and_keeps_it
     writers: list[threading.Thread] = []
 
     def failing_save() -> None:
-        with disk.staged(final) as partial:
-            writers.append(threading.Thread(target=late_writes, args=(partial,)))
+        with staged(Folder(final)) as staging:
+            writers.append(threading.Thread(target=late_writes, args=(staging.partial.path,)))
             writers[0].start()
             threading.Timer(0.2, stop.set).start()
             time.sleep(0.05)

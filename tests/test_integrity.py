@@ -26,6 +26,7 @@ from ckptbench import (
 )
 from ckptbench.bitwise import check_identical
 from ckptbench.checkpoint import _disk_full
+from ckptbench.local import Folder
 from ckptbench.strategies import MiB
 
 from conftest import dead_pid, leftovers, load_checkpoint, save_checkpoint
@@ -172,12 +173,14 @@ def test_a_full_disk_is_recognised_through_any_librarys_wording(tmp_path, monkey
         torch_save = err
     wrapped = RuntimeError("rank 0: RuntimeError: unexpected pos")
     wrapped.__cause__ = torch_save
-    assert _disk_full(wrapped, tmp_path)  # dcp: the rank's error, whose context is the ENOSPC
-    assert _disk_full(ValueError("RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']"), tmp_path)
+    assert _disk_full(wrapped, Folder(tmp_path))  # dcp: the rank's error, whose context is the ENOSPC
+    assert _disk_full(
+        ValueError("RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']"), Folder(tmp_path)
+    )
     cryptic = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 20001536 vs 20001488")
-    assert not _disk_full(cryptic, tmp_path)
+    assert not _disk_full(cryptic, Folder(tmp_path))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
-    assert _disk_full(cryptic, tmp_path)  # torch.save names nothing: the filesystem's state does
+    assert _disk_full(cryptic, Folder(tmp_path))  # torch.save names nothing: the filesystem's state does
 
 
 def test_a_damaged_distributed_checkpoint_is_one_line(tiny, tmp_path):

@@ -15,9 +15,9 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(layer.split())
     for layer in (
         # what everything uses: errors, number formatting, timing, bitwise comparison, URLs, disk profiles, trees
-        "errors formatting environment measure bitwise shards objectstore delayproxy profiles pytree",
+        "errors formatting environment measure bitwise shards location delayproxy profiles pytree",
         # the disk, its probes, limits and throttle, the manifest, starting ranks
-        "disk probes limits manifest launch throttle s3server",
+        "disk probes limits manifest objectstore local launch throttle s3server",
         # the strategies, the model and a training state, where checkpoints live, reading one back
         "strategies strategies.* model training storage checkpoint",
         # the study's definitions, a run's settings, the rows
@@ -51,10 +51,20 @@ def _resolve(parts: list[str]) -> str | None:
     return f"{name}.__init__" if f"{name}.__init__" in MODULES else None
 
 
+def _runtime(tree: ast.Module) -> ast.Module:
+    """The module without its ``if TYPE_CHECKING:`` blocks: imports for annotations only never run."""
+    tree.body = [
+        node
+        for node in tree.body
+        if not (isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
+    ]
+    return tree
+
+
 def imports(module: str) -> set[str]:
-    """The package's modules ``module`` imports anywhere in its source (functions and TYPE_CHECKING included)."""
+    """The package's modules ``module`` imports when it runs, anywhere in its source (functions included)."""
     found = set()
-    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+    for node in ast.walk(_runtime(ast.parse(MODULES[module].read_text()))):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = _package(module)

@@ -12,6 +12,7 @@ import torch
 
 import ckptbench
 from ckptbench import bitwise, checkpoint, manifest, pytree, training
+from ckptbench.local import Folder
 from ckptbench.strategies import STRATEGIES
 
 from conftest import load_checkpoint, one_line_error, rows, run, save_checkpoint
@@ -82,7 +83,7 @@ def _resume_after_saving(name: str, trained: training.TrainingCheckpoint, tmp_pa
     strategy = STRATEGIES[name]
     path = tmp_path / name
     save_checkpoint(strategy, trained.tensors, path)
-    assert manifest.Manifest.read(path).structure == trained.structure
+    assert manifest.Manifest.read(Folder(path)).structure == trained.structure
     loaded = load_checkpoint(strategy, path)
     bitwise.check_identical(loaded, trained.tensors, name)
     assert training.resume_problem(trained, loaded) is None

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import CheckpointError, UnknownChoiceError
 from . import sharded
-from .base import Location, MiB, Pending, Progress, SingleFile, Strategy, Tensors, nbytes, total_bytes
+from .base import MiB, Pending, Progress, SingleFile, Strategy, Tensors, nbytes, total_bytes
 from .orbax import Orbax
 from .pytorch import DistributedCheckpoint, SafeTensors, TorchSave
 from .streamers import FastSafetensors, RunaiStreamer, Tensorizer
@@ -85,7 +85,6 @@ __all__ = [
     "BEST",
     "STRATEGIES",
     "DistributedCheckpoint",
-    "Location",
     "MiB",
     "Orbax",
     "Pending",

@@ -7,7 +7,6 @@ Strategies never sync either: the harness makes every save durable the same way.
 
 from __future__ import annotations
 
-import io
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -19,8 +18,8 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..location import Location, Source
 from ..manifest import Entry, Layout
-from ..objectstore import Prefix
 
 Tensors = Mapping[str, torch.Tensor]
 Progress = Callable[[int], None]
@@ -29,8 +28,6 @@ Pending = Callable[[], None]
 """What an asynchronous save returns: wait for it, and the data has been written (not yet synced)."""
 
 MiB = 1 << 20
-Location = Path | Prefix
-"""Where a checkpoint is written: a folder, or a prefix in an S3 bucket (``--store s3://...``)."""
 
 
 def nbytes(tensor: torch.Tensor) -> int:
@@ -74,7 +71,7 @@ class Strategy(ABC):
         """What this strategy sets, in words, for ``list`` and the generated tables in the docs."""
 
     def unsupported(self, store: str) -> str | None:
-        """Why this strategy cannot write to a ``store`` ("file" or "s3"), or None when it can."""
+        """Why this strategy cannot write to a ``store`` (its scheme: "file", "s3", ...), or None when it can."""
         return None
 
     @abstractmethod
@@ -127,8 +124,9 @@ class Strategy(ABC):
 class SingleFile(Strategy):
     """A library that writes the whole mapping into one file; subclasses say how it is written and read.
 
-    On S3 the file is serialised in memory and uploaded as one object (multipart, parts in
-    parallel), and downloaded into memory (ranged GETs in parallel) before it is read.
+    Its location hands it a path, or (from object storage) the file's bytes in memory: serialised
+    there and uploaded as one object (multipart, parts in parallel), downloaded there (ranged GETs
+    in parallel) before it is read.
     """
 
     filename: str
@@ -140,29 +138,29 @@ class SingleFile(Strategy):
     def read(self, source: Path | BinaryIO, entries: Layout) -> OrderedDict[str, torch.Tensor]: ...
 
     def save(self, tensors: Tensors, directory: Location, progress: Progress) -> None:
-        if isinstance(directory, Prefix):
-            buffer = io.BytesIO()
-            self.write(tensors, buffer)
-            buffer.seek(0)
-            directory.upload(self.filename, buffer)
-        else:
-            self.write(tensors, directory / self.filename)
+        directory.write(self.filename, lambda target: self.write(tensors, target))
         progress(total_bytes(tensors))
 
-    def path(self, directory: Path) -> Path:
-        """The checkpoint's one file, refused when it is missing."""
-        path = directory / self.filename
-        if not path.is_file():
-            raise CheckpointError(f"{directory}: no {self.filename}; not a complete {self.name} checkpoint")
-        return path
+    def read_file(self, directory: Location, parse: Callable[[Source], Any]) -> Any:
+        """What ``parse`` makes of the checkpoint's one file, refused when the file is missing or unreadable."""
+
+        def parsed(source: Source) -> Any:
+            try:
+                return parse(source)
+            except CheckpointError:
+                raise
+            except Exception as err:  # the libraries raise their own errors (pickle, zip, SafetensorError) for damage
+                raise CheckpointError(
+                    f"{directory.where(self.filename)}: unreadable {self.name} checkpoint: {err}"
+                ) from err
+
+        try:
+            return directory.read(self.filename, parsed)
+        except FileNotFoundError:
+            raise CheckpointError(f"{directory}: no {self.filename}; not a complete {self.name} checkpoint") from None
 
     def load(self, directory: Location, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
-        source = directory.download(self.filename) if isinstance(directory, Prefix) else self.path(directory)
-        try:
-            tensors = self.read(source, entries)
-        except Exception as err:  # the libraries raise their own errors (pickle, zip, SafetensorError) for damage
-            where = source if isinstance(source, Path) else f"{directory}{self.filename}"
-            raise CheckpointError(f"{where}: unreadable {self.name} checkpoint: {err}") from err
+        tensors = self.read_file(directory, lambda source: self.read(source, entries))
         progress(total_bytes(tensors))
         return tensors
 

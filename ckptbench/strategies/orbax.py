@@ -23,6 +23,7 @@ import tensorstore as ts
 import torch
 
 from ..errors import CheckpointError
+from ..location import Location
 from ..manifest import Entry, Layout
 from ..pytree import SEPARATOR, nest, unnest
 from .base import MiB, Pending, Progress, Strategy, Tensors, from_numpy, to_numpy, total_bytes
@@ -62,7 +63,7 @@ class Orbax(Strategy):
             return "ckptbench drives Orbax through a local folder; Orbax's own gs:// and s3:// paths are not wired in"
         return None
 
-    def save(self, tensors: Tensors, directory: Path, progress: Progress) -> Pending | None:
+    def save(self, tensors: Tensors, directory: Location, progress: Progress) -> Pending | None:
         from . import orbax_io
 
         arrays = nest({name: to_numpy(tensor.contiguous()) for name, tensor in tensors.items()})
@@ -82,7 +83,7 @@ class Orbax(Strategy):
         finish()
         return None
 
-    def load(self, directory: Path, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
+    def load(self, directory: Location, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
         from . import orbax_io
 
         with _readable(directory) as root:
@@ -94,14 +95,14 @@ class Orbax(Strategy):
         progress(total_bytes(tensors))
         return tensors
 
-    def load_into(self, directory: Path, entries: Layout, into: Tensors, progress: Progress) -> None:
+    def load_into(self, directory: Location, entries: Layout, into: Tensors, progress: Progress) -> None:
         from . import orbax_io
 
         with _readable(directory) as root:
             orbax_io.restore_into(root, nest({e.name: to_numpy(into[e.name]) for e in entries}))
         progress(sum(e.nbytes for e in entries))
 
-    def load_each(self, directory: Path, entries: Layout) -> Iterator[tuple[Entry, torch.Tensor | Exception]]:
+    def load_each(self, directory: Location, entries: Layout) -> Iterator[tuple[Entry, torch.Tensor | Exception]]:
         """Each array read with TensorStore from Orbax's kvstore, so ``verify`` names every damaged tensor.
 
         Orbax's own restore stops at the first failure and leaves the other reads reporting to its closed event loop.
@@ -138,13 +139,13 @@ def _param(name: str) -> str:
     return name.replace(SEPARATOR, ".")
 
 
-def _root(directory: Path) -> str:
+def _root(directory: Location) -> str:
     """Orbax's checkpoint folder, absolute: OCDBT refuses keys with relative components."""
-    return str((directory / SUBFOLDER).resolve())
+    return str((directory.folder / SUBFOLDER).resolve())
 
 
 @contextlib.contextmanager
-def _readable(directory: Path) -> Iterator[str]:
+def _readable(directory: Location) -> Iterator[str]:
     """The checkpoint folder; whatever Orbax raises for a missing or damaged one becomes a ``CheckpointError``."""
     root = _root(directory)
     if not Path(root).is_dir():

@@ -20,10 +20,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import CheckpointError
+from ..location import Location
 from ..manifest import Entry, Layout
-from ..objectstore import Prefix
 from ..pytree import flatten, nest, structure_of, unflatten
-from .base import Location, MiB, Pending, Progress, SingleFile, Strategy, Tensors, to_numpy, total_bytes
+from .base import MiB, Pending, Progress, SingleFile, Strategy, Tensors, to_numpy, total_bytes
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,10 @@ class TorchSave(SingleFile):
         torch.save(OrderedDict(tensors) if structure is None else unflatten(tensors, structure), target)
 
     def stored_names(self, directory: Location) -> set[str] | None:
-        """The pickle's keys, its storages mapped and never read."""
-        if isinstance(directory, Prefix):
+        """The pickle's keys, its storages mapped and never read (a local file only)."""
+        if not directory.local:
             return None
-        return set(torch.load(self.path(directory), weights_only=True, mmap=True))
+        return set(torch.load(directory.folder / self.filename, weights_only=True, mmap=True))
 
     def read(self, source: Path | BinaryIO, entries: Layout) -> OrderedDict[str, torch.Tensor]:
         loaded = torch.load(source, weights_only=True, mmap=self.mmap)
@@ -92,10 +92,10 @@ class SafeTensors(SingleFile):
             target.write(safetensors.torch.save(dict(tensors), metadata=metadata))
 
     def stored_names(self, directory: Location) -> set[str] | None:
-        """The keys of the file's JSON header."""
-        if isinstance(directory, Prefix):
+        """The keys of the file's JSON header (a local file only)."""
+        if not directory.local:
             return None
-        with safetensors.safe_open(self.path(directory), framework="pt") as f:
+        with safetensors.safe_open(directory.folder / self.filename, framework="pt") as f:
             return set(f.keys())
 
     def read(self, source: Path | BinaryIO, entries: Layout) -> OrderedDict[str, torch.Tensor]:
@@ -106,31 +106,36 @@ class SafeTensors(SingleFile):
         with safetensors.safe_open(source, framework="pt", backend="pread") as f:
             return OrderedDict((e.name, f.get_tensor(e.name)) for e in entries)
 
-    def load_into(self, directory: Path, entries: Layout, into: Tensors, progress: Progress) -> None:
+    def load_into(self, directory: Location, entries: Layout, into: Tensors, progress: Progress) -> None:
         """Each tensor's bytes read from the file straight into its existing memory, in file order.
 
         The library only returns new (or mapped) tensors, so this reads its documented layout: a
         little-endian u64 header length, then a JSON header with each tensor's dtype, shape and byte range.
         """
-        path = self.path(directory)
-        with open(path, "rb", buffering=0) as file:
-            try:
-                header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
-            except (ValueError, UnicodeDecodeError) as err:
-                raise CheckpointError(f"{path}: unreadable safetensors header: {err}") from err
-            base = file.tell()
-            for begin, end, name in sorted(_byte_range(header, entry, path) for entry in entries):
-                target = into[name]
-                buffer = (
-                    target
-                    if target.is_contiguous()
-                    else torch.empty_like(target, memory_format=torch.contiguous_format)
-                )
-                file.seek(base + begin)
-                _read_exactly(file, memoryview(to_numpy(buffer).reshape(-1).view(np.uint8)), path)
-                if buffer is not target:
-                    target.copy_(buffer)
-                progress(end - begin)
+        where = directory.where(self.filename)
+
+        def read_into(source: Path | BinaryIO) -> None:
+            with contextlib.ExitStack() as stack:
+                file = stack.enter_context(open(source, "rb", buffering=0)) if isinstance(source, Path) else source
+                try:
+                    header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+                except (ValueError, UnicodeDecodeError) as err:
+                    raise CheckpointError(f"{where}: unreadable safetensors header: {err}") from err
+                base = file.tell()
+                for begin, end, name in sorted(_byte_range(header, entry, where) for entry in entries):
+                    target = into[name]
+                    buffer = (
+                        target
+                        if target.is_contiguous()
+                        else torch.empty_like(target, memory_format=torch.contiguous_format)
+                    )
+                    file.seek(base + begin)
+                    _read_exactly(file, memoryview(to_numpy(buffer).reshape(-1).view(np.uint8)), where)
+                    if buffer is not target:
+                        target.copy_(buffer)
+                    progress(end - begin)
+
+        self.read_file(directory, read_into)
 
 
 _SAFETENSORS_DTYPES = {
@@ -143,7 +148,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _byte_range(header: dict[str, Any], entry: Entry, path: Path) -> tuple[int, int, str]:
+def _byte_range(header: dict[str, Any], entry: Entry, path: str) -> tuple[int, int, str]:
     """Where ``entry``'s bytes lie after the header, refused unless the header agrees with the manifest."""
     stored = header.get(entry.name)
     expected = {"dtype": _SAFETENSORS_DTYPES.get(entry.torch_dtype), "shape": list(entry.shape)}
@@ -155,7 +160,7 @@ def _byte_range(header: dict[str, Any], entry: Entry, path: Path) -> tuple[int, 
     return begin, end, entry.name
 
 
-def _read_exactly(file: io.FileIO, buffer: memoryview, path: Path) -> None:
+def _read_exactly(file: io.RawIOBase | BinaryIO, buffer: memoryview, path: str) -> None:
     done = 0
     while done < len(buffer):
         count = file.readinto(buffer[done:])
@@ -205,8 +210,8 @@ class DistributedCheckpoint(Strategy):
             return "torch.distributed.checkpoint writes through a filesystem (its fsspec writer needs s3fs)"
         return None
 
-    def save(self, tensors: Tensors, directory: Path, progress: Progress) -> Pending | None:
-        writer = dcp.FileSystemWriter(directory, thread_count=self.threads)
+    def save(self, tensors: Tensors, directory: Location, progress: Progress) -> Pending | None:
+        writer = dcp.FileSystemWriter(directory.folder, thread_count=self.threads)
         if not self.asynchronous:
             with _single_process(), _as_os_error():
                 dcp.save(nest(tensors), storage_writer=writer)
@@ -229,11 +234,11 @@ class DistributedCheckpoint(Strategy):
 
         return finish
 
-    def _load(self, directory: Path, tensors: OrderedDict[str, torch.Tensor], progress: Progress) -> None:
+    def _load(self, directory: Location, tensors: OrderedDict[str, torch.Tensor], progress: Progress) -> None:
         """Fill ``tensors`` in place: ``dcp.load`` writes into the tensors it is given, nested as they were saved."""
         try:
             with _single_process():
-                dcp.load(nest(tensors), storage_reader=dcp.FileSystemReader(directory))
+                dcp.load(nest(tensors), storage_reader=dcp.FileSystemReader(directory.folder))
         except CheckpointException as err:  # a BaseException: it would slip past ``except Exception``
             rank, failure = _first_failure(err)
             raise CheckpointError(
@@ -243,16 +248,16 @@ class DistributedCheckpoint(Strategy):
             raise CheckpointError(f"{directory}: unreadable distributed checkpoint: {err}") from err
         progress(total_bytes(tensors))
 
-    def stored_names(self, directory: Path) -> set[str] | None:
+    def stored_names(self, directory: Location) -> set[str] | None:
         """The keys of dcp's ``.metadata``."""
-        return set(dcp.FileSystemReader(directory).read_metadata().state_dict_metadata)
+        return set(dcp.FileSystemReader(directory.folder).read_metadata().state_dict_metadata)
 
-    def load(self, directory: Path, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
+    def load(self, directory: Location, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
         tensors = OrderedDict((e.name, torch.empty(e.shape, dtype=e.torch_dtype)) for e in entries)
         self._load(directory, tensors, progress)
         return tensors
 
-    def load_into(self, directory: Path, entries: Layout, into: Tensors, progress: Progress) -> None:
+    def load_into(self, directory: Location, entries: Layout, into: Tensors, progress: Progress) -> None:
         self._load(directory, OrderedDict((e.name, into[e.name]) for e in entries), progress)
 
     def estimate_bytes(self, tensors: Tensors) -> int:

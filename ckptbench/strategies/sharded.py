@@ -16,7 +16,6 @@ from abc import abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import tensorstore as ts
@@ -28,6 +27,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from ..errors import CheckpointError, UsageError
+from ..location import Location
 from ..manifest import Entry, Layout, layout
 from ..shards import Ranks, block_rows, contiguous_stride, row_range
 from .base import Progress, SingleFile, Strategy, Tensors, from_numpy, nbytes, to_numpy
@@ -66,16 +66,16 @@ class Sharded(Strategy):
     def reads(self, config: dict[str, Any]) -> bool:
         return config.get("sharded") == self.form and self.base.reads(config)
 
-    def save(self, tensors: Tensors, directory: Path, progress: Progress) -> None:
+    def save(self, tensors: Tensors, directory: Location, progress: Progress) -> None:
         self.base.save(tensors, directory, progress)
 
-    def load(self, directory: Path, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
+    def load(self, directory: Location, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
         return self.base.load(directory, entries, progress)
 
-    def load_each(self, directory: Path, entries: Layout) -> Iterator[tuple[Entry, torch.Tensor | Exception]]:
+    def load_each(self, directory: Location, entries: Layout) -> Iterator[tuple[Entry, torch.Tensor | Exception]]:
         return self.base.load_each(directory, entries)
 
-    def stored_names(self, directory: Path) -> set[str] | None:
+    def stored_names(self, directory: Location) -> set[str] | None:
         return self.base.stored_names(directory)
 
     def estimate_bytes(self, tensors: Tensors) -> int:
@@ -87,17 +87,17 @@ class Sharded(Strategy):
         yield None
 
     @abstractmethod
-    def save_shards(self, session: Any, shards: Tensors, entries: Layout, directory: Path, ranks: Ranks) -> None:
+    def save_shards(self, session: Any, shards: Tensors, entries: Layout, directory: Location, ranks: Ranks) -> None:
         """Write this rank's rows of every tensor of ``entries`` (``shards``, by name) into ``directory``."""
 
     @abstractmethod
     def load_shards(
-        self, session: Any, directory: Path, entries: Layout, ranks: Ranks
+        self, session: Any, directory: Location, entries: Layout, ranks: Ranks
     ) -> OrderedDict[str, torch.Tensor]:
         """This rank's rows of every tensor of ``entries``, in their order, in fresh memory."""
 
 
-def _dcp(action: str, directory: Path, call: Any) -> None:
+def _dcp(action: str, directory: Location, call: Any) -> None:
     try:
         call()
     except CheckpointException as err:  # a BaseException that names every rank's failure
@@ -128,17 +128,19 @@ class DTensorCheckpoint(Sharded):
             for e in entries
         }
 
-    def save_shards(self, session: DeviceMesh, shards: Tensors, entries: Layout, directory: Path, ranks: Ranks) -> None:
+    def save_shards(
+        self, session: DeviceMesh, shards: Tensors, entries: Layout, directory: Location, ranks: Ranks
+    ) -> None:
         state = self._dtensors(shards, entries, session)
-        writer = dcp.FileSystemWriter(directory, thread_count=self.base.threads)
+        writer = dcp.FileSystemWriter(directory.folder, thread_count=self.base.threads)
         _dcp("save", directory, lambda: dcp.save(state, storage_writer=writer, process_group=ranks.group))
 
     def load_shards(
-        self, session: DeviceMesh, directory: Path, entries: Layout, ranks: Ranks
+        self, session: DeviceMesh, directory: Location, entries: Layout, ranks: Ranks
     ) -> OrderedDict[str, torch.Tensor]:
         local = OrderedDict((e.name, torch.empty(_local_shape(e, ranks), dtype=e.torch_dtype)) for e in entries)
         state = self._dtensors(local, entries, session)
-        reader = dcp.FileSystemReader(directory)
+        reader = dcp.FileSystemReader(directory.folder)
         _dcp("load", directory, lambda: dcp.load(state, storage_reader=reader, process_group=ranks.group))
         return OrderedDict((name, tensor.to_local()) for name, tensor in state.items())
 
@@ -156,10 +158,10 @@ class Regions(Sharded):
     def session(self, ranks: Ranks, writing: bool) -> Iterator[ts.Context]:
         yield self.base.options.context(data_copy_concurrency={"limit": ranks.threads})
 
-    def _spec(self, directory: Path, name: str) -> dict:
+    def _spec(self, directory: Location, name: str) -> dict:
         return {"driver": self.base.options.format, "kvstore": self.base.options.kvstore(directory, name)}
 
-    def _create(self, context: ts.Context, entries: Layout, directory: Path, writers: int) -> None:
+    def _create(self, context: ts.Context, entries: Layout, directory: Location, writers: int) -> None:
         options = self.base.options
         opening = [
             ts.open(
@@ -177,7 +179,9 @@ class Regions(Sharded):
         for future in opening:
             future.result()
 
-    def save_shards(self, session: ts.Context, shards: Tensors, entries: Layout, directory: Path, ranks: Ranks) -> None:
+    def save_shards(
+        self, session: ts.Context, shards: Tensors, entries: Layout, directory: Location, ranks: Ranks
+    ) -> None:
         if ranks.rank == 0:
             self._create(session, entries, directory, ranks.size)
         ranks.barrier()
@@ -194,7 +198,7 @@ class Regions(Sharded):
                 jobs.append((e.name, nbytes(shards[e.name]), lambda e=e, lo=lo, hi=hi: start(e, lo, hi)))
         self.base._pipeline(directory, jobs, lambda n: None)
 
-    def _read(self, context: ts.Context, directory: Path, entry: Entry, lo: int, hi: int) -> Any:
+    def _read(self, context: ts.Context, directory: Location, entry: Entry, lo: int, hi: int) -> Any:
         spec = {**self._spec(directory, entry.name), "open": True, "fill_missing_data_reads": False}
         array = ts.open(spec, context=context).result()
         if tuple(array.shape) != entry.shape:
@@ -202,7 +206,7 @@ class Regions(Sharded):
         return ts.cast(array, _ts_dtype(entry.torch_dtype))[lo:hi].read()
 
     def load_shards(
-        self, session: ts.Context, directory: Path, entries: Layout, ranks: Ranks
+        self, session: ts.Context, directory: Location, entries: Layout, ranks: Ranks
     ) -> OrderedDict[str, torch.Tensor]:
         jobs = []
         for e in entries:
@@ -250,21 +254,22 @@ class PerProcessOcdbt(Sharded):
     )
     WRITERS: ClassVar[str] = "ocdbt.writers.json"
 
-    def save(self, tensors: Tensors, directory: Path, progress: Progress) -> None:
+    def save(self, tensors: Tensors, directory: Location, progress: Progress) -> None:
         entries = layout(tensors, dict.fromkeys(tensors, ""))
         self.save_shards(self.base.options.context(), tensors, entries, directory, Ranks())
         progress(sum(nbytes(t) for t in tensors.values()))
 
-    def load(self, directory: Path, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
+    def load(self, directory: Location, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
         tensors = self.load_shards(self.base.options.context(), directory, entries, Ranks())
         progress(sum(nbytes(t) for t in tensors.values()))
         return tensors
 
-    def stored_names(self, directory: Path) -> set[str] | None:
+    def stored_names(self, directory: Location) -> set[str] | None:
         """Every process's database holds every tensor (its rows of it): their union."""
-        return set().union(*(array_names(f"file://{db.resolve()}/") for db in directory.glob("ocdbt.process_*")))
+        databases = directory.folder.glob("ocdbt.process_*")
+        return set().union(*(array_names(f"file://{db.resolve()}/") for db in databases))
 
-    def load_each(self, directory: Path, entries: Layout) -> Iterator[tuple[Entry, torch.Tensor | Exception]]:
+    def load_each(self, directory: Location, entries: Layout) -> Iterator[tuple[Entry, torch.Tensor | Exception]]:
         context = self.base.options.context()
         for entry in entries:
             try:
@@ -276,14 +281,16 @@ class PerProcessOcdbt(Sharded):
     def session(self, ranks: Ranks, writing: bool) -> Iterator[ts.Context]:
         yield self.base.options.context(data_copy_concurrency={"limit": ranks.threads})
 
-    def _spec(self, directory: Path, writer: int, name: str) -> dict:
-        base = f"file://{directory.resolve()}/ocdbt.process_{writer}/"
+    def _spec(self, directory: Location, writer: int, name: str) -> dict:
+        base = directory.kvstore(f"ocdbt.process_{writer}/")
         return {"driver": self.base.options.format, "kvstore": {"driver": "ocdbt", "base": base, "path": f"{name}/"}}
 
-    def save_shards(self, session: ts.Context, shards: Tensors, entries: Layout, directory: Path, ranks: Ranks) -> None:
+    def save_shards(
+        self, session: ts.Context, shards: Tensors, entries: Layout, directory: Location, ranks: Ranks
+    ) -> None:
         options = self.base.options
         if ranks.rank == 0:
-            (directory / self.WRITERS).write_text(json.dumps({"writers": ranks.size}))
+            directory.put_text(self.WRITERS, json.dumps({"writers": ranks.size}))
 
         def start(entry: Entry, rows: int) -> Any:
             metadata = options.metadata(list(_rows_only(rows, entry)), options.disk_dtype(entry.torch_dtype))
@@ -302,7 +309,7 @@ class PerProcessOcdbt(Sharded):
                 jobs.append((e.name, nbytes(shards[e.name]), lambda e=e, rows=hi - lo: start(e, rows)))
         self.base._pipeline(directory, jobs, lambda n: None)
 
-    def _read(self, context: ts.Context, directory: Path, writers: int, entry: Entry, lo: int, hi: int) -> Any:
+    def _read(self, context: ts.Context, directory: Location, writers: int, entry: Entry, lo: int, hi: int) -> Any:
         blocks = [(w, *row_range(entry.shape[0], writers, w)) for w in range(writers)]
         parts = [(w, a) for w, a, b in blocks if a < hi and b > lo]
         opened = [
@@ -318,10 +325,13 @@ class PerProcessOcdbt(Sharded):
         return ts.cast(array, _ts_dtype(entry.torch_dtype))[lo - first : hi - first].read()
 
     def load_shards(
-        self, session: ts.Context, directory: Path, entries: Layout, ranks: Ranks
+        self, session: ts.Context, directory: Location, entries: Layout, ranks: Ranks
     ) -> OrderedDict[str, torch.Tensor]:
         try:
-            writers = int(json.loads((directory / self.WRITERS).read_text())["writers"])
+            text = directory.get_text(self.WRITERS)
+            if text is None:
+                raise FileNotFoundError(f"{directory.where(self.WRITERS)}: no such file")
+            writers = int(json.loads(text)["writers"])
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"{directory}: no readable {self.WRITERS}: {err}") from err
         tensors: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -348,13 +358,13 @@ class Gathered(Sharded):
     form: ClassVar[str] = "gather to rank 0"
     how: ClassVar[str] = "gather to rank 0, save there (one file); rank 0 loads it and scatters each tensor's rows"
 
-    def save_shards(self, session: None, shards: Tensors, entries: Layout, directory: Path, ranks: Ranks) -> None:
+    def save_shards(self, session: None, shards: Tensors, entries: Layout, directory: Location, ranks: Ranks) -> None:
         whole = OrderedDict((e.name, _gather(shards[e.name], e, ranks)) for e in entries)
         if ranks.rank == 0:
             self.base.save(whole, directory, lambda n: None)
 
     def load_shards(
-        self, session: None, directory: Path, entries: Layout, ranks: Ranks
+        self, session: None, directory: Location, entries: Layout, ranks: Ranks
     ) -> OrderedDict[str, torch.Tensor]:
         whole = self.base.load(directory, entries, lambda n: None) if ranks.rank == 0 else {}
         return OrderedDict((e.name, _scatter(whole.pop(e.name, None), e, ranks)) for e in entries)

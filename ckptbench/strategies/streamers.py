@@ -19,6 +19,7 @@ from runai_model_streamer import SafetensorsStreamer
 from tensorizer import TensorDeserializer, TensorSerializer
 
 from ..errors import CheckpointError
+from ..location import Location
 from ..manifest import Layout
 from .base import Progress, SingleFile, Tensors
 from .pytorch import SafeTensors
@@ -67,22 +68,23 @@ class RunaiStreamer(_LocalSafetensors):
             streamer.stream_file(str(source), owned=True)
             return _in_order(dict(streamer.get_tensors()), entries)
 
-    def load_into(self, directory: Path, entries: Layout, into: Tensors, progress: Progress) -> None:
+    def load_into(self, directory: Location, entries: Layout, into: Tensors, progress: Progress) -> None:
         """Each tensor copied out of the streamer's reused buffers (``owned=False``) as it arrives: no model copy."""
-        path = self.path(directory)
         wanted = {e.name for e in entries}
-        try:
+
+        def stream(source: Path | BinaryIO) -> None:
             with SafetensorsStreamer() as streamer:
-                streamer.stream_file(str(path), owned=False)
+                streamer.stream_file(str(source), owned=False)
                 for name, tensor in streamer.get_tensors():
                     if name in wanted:
                         into[name].copy_(tensor)
                         wanted.discard(name)
                         progress(tensor.numel() * tensor.element_size())
-        except Exception as err:
-            raise CheckpointError(f"{path}: unreadable {self.name} checkpoint: {err}") from err
+
+        self.read_file(directory, stream)
         if wanted:
-            raise CheckpointError(f"{path}: {len(wanted)} tensors not in the file, first {sorted(wanted)[0]}")
+            where = directory.where(self.filename)
+            raise CheckpointError(f"{where}: {len(wanted)} tensors not in the file, first {sorted(wanted)[0]}")
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ import tensorstore as ts
 import torch
 
 from ..errors import CheckpointError
+from ..location import Location
 from ..manifest import Entry, Layout
-from ..objectstore import Prefix
-from .base import Location, MiB, Pending, Progress, Strategy, Tensors, from_numpy, nbytes, to_numpy
+from .base import MiB, Pending, Progress, Strategy, Tensors, from_numpy, nbytes, to_numpy
 
 _BLOCK = 4096
 _OCDBT_COMMIT_BYTES = 256 << 10
@@ -136,14 +136,9 @@ class TensorStoreOptions:
         }
 
     def kvstore(self, directory: Location, key: str) -> dict:
-        if isinstance(directory, Prefix):
-            if self.driver == "ocdbt":
-                return {"driver": "ocdbt", "base": directory.kvstore(), "path": f"{key}/"}
-            return directory.kvstore(f"{key}/")
-        root = directory.resolve()
         if self.driver == "ocdbt":
-            return {"driver": "ocdbt", "base": f"file://{root}/", "path": f"{key}/"}
-        return {"driver": "file", "path": f"{root}/{key}/"}
+            return {"driver": "ocdbt", "base": directory.kvstore(), "path": f"{key}/"}
+        return directory.kvstore(f"{key}/")
 
     def describe(self) -> dict[str, str]:
         chunks = "64 per dim" if self.chunk_bytes is None else f"<= {self.chunk_bytes / MiB:g} MiB (T5X rule)"
@@ -167,8 +162,8 @@ class TensorStoreOptions:
 _METADATA = (".zarray", "zarr.json")
 
 
-def array_names(where: str | Path) -> set[str]:
-    """The arrays under a folder (``where`` a path) or in an OCDBT database (``where`` its ``file://`` base)."""
+def array_names(where: str | dict | Path) -> set[str]:
+    """The arrays under a folder (``where`` a path) or in an OCDBT database (``where`` its base kvstore)."""
     if isinstance(where, Path):
         return {p.name for p in where.iterdir() if any((p / m).is_file() for m in _METADATA)}
     keys = ts.KvStore.open({"driver": "ocdbt", "base": where}).result().list().result()
@@ -327,10 +322,10 @@ class TensorStore(Strategy):
         self._pipeline(directory, jobs, progress)
 
     def stored_names(self, directory: Location) -> set[str] | None:
-        """Every array's name: a folder with zarr metadata, or (OCDBT) a metadata key in the database."""
-        if isinstance(directory, Prefix):
+        """Every array's name: a folder with zarr metadata, or (OCDBT) a metadata key in the database (local only)."""
+        if not directory.local:
             return None
-        return array_names(self.options.kvstore(directory, "").get("base") or directory)
+        return array_names(directory.kvstore() if self.options.driver == "ocdbt" else directory.folder)
 
     def load_each(self, directory: Location, entries: Layout) -> Iterator[tuple[Entry, torch.Tensor | Exception]]:
         context = self.options.context()

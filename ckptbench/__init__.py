@@ -2,12 +2,14 @@
 
 from . import (
     checkpoint,
+    config,
     disk,
     docs,
     floor,
     limits,
     manifest,
     model,
+    notebook,
     plot,
     probes,
     report,
@@ -17,7 +19,8 @@ from . import (
     targets,
     verdict,
 )
-from .benchmark import Benchmark, PhaseResult, RunConfig
+from .benchmark import Benchmark, PhaseResult
+from .config import RunConfig
 from .errors import (
     CheckpointError,
     CkptbenchError,
@@ -33,7 +36,7 @@ from .errors import (
     VerificationError,
 )
 from .model import PRESETS, ModelCheckpoint, build, load_local
-from .results import ResultsStore, read_results, summarize
+from .results import ResultsFile, read_results, summarize
 from .strategies import (
     STRATEGIES,
     DistributedCheckpoint,
@@ -66,8 +69,8 @@ __all__ = [
     "Orbax",
     "OutputFolderError",
     "PhaseResult",
+    "ResultsFile",
     "ResultsFileError",
-    "ResultsStore",
     "RunConfig",
     "SafeTensors",
     "Strategy",
@@ -79,6 +82,7 @@ __all__ = [
     "VerificationError",
     "build",
     "checkpoint",
+    "config",
     "disk",
     "docs",
     "floor",
@@ -87,6 +91,7 @@ __all__ = [
     "load_local",
     "manifest",
     "model",
+    "notebook",
     "parse_strategies",
     "plot",
     "probes",

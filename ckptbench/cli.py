@@ -40,10 +40,11 @@ from . import (
     training,
     yourdisk,
 )
-from .benchmark import LOAD_INTO, ORDERS, Benchmark, PhaseResult, RunConfig
+from .benchmark import Benchmark, PhaseResult
+from .config import LOAD_INTO, ORDERS, RunConfig
 from .errors import CheckpointError, CkptbenchError, UsageError
 from .manifest import MANIFEST
-from .results import ResultsStore, frame, read_results, summarize
+from .results import ResultsFile, frame, read_results, summarize
 from .storage import FILE, location, remote_kinds
 from .strategies import STRATEGIES
 from .study import BENCH, GROUPS, parse_strategies
@@ -226,7 +227,7 @@ def _finish(bench: Benchmark, phases: list[PhaseResult]) -> int:
                 "its I/O escaped the throttle",
                 file=sys.stderr,
             )
-    print(f"results: {bench.store.csv}\nenvironment: {bench.store.environment_path(bench.run_id)}")
+    print(f"results: {bench.results_file.csv}\nenvironment: {bench.results_file.environment_path(bench.run_id)}")
     failed = [p for p in phases if not p.ok]
     for phase in failed:
         print(f"error: {phase.strategy}: {phase.error}", file=sys.stderr)
@@ -274,7 +275,7 @@ def _run_ranked(args: argparse.Namespace) -> int:
     results = frame(row for phase in outcome.phases for row in phase.rows)
     _show(report.summary_table(summarize(results)))
     _print_paths(report.export_report(results, args.out))
-    store = ResultsStore(config.out, config.results_file)
+    store = ResultsFile(config.out, config.results_file)
     _print_paths(plot.export(scaling.figure(store.read()), args.out, stem=scaling.STEM))
     print(f"results: {store.csv}\nenvironment: {store.environment_path(outcome.run_id)}")
     failed = [p for p in outcome.phases if not p.ok]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pandas as pd
 
 from . import verdict
-from .report import sig
+from .formatting import count, sig
 from .results import succeeded
 from .study import ordered
 
@@ -74,11 +74,11 @@ def table(results: pd.DataFrame, rtt_ms: float = RTT_MS, concurrency: int = CONC
             f"cold load s {measured}": numbers["load_cold_s"].map(sig),
             f"save s MODELLED {at}": numbers["save_modelled_s"].map(sig),
             f"cold load s MODELLED {at}": numbers["load_modelled_s"].map(sig),
-            "objects": numbers["objects"].map(_count),
-            "PUT": numbers["requests_put"].map(_count),
-            "GET": numbers["requests_get"].map(_count),
-            "HEAD": numbers["requests_head"].map(_count),
-            "DELETE": numbers["requests_delete"].map(_count),
+            "objects": numbers["objects"].map(count),
+            "PUT": numbers["requests_put"].map(count),
+            "GET": numbers["requests_get"].map(count),
+            "HEAD": numbers["requests_head"].map(count),
+            "DELETE": numbers["requests_delete"].map(count),
             "MB sent": (numbers["bytes_sent"] / 1e6).map(sig),
             "MB received": (numbers["bytes_received"] / 1e6).map(sig),
         },
@@ -89,7 +89,3 @@ def table(results: pd.DataFrame, rtt_ms: float = RTT_MS, concurrency: int = CONC
 def verdicts(results: pd.DataFrame) -> pd.DataFrame:
     """The cloud claims (``study.CLAIMS`` with store ``s3``) judged on an S3 run's rows."""
     return verdict.check(results)
-
-
-def _count(value: float) -> str:
-    return "" if pd.isna(value) else f"{int(value):,}"

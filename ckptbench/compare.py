@@ -18,7 +18,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from . import choices, targets, verdict
-from .report import select_run, sig
+from .formatting import sig
+from .report import select_run
 from .results import read_results, succeeded
 from .rounds import Interval, of_values, per_round
 from .study import METRICS, ordered

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import choices, cloud, compare, ranked, report, scaling, verdict, yourdisk
+from . import choices, cloud, compare, report, scaling, study, verdict, yourdisk
 from .errors import CkptbenchError
+from .formatting import sig
 from .limits import MISS
 from .profiles import PROFILES, Caps
 from .results import read_results, summarize
@@ -58,7 +59,7 @@ def strategies_markdown(group: str = "every") -> str:
 
 def forms_table() -> pd.DataFrame:
     """Every strategy's forms with ranks (``run --ranks``): what each rank writes and reads."""
-    forms = ranked.forms("every")
+    forms = study.forms("every")
     return pd.DataFrame({"with ranks": [f.how for f in forms]}, index=[f.name for f in forms]).rename_axis("name")
 
 
@@ -131,7 +132,7 @@ def _csv(path: str, columns: str = "") -> str:
     table = pd.read_csv(ROOT / path)
     if columns:
         table = table[columns.split(",")]
-    shown = table.apply(lambda c: c.map(report.sig) if pd.api.types.is_float_dtype(c) else c)
+    shown = table.apply(lambda c: c.map(sig) if pd.api.types.is_float_dtype(c) else c)
     return markdown(shown, index=False)
 
 
@@ -158,8 +159,8 @@ def _spread(path: str, run_a: str, run_b: str) -> str:
     result = compare.compare(report.select_run(results, run_a), report.select_run(results, run_b))
     moved = result.medians["B / A"]
     lines = [
-        f"the same strategy and timing moved by B / A = {report.sig(moved.min())} to {report.sig(moved.max())} "
-        f"(median {report.sig(moved.median())}) over {len(moved)} medians",
+        f"the same strategy and timing moved by B / A = {sig(moved.min())} to {sig(moved.max())} "
+        f"(median {sig(moved.median())}) over {len(moved)} medians",
         *result.summary().splitlines()[1:],
     ]
     return markdown(pd.DataFrame({"between the two runs": [line.strip() for line in lines]}), index=False)
@@ -187,7 +188,7 @@ def _rounds(path: str, loadavg: str = "") -> str:
     shown["last"] = shown["last"].dt.strftime("%H:%M:%S")
     columns = ["run_id", "round", "first", "last", "timed", *(["1-min load"] if loadavg else [])]
     shown = shown[columns].rename(columns={"run_id": "run", "timed": "timed s (sum)"})
-    return markdown(shown.apply(lambda c: c.map(report.sig) if pd.api.types.is_float_dtype(c) else c), index=False)
+    return markdown(shown.apply(lambda c: c.map(sig) if pd.api.types.is_float_dtype(c) else c), index=False)
 
 
 def _profile(path: str) -> str:
@@ -231,12 +232,12 @@ def _caps(path: str) -> str:
     }
     table = pd.DataFrame(
         {
-            "cap": [report.sig(c) for c, _, _ in rows.values()],
-            "measured under it": [report.sig(m) for _, m, _ in rows.values()],
+            "cap": [sig(c) for c, _, _ in rows.values()],
+            "measured under it": [sig(m) for _, m, _ in rows.values()],
             "held (within 10 %)": [
                 "" if not c or m is None else ("yes" if abs(m / c - 1) <= MISS else "NO") for c, m, _ in rows.values()
             ],
-            "raw disk": [report.sig(r * 1e3) if r else "" for _, _, r in rows.values()],
+            "raw disk": [sig(r * 1e3) if r else "" for _, _, r in rows.values()],
         },
         index=list(rows),
     )

@@ -1,8 +1,9 @@
-"""The timed region: wall time, CPU time, and peak resident memory above the region's starting point."""
+"""The timed region: wall time, CPU time, page faults, context switches, and peak resident memory above its start."""
 
 from __future__ import annotations
 
 import ctypes
+import resource
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +25,23 @@ class Measurement:
     """Bytes of resident memory above the level at the start of the region."""
     cpu_s: float = float("nan")
     """User + system CPU seconds of this process, all threads: near wall x cores means CPU-bound."""
+    minor_faults: int | None = None
+    """Page faults served without I/O (getrusage, all threads): fresh memory being touched, pages already cached."""
+    major_faults: int | None = None
+    """Page faults that waited for the disk (getrusage): a mapped file read on first touch."""
+    voluntary_switches: int | None = None
+    """Context switches where a thread gave up the CPU to wait (I/O, locks); ``involuntary_switches``: preempted."""
+    involuntary_switches: int | None = None
+
+
+COUNTERS: tuple[str, ...] = ("minor_faults", "major_faults", "voluntary_switches", "involuntary_switches")
+"""The getrusage counters every timed region records, as ``Measurement`` names them."""
+_RUSAGE = {
+    "minor_faults": "ru_minflt",
+    "major_faults": "ru_majflt",
+    "voluntary_switches": "ru_nvcsw",
+    "involuntary_switches": "ru_nivcsw",
+}
 
 
 def _reset_high_water_mark() -> bool:
@@ -84,14 +102,18 @@ def measure(interval: float = 0.01) -> Iterator[Measurement]:
     sampler = _Sampler(interval)
     sampler.start()
     start_cpu = process.cpu_times()
+    start_usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     try:
         yield result
     finally:
         seconds = time.perf_counter() - start
         end_cpu = process.cpu_times()
+        end_usage = resource.getrusage(resource.RUSAGE_SELF)
         peak = sampler.stop()
     if kernel_hwm:
         peak = max(peak, _high_water_mark())
     result.seconds, result.peak_rss = seconds, max(0, peak - start_rss)
     result.cpu_s = (end_cpu.user - start_cpu.user) + (end_cpu.system - start_cpu.system)
+    for counter, field in _RUSAGE.items():
+        setattr(result, counter, getattr(end_usage, field) - getattr(start_usage, field))

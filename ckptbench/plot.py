@@ -16,6 +16,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from .floor import floors
+from .formatting import abbreviated, sig
 from .results import succeeded
 from .study import BASELINE, EIGHT_WAY, ordered
 
@@ -45,30 +46,18 @@ def _stats(results: pd.DataFrame, column: str, order: list[str], scale: float = 
     return done.groupby("strategy")[column].agg(["median", "min", "max"]).reindex(order) / scale
 
 
-def _count(value: float) -> str:
-    for factor, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if value >= factor:
-            return f"{value / factor:.3g} {unit}"
-    return f"{value:g}"
-
-
 def _subtitle(results: pd.DataFrame, missing: list[str]) -> str:
     repeats = succeeded(results).groupby("strategy").size()
     low, high = (repeats.min(), repeats.max()) if len(repeats) else (0, 0)
     spread = f"{low}" if low == high else f"{low}-{high}"
     text = (
         f"preset {results['preset'].iloc[0]} · {int(results['tensors'].max())} tensors · "
-        f"{_count(results['params'].max())} parameters ({results['model_bytes'].max() / 1e9:.3g} GB in memory) · "
+        f"{abbreviated(results['params'].max())} parameters ({results['model_bytes'].max() / 1e9:.3g} GB in memory) · "
         f"{spread} repeat{'s' if high > 1 else ''} per strategy: bars at the median, whiskers min-max"
     )
     if (results["load_into"] == "existing").any():
         text += " · loads into existing tensors"
     return f"{text}\nnot measured: {', '.join(missing)}" if missing else text
-
-
-def _value(value: float) -> str:
-    """Three significant digits, without switching to exponent notation for large values."""
-    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def _bars(
@@ -90,7 +79,7 @@ def _label(ax: Axes, xi: float, median: float, at: float, horizontal: bool, **st
         return
     point, offset = ((at, xi), (2, 0)) if horizontal else ((xi, at), (0, 2))
     ax.annotate(
-        _value(median),
+        sig(median),
         point,
         xytext=offset,
         textcoords="offset points",

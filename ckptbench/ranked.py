@@ -2,8 +2,8 @@
 
 ``run`` starts the world (spawned on this host, or joined when torchrun started this process on one
 host or many) and returns rank 0's phases. The world has max(N, M) processes: a save runs on ranks
-[0, N), a load on [0, M), the others wait. Every rank runs the same ``RankedBenchmark``: the
-harness's order of repeats and its rows, with a repeat of its own:
+[0, N), a load on [0, M), the others wait. Every rank runs the same ``Benchmark`` (the harness's
+order of repeats and its rows), given a ``RankedCycle``:
 
 - a save is timed on every saving rank from a barrier before the first write until every rank's
   data is synced (its own ``syncfs``, then a barrier); rank 0 then writes the manifest and renames
@@ -13,7 +13,9 @@ harness's order of repeats and its rows, with a repeat of its own:
   every loading rank holds its rows; each rank then compares its rows with what they must hold,
   bit for bit, and a row is verified only when every rank's rows are.
 
-A row's times are the slowest rank's; each rank's own times go into ``rank_times``. Every rank
+Loads go into fresh tensors on every rank (``--load-into existing`` is refused with ranks). The
+record is ``results.Measured``, as in one process: a row's times are the slowest rank's, each rank's
+own times go into ``rank_times``. Every rank
 draws each tensor as ``model.build`` does and keeps its rows (its save shard, and its load shard
 when M differs from N): memory per rank is its shards plus the largest tensor in passing, at the
 CPU cost of drawing the whole model on every rank. Rank 0 digests each whole tensor on the way.
@@ -21,11 +23,10 @@ CPU cost of drawing the whole model on every rank. Rank 0 digests each whole ten
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -36,24 +37,23 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import launch, manifest, throttle
+from . import launch, manifest, study, throttle
 from . import model as model_lib
-from .benchmark import Benchmark, PhaseResult, RunConfig, _Drift, _warmup_subset
-from .disk import DiskUsage
-from .errors import CheckpointError, UnknownChoiceError, UsageError, VerificationError, gigabytes
+from .benchmark import Benchmark, PhaseResult, new_run_id
+from .bitwise import check_identical
+from .config import RunConfig
+from .cycle import Cycle, Stopwatch
+from .errors import CheckpointError, UsageError, VerificationError, gigabytes
 from .limits import Limits
 from .location import Location, Staging
 from .manifest import Layout, Manifest
 from .measure import Measurement, measure, return_freed_memory
-from .results import ResultsStore, Row, frame
+from .results import Measured, ResultsFile, Row, frame
 from .shards import Ranks, row_range
 from .storage import open_storage
-from .strategies import STRATEGIES, Strategy, Tensors, total_bytes
+from .strategies import Strategy, Tensors, total_bytes
 from .strategies import nbytes as tensor_bytes
 from .strategies.sharded import Sharded
-from .strategies.sharded import forms as forms_of
-from .study import GROUPS
-from .verify import verify
 
 RESULTS_FILE = "ranks.csv"
 """Where the notebook's scaling section keeps its rows, apart from the comparison's."""
@@ -72,48 +72,6 @@ class Outcome:
     phases: list[PhaseResult]
 
 
-def _derived() -> dict[str, Sharded]:
-    """Forms that are not a registered strategy's own name (per-process OCDBT), by name."""
-    found = {}
-    for strategy in STRATEGIES.values():
-        try:
-            found.update((form.name, form) for form in forms_of(strategy) if form.name not in STRATEGIES)
-        except UsageError:
-            continue
-    return found
-
-
-def forms(strategies: str | Iterable[str | Strategy]) -> list[Sharded]:
-    """The forms with ranks of a strategy list: a group, names (``ts+ocdbt`` gives both OCDBT ways; a
-    derived name such as ``ts+ocdbt+per-process`` gives one) or strategies. A strategy named on its own
-    without a form is refused; a group leaves such strategies out (Orbax's checkpointer is one process)."""
-    if isinstance(strategies, str):
-        parts = [part.strip() for part in strategies.split(",") if part.strip()]
-        items = [(name, part in GROUPS) for part in parts for name in GROUPS.get(part, (part,))]
-    else:
-        items = [(item, False) for item in strategies]
-    derived = _derived()
-    chosen: dict[str, Sharded] = {}
-    for item, from_group in items:
-        try:
-            if isinstance(item, Strategy):
-                found = forms_of(item)
-            elif item in STRATEGIES:
-                found = forms_of(STRATEGIES[item])
-            elif item in derived:
-                found = (derived[item],)
-            else:
-                raise UnknownChoiceError("strategy", str(item), [*GROUPS, *STRATEGIES, *derived])
-        except UsageError:
-            if from_group:
-                continue
-            raise
-        chosen.update((form.name, form) for form in found)
-    if not chosen:
-        raise UnknownChoiceError("strategy", str(strategies), [*GROUPS, *STRATEGIES, *derived])
-    return list(chosen.values())
-
-
 def run(
     config: RunConfig, strategies: str | Iterable[str | Strategy] = "all", *, limits: Limits | None = None
 ) -> Outcome | None:
@@ -125,7 +83,7 @@ def run(
     """
     if config.ranks is None:
         raise UsageError("a run with ranks needs ranks (--ranks N)")
-    chosen = forms(strategies)
+    chosen = study.forms(strategies)
     size = max(config.ranks, config.load_ranks or config.ranks)
     if not launch.under_torchrun():
         _check_memory(config, chosen, size)
@@ -195,40 +153,50 @@ def scale(
 
 
 def _on_rank(world: launch.World, config: RunConfig, chosen: list[Sharded], limits: Limits | None) -> Outcome | None:
-    bench = RankedBenchmark(config, world, limits=limits)
+    """The harness on one rank: the same rounds, repeats and rows as in one process, with a ranked cycle.
+
+    Rank 0 alone prepares the output folder, probes the disk and records rows; each row is then
+    broadcast, so every rank's session holds the same results.
+    """
+    lead = world.rank == 0
+    cycle = RankedCycle(config, world)
+    everyone = cycle.everyone
+    bench = Benchmark(
+        config,
+        cycle=cycle,
+        checkpoint=cycle.held.shapes,
+        layout=everyone.broadcast(manifest.layout(cycle.held.shapes.tensors, cycle.held.digests) if lead else None),
+        limits=limits,
+        log=tqdm.write if lead else _quiet,
+        run_id=everyone.broadcast(new_run_id() if lead else None),
+    )
+    shapes = bench.prepare()
+    if lead:
+        bench.log(
+            f"{shapes.source}: {len(shapes.tensors)} tensors, {shapes.params:,} parameters, "
+            f"{shapes.nbytes / 1e9:.3g} GB; disk: {bench.limits.write_gbps:.3g} GB/s durable write, "
+            f"{bench.limits.read_gbps:.3g} GB/s cold read; {cycle.saving_ranks} ranks save, "
+            f"{cycle.loading_ranks} load ({world.size} processes on {len(set(cycle.hosts))} host(s), "
+            f"{world.threads} threads each); {config.repeats} repeat(s), {config.order} order"
+        )
     phases = bench.run(chosen)
-    return Outcome(bench.run_id, phases) if world.rank == 0 else None
+    return Outcome(bench.run_id, phases) if lead else None
 
 
 def _record_failure(config: RunConfig, mailbox: launch.Mailbox, error: str) -> None:
     pending = mailbox.get(PENDING)
     if pending is not None:
-        ResultsStore(config.out, config.results_file).append([replace(pending, error=" ".join(error.split()))])
-
-
-@dataclass(frozen=True)
-class _Timing:
-    """One rank's view of a timed phase."""
-
-    seconds: float
-    """From the phase's first barrier until every rank was done (and, for rank 0's save, committed)."""
-    own_s: float
-    """Until this rank's own part was done: its data synced, or its rows in memory."""
-    peak_rss: int
-    cpu_s: float
-
-    @classmethod
-    def of(cls, measured: Measurement, own_s: float) -> _Timing:
-        return cls(measured.seconds, own_s, measured.peak_rss, measured.cpu_s)
+        ResultsFile(config.out, config.results_file).append([replace(pending, error=" ".join(error.split()))])
 
 
 @dataclass(frozen=True)
 class _Report:
-    """What one rank measured in one repeat; None for a phase it took no part in."""
+    """What one rank measured in one cycle: each timed region it took part in with its own seconds (until its
+    own part was done), None for one it did not; and whether its loaded rows were what they must be."""
 
-    save: _Timing | None
-    cold: _Timing | None
-    warm: _Timing | None
+    save: tuple[Measurement, float] | None
+    cold: tuple[Measurement, float] | None
+    warm: tuple[Measurement, float] | None
     verified: bool
 
 
@@ -274,7 +242,7 @@ def _phase(world: launch.World, count: int, timeout_s: float) -> Ranks | None:
     return Ranks(world.rank, count, group, world.host, world.threads, timeout_s) if world.rank < count else None
 
 
-def _entries(strategy: Sharded, path: Location) -> Layout:
+def _entries(strategy: Sharded, path: Path) -> Layout:
     """The manifest's tensors; a directory without it is not a checkpoint, one of another format not this one's."""
     found = Manifest.read(path)
     if not strategy.reads(found.config):
@@ -286,22 +254,18 @@ def _quiet(message: str) -> None:
     """The log of ranks other than 0: rank 0 speaks for the run."""
 
 
-class RankedBenchmark(Benchmark):
-    """The harness on one rank: the same rounds, repeats and rows as in one process, a repeat of its own.
+class RankedCycle(Cycle):
+    """One rank's part of a cycle: N ranks save their shards, M load theirs back, every rank checks its rows.
 
-    Rank 0 alone prepares the output folder, probes the disk, commits checkpoints and records rows;
-    each row is then broadcast, so every rank's session holds the same results.
+    Rank 0 commits each checkpoint, and gathers what every rank measured into the record.
     """
 
-    def __init__(
-        self,
-        config: RunConfig,
-        world: launch.World,
-        *,
-        limits: Limits | None = None,
-        log: Callable[[str], None] = tqdm.write,
-    ) -> None:
+    failures_are_rows = False
+
+    def __init__(self, config: RunConfig, world: launch.World) -> None:
         self.world = world
+        self.lead = world.rank == 0
+        self.storage = open_storage(config.store, config.out)
         self.saving_ranks = config.ranks
         self.loading_ranks = config.load_ranks or config.ranks
         self.everyone = Ranks(
@@ -309,35 +273,25 @@ class RankedBenchmark(Benchmark):
         )
         self.saving = _phase(world, self.saving_ranks, config.rank_timeout_s)
         self.loading = _phase(world, self.loading_ranks, config.rank_timeout_s)
-        held = _shards(config, world.rank, self.saving_ranks, self.loading_ranks)
-        self.shards, self.expected = held.save, held.expected
-        super().__init__(config, checkpoint=held.shapes, limits=limits, log=log if world.rank == 0 else _quiet)
-        self.run_id = self.everyone.broadcast(self.run_id)
-        self._layout = self.everyone.broadcast(
-            manifest.layout(held.shapes.tensors, held.digests) if world.rank == 0 else None
-        )
+        self.held = _shards(config, world.rank, self.saving_ranks, self.loading_ranks)
         hosts: list[str | None] = [None] * world.size
         dist.all_gather_object(hosts, socket.gethostname())
         self.hosts = hosts
 
-    @property
-    def _lead(self) -> bool:
-        return self.world.rank == 0
-
-    def prepare(self) -> model_lib.ModelCheckpoint:
-        """Rank 0 makes the results file safe, cleans leftovers and probes the disk; the others wait."""
-        if self._lead:
-            super().prepare()
-            shapes = self.checkpoint
-            self.log(
-                f"{shapes.source}: {len(shapes.tensors)} tensors, {shapes.params:,} parameters, "
-                f"{shapes.nbytes / 1e9:.3g} GB; disk: {self.limits.write_gbps:.3g} GB/s durable write, "
-                f"{self.limits.read_gbps:.3g} GB/s cold read; {self.saving_ranks} ranks save, "
-                f"{self.loading_ranks} load ({self.world.size} processes on {len(set(self.hosts))} host(s), "
-                f"{self.world.threads} threads each); {self.config.repeats} repeat(s), {self.config.order} order"
-            )
+    def barrier(self) -> None:
         self.everyone.barrier()
-        return self.checkpoint
+
+    def share(self, row: Row | None) -> Row:
+        return self.everyone.broadcast(row)
+
+    def pending(self, row: Row) -> None:
+        self.world.mailbox.put(PENDING, row)
+
+    def settled(self) -> None:
+        self.world.mailbox.drop(PENDING)
+
+    def identity(self) -> dict:
+        return {"ranks": self.saving_ranks, "load_ranks": self.loading_ranks}
 
     def environment(self) -> dict:
         ranks = {
@@ -348,110 +302,85 @@ class RankedBenchmark(Benchmark):
             "hosts": self.hosts,
             "threads_per_rank": self.world.threads,
         }
-        return {**super().environment(), "ranks": ranks}
+        return {"ranks": ranks}
 
-    def _row(self, strategy: Strategy, repeat: int, **measured) -> Row:
-        return super()._row(strategy, repeat, ranks=self.saving_ranks, load_ranks=self.loading_ranks, **measured)
-
-    def _measure(self, strategy: Strategy, repeat: int) -> Row:
-        """One repeat as a row; a failure on any rank ends the run (``run`` records the row it cut short)."""
-        if self._lead:
-            self.world.mailbox.put(PENDING, self._row(strategy, repeat))
-        row = self._repeat(strategy, repeat)
-        if self._lead:
-            self.world.mailbox.drop(PENDING)
-            self.store.append([row])
-            times = json.loads(row.rank_times)
-            self.log(
-                f"{strategy.name} [{repeat + 1}/{self.config.repeats}] {row.ranks}->{row.load_ranks} ranks: "
-                f"save {row.save_s:.2f} s (ranks {min(times['save_s']):.2f}-{max(times['save_s']):.2f}), "
-                f"cold load {row.load_cold_s:.2f} s (ranks {min(times['load_cold_s']):.2f}-"
-                f"{max(times['load_cold_s']):.2f}), warm load {row.load_warm_s:.2f} s, "
-                f"{row.bytes / 1e9:.3f} GB in {row.files} files, {'verified' if row.verified else 'NOT VERIFIED'}"
-            )
-        return row
-
-    def _warm_up(self, strategy: Strategy) -> None:
-        if not self.config.warmup or strategy.name in self._warm:
-            return
-        subset = _warmup_subset(self.checkpoint.tensors)
-        entries = tuple(e for e in self._layout if e.name in subset)
-        path = self._path(f"{strategy.name}.warmup")
+    def measure(
+        self, strategy: Sharded, tensors: Tensors, layout: Layout, name: str, label: str, keep: bool
+    ) -> Measured | None:
+        path = self.everyone.broadcast(self.storage.working(name) if self.lead else None)
+        clock = Stopwatch()
         try:
-            self._cycle(strategy, entries, path)
+            save = self._save(strategy, tensors, layout, path)
+            with clock("evict"):
+                usage = self.storage.settle(path) if self.world.local_rank == 0 else None
+                self.everyone.barrier()
+            cold, loaded = self._load(strategy, path)
+            with clock("verify"):
+                cold_ok = self._holds(strategy, layout, loaded, path)
+                del loaded
+            warm, loaded = self._load(strategy, path)
+            with clock("verify"):
+                warm_ok = self._holds(strategy, layout, loaded, path)
+                del loaded
+            reports: list[_Report] | None = [None] * self.world.size if self.lead else None
+            dist.gather_object(_Report(save, cold, warm, cold_ok and warm_ok), reports, dst=0)
+            with clock("cleanup"):
+                if self.lead and keep:
+                    self.storage.install(path, strategy.name)
         finally:
-            if self._lead:
+            if self.lead:
                 self.storage.discard(path)
-        self._warm.add(strategy.name)
+        if not self.lead:
+            return None
+        regions = {
+            key: [getattr(r, region) for r in reports if getattr(r, region) is not None]
+            for key, region in (("save_s", "save"), ("load_cold_s", "cold"), ("load_warm_s", "warm"))
+        }
+        return Measured(
+            save=[measured for measured, _ in regions["save_s"]],
+            cold=[measured for measured, _ in regions["load_cold_s"]],
+            warm=[measured for measured, _ in regions["load_warm_s"]],
+            bytes=usage.bytes,
+            bytes_allocated=usage.bytes_allocated,
+            files=usage.files,
+            verified=all(r.verified for r in reports),
+            rank_times={key: [own for _, own in timed] for key, timed in regions.items()},
+            untimed=dict(clock.seconds),
+        )
 
-    def _path(self, name: str) -> Location:
-        return self.everyone.broadcast(self.storage.working(name) if self._lead else None)
-
-    def _repeat(self, strategy: Strategy, repeat: int) -> Row:
-        started = time.perf_counter()
-        self._warm_up(strategy)
-        drift = self._drift() if self._lead else _Drift()
-        probe_s = self.probe_s
-        path = self._path(strategy.name)
-        try:
-            report, usage = self._cycle(strategy, self._layout, path)
-            reports: list[_Report] | None = [None] * self.world.size if self._lead else None
-            dist.gather_object(report, reports, dst=0)
-            if self._lead and self.config.keep_checkpoints and repeat == self.config.repeats - 1:
-                self.storage.install(path, strategy.name)
-        finally:
-            if self._lead:
-                self.storage.discard(path)
-        row = None
-        if self._lead:
-            row = self._ranked_row(strategy, repeat, reports, usage, drift, time.perf_counter() - started, probe_s)
-        return self.everyone.broadcast(row)
-
-    def _cycle(self, strategy: Sharded, entries: Layout, path: Location) -> tuple[_Report, DiskUsage | None]:
-        """Save, evict, cold load, warm load and verify on this rank; the disk usage on local rank 0s."""
-        saved = self._timed_save(strategy, entries, path)
-        usage = self.storage.settle(path) if self.world.local_rank == 0 else None
-        self.everyone.barrier()
-        cold, loaded = self._timed_load(strategy, path)
-        cold_ok = self._holds(strategy, entries, loaded, path)
-        del loaded
-        warm, loaded = self._timed_load(strategy, path)
-        warm_ok = self._holds(strategy, entries, loaded, path)
-        return _Report(saved, cold, warm, cold_ok and warm_ok), usage
-
-    def _timed_save(self, strategy: Sharded, entries: Layout, path: Location) -> _Timing | None:
+    def _save(
+        self, strategy: Sharded, tensors: Tensors, layout: Layout, path: Location
+    ) -> tuple[Measurement, float] | None:
         staging = None
-        if self._lead:
-            self.storage.ensure_free(
-                strategy.estimate_bytes({e.name: self.checkpoint.tensors[e.name] for e in entries})
-            )
+        if self.lead:
+            self.storage.ensure_free(strategy.estimate_bytes({e.name: tensors[e.name] for e in layout}))
             staging = Staging.begin(path)
         staging = self.everyone.broadcast(staging)
         try:
-            timing = None if self.saving is None else self._save_shards(strategy, entries, staging)
+            timing = None if self.saving is None else self._save_shards(strategy, layout, staging)
             self.everyone.barrier()  # committed before any rank evicts or reads it
         except BaseException as failure:
-            if self._lead:
+            if self.lead:
                 staging.abandon(failure)
             raise
         return timing
 
-    def _save_shards(self, strategy: Sharded, entries: Layout, staging: Staging) -> _Timing:
+    def _save_shards(self, strategy: Sharded, layout: Layout, staging: Staging) -> tuple[Measurement, float]:
         ranks = self.saving
-        shards: Tensors = {e.name: self.shards[e.name] for e in entries}
+        shards: Tensors = {e.name: self.held.save[e.name] for e in layout}
         with strategy.session(ranks, writing=True) as session:
             ranks.barrier()
             with measure() as timing:
                 start = time.perf_counter()
-                strategy.save_shards(session, shards, entries, staging.partial, ranks)
+                strategy.save_shards(session, shards, layout, staging.partial, ranks)
                 staging.partial.sync()
                 own = time.perf_counter() - start
                 ranks.barrier()
                 if ranks.rank == 0:  # every rank's data is durable: the manifest, synced, then published
-                    staging.commit(Manifest(strategy.name, strategy.config(), entries))
-        return _Timing.of(timing, own)
+                    staging.commit(Manifest(strategy.name, strategy.config(), layout))
+        return timing, own
 
-    def _timed_load(self, strategy: Sharded, path: Location) -> tuple[_Timing | None, OrderedDict | None]:
+    def _load(self, strategy: Sharded, path: Path) -> tuple[tuple[Measurement, float] | None, Tensors | None]:
         ranks = self.loading
         if ranks is None:
             return None, None
@@ -462,57 +391,16 @@ class RankedBenchmark(Benchmark):
                 loaded = strategy.load_shards(session, path, _entries(strategy, path), ranks)
                 own = time.perf_counter() - start
                 ranks.barrier()
-        return _Timing.of(timing, own), loaded
+        return (timing, own), loaded
 
-    def _holds(self, strategy: Sharded, entries: Layout, loaded: Tensors | None, path: Location) -> bool:
+    def _holds(self, strategy: Sharded, layout: Layout, loaded: Tensors | None, path: Path) -> bool:
         """Whether this rank's loaded rows are, bit for bit, the rows it must hold (true when it loaded none)."""
         if loaded is None:
             return True
-        expected = OrderedDict((e.name, self.expected[e.name]) for e in entries)
+        expected = OrderedDict((e.name, self.held.expected[e.name]) for e in layout)
         try:
-            verify(loaded, expected, f"{strategy.name} checkpoint {path}, rank {self.world.rank}'s rows")
+            check_identical(loaded, expected, f"{strategy.name} checkpoint {path}, rank {self.world.rank}'s rows")
         except VerificationError as err:
             tqdm.write(f"VERIFICATION FAILED: {err}")
             return False
         return True
-
-    def _ranked_row(
-        self,
-        strategy: Strategy,
-        repeat: int,
-        reports: list[_Report],
-        usage: DiskUsage,
-        drift: _Drift,
-        wall_s: float,
-        probe_s: float,
-    ) -> Row:
-        saves = [r.save for r in reports if r.save is not None]
-        colds = [r.cold for r in reports if r.cold is not None]
-        warms = [r.warm for r in reports if r.warm is not None]
-        loads_rss = [max(c.peak_rss, w.peak_rss) for c, w in zip(colds, warms, strict=True)]
-        save_s = max(t.seconds for t in saves)
-        cold_s, warm_s = max(t.seconds for t in colds), max(t.seconds for t in warms)
-        own = {"save_s": saves, "load_cold_s": colds, "load_warm_s": warms}
-        return self._row(
-            strategy,
-            repeat,
-            save_s=save_s,
-            save_blocking_s=save_s,
-            load_cold_s=cold_s,
-            load_warm_s=warm_s,
-            bytes=usage.bytes,
-            bytes_allocated=usage.bytes_allocated,
-            files=usage.files,
-            peak_rss_save=max(t.peak_rss for t in saves),
-            peak_rss_load=max(loads_rss),
-            verified=all(r.verified for r in reports),
-            drift_write_gbps=drift.write_gbps,
-            drift_read_gbps=drift.read_gbps,
-            overhead_s=wall_s - (save_s + cold_s + warm_s + self.probe_s - probe_s),
-            cpu_save_s=sum(t.cpu_s for t in saves),
-            cpu_load_cold_s=sum(t.cpu_s for t in colds),
-            cpu_load_warm_s=sum(t.cpu_s for t in warms),
-            rank_times=json.dumps({key: [round(t.own_s, 4) for t in times] for key, times in own.items()}),
-            peak_rss_save_sum=sum(t.peak_rss for t in saves),
-            peak_rss_load_sum=sum(loads_rss),
-        )

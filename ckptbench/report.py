@@ -1,4 +1,4 @@
-"""What people see: the session's setting, phase tables, summaries, verdicts, targets and exported files.
+"""What people see: phase tables, summaries, verdicts, targets and exported files, from rows alone.
 
 The notebook and the CLI both call these, so they hold no presentation logic of their own and their
 outputs match. Tables show what a reader wants at a glance, in units, with three significant
@@ -8,36 +8,22 @@ digits; the full rows stay in the CSV.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from pandas.io.formats.style import Styler
 
 from . import plot
-from .benchmark import Benchmark, PhaseResult
+from .benchmark import PhaseResult
 from .errors import CkptbenchError
+from .formatting import count, sig
 from .results import summarize
-from .strategies import get_strategy
-from .study import BASELINE, EIGHT_WAY, ordered, parse_strategies
+from .study import BASELINE, EIGHT_WAY, ordered
 from .verdict import HELD, INCONCLUSIVE, NOT_HELD
 
 SUMMARY_CSV = "summary.csv"
 EXTENDED_STEM = "extended_comparison"
 VERDICT_COLORS = {HELD: "#55a868", NOT_HELD: "#c44e52", INCONCLUSIVE: "#dd8452"}
-
-
-def sig(value: float | None, digits: int = 3) -> str:
-    """Three significant digits without exponents for large values; empty for a missing value."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if abs(value) >= 10 ** (digits - 1):
-        return f"{value:,.0f}"
-    return f"{value:.{digits}g}"
-
-
-def _count(value: float | None) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{int(value):,}"
 
 
 def phase_table(phase: PhaseResult) -> pd.DataFrame:
@@ -51,7 +37,7 @@ def phase_table(phase: PhaseResult) -> pd.DataFrame:
             "cold load s": rows["load_cold_s"].map(sig),
             "warm load s": rows["load_warm_s"].map(sig),
             "size GB": (rows["bytes"] / 1e9).map(sig),
-            "files": rows["files"].map(_count),
+            "files": rows["files"].map(count),
             "verified": rows["verified"].map({True: "yes", False: "NO"}),
         }
     )
@@ -68,12 +54,12 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     """The medians per strategy, formatted with units; a failed strategy keeps its line with its error."""
     table = pd.DataFrame(
         {
-            "repeats": summary["repeats"].map(_count),
+            "repeats": summary["repeats"].map(count),
             "save s": summary["save_s_median"].map(sig),
             "cold load s": summary["load_cold_s_median"].map(sig),
             "warm load s": summary["load_warm_s_median"].map(sig),
             "size GB": (summary["bytes"] / 1e9).map(sig),
-            "files": summary["files"].map(_count),
+            "files": summary["files"].map(count),
             "save GB/s": summary["save_gbps"].map(sig),
             "cold load GB/s": summary["load_cold_gbps"].map(sig),
             "verified": summary["verified"].map({True: "yes", False: "NO"}),
@@ -158,64 +144,6 @@ def targets_table(table: pd.DataFrame) -> pd.DataFrame:
             "met": table["verdict"].where(table["verdict"].notna(), met).fillna(""),
         }
     )
-
-
-def describe(bench: Benchmark) -> pd.DataFrame:
-    """The model and everything its numbers depend on (versions, CPU, RAM, disk), one row per item."""
-    env = bench.environment()
-    items = {
-        "run id": env["run_id"],
-        "model": env["model"],
-        "tensors": env["tensors"],
-        "parameters": None if env["params"] is None else f"{env['params']:,}",
-        "size in memory": None if env["model_bytes"] is None else f"{env['model_bytes'] / 1e9:.3g} GB",
-        "disk limits": None if bench.limits is None else bench.limits.describe(),
-        "repeats": f"{env['repeats']}, {env['order']} order",
-        "output folder": str(bench.out.resolve()),
-        "checkpoints in": bench.storage.url,
-        "filesystem": env["filesystem"],
-        "free disk": f"{env['disk_free_bytes'] / 1e9:.1f} GB of {env['disk_total_bytes'] / 1e9:.1f} GB",
-        "CPU": f"{env['cpu']} ({env['cores']} cores)",
-        "RAM": f"{env['ram_bytes'] / 2**30:.1f} GiB",
-        "python": f"{env['python']} on {env['platform']}",
-        **env["packages"],
-        "git commit": env["git_commit"],
-    }
-    return pd.DataFrame({"value": items}).rename_axis("item")
-
-
-@dataclass
-class Phases:
-    """The notebook's phases: ``measure_all()`` runs every selected one in the run's order (interleaved by
-    default); each phase cell then shows its phase, and a phase cell re-run on its own measures that
-    phase again (all its repeats in a row)."""
-
-    bench: Benchmark
-    strategies: str = "all"
-    selected: list[str] = field(init=False)
-    _unshown: dict[str, PhaseResult] = field(init=False, default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.selected = parse_strategies(self.strategies) if self.strategies.strip() else []
-
-    def measure_all(self) -> pd.DataFrame:
-        """Every selected phase, in the run's order; the summary of what they measured."""
-        if not self.selected:
-            print("nothing selected")
-            return summary_table(summarize(self.bench.results))
-        config = self.bench.config
-        print(f"{len(self.selected)} strategies x {config.repeats} repeats, {config.order} order")
-        self._unshown = {p.strategy: p for p in self.bench.run(self.selected)}
-        return summary_table(summarize(self.bench.results[self.bench.results["strategy"].isin(self.selected)]))
-
-    def __call__(self, name: str) -> PhaseResult | None:
-        get_strategy(name)
-        if name not in self.selected:
-            print(f"skipped {name}: not in {self.strategies!r}")
-            return None
-        if name in self._unshown:
-            return self._unshown.pop(name)
-        return self.bench.run_phase(name)
 
 
 def missing_note(results: pd.DataFrame) -> str:

@@ -1,10 +1,12 @@
-"""The results store: one CSV row per strategy x repeat, appended across runs, never clobbered or lost.
+"""The results file: one CSV row per strategy x repeat, appended across runs, never clobbered or lost.
 
-Each row carries its strategy's configuration as JSON (``config``) and the schema it was written
-with, so a row says what it measured without its name being parsed. Appends are single
-``O_APPEND`` writes under a lock; reading skips (and names) a damaged line rather than failing on
-it; a file that cannot be appended to safely is kept aside under a dated name before anything is
-measured.
+Each row carries its strategy's configuration as JSON (``config``), and so do the columns of one
+feature (``s3``, ``ranked``, ``rusage``), spread into columns when read; every row says the
+schema it was written with. ``row`` is the one place a cycle's ``Measured`` record becomes a row:
+a new measured value is a field in ``measure`` and a line here. Appends are single ``O_APPEND``
+writes under a lock; a file of an earlier schema is rewritten once under today's header, its rows
+kept; reading skips (and names) a damaged line rather than failing on it; a file that is no results
+file is kept aside under a dated name before anything is measured.
 """
 
 from __future__ import annotations
@@ -20,16 +22,18 @@ import os
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from .errors import ResultsFileError
+from .measure import COUNTERS, Measurement
+from .objectstore import Requests
 from .strategies import STRATEGIES
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -85,37 +89,8 @@ class Row:
     """The rate of copying into fresh memory, page faults included (what a fresh load pays for its bytes)."""
     store: str = "file"
     """Where the checkpoints were written: ``file`` (the output folder) or the ``s3://bucket/prefix`` measured."""
-    objects: int | None = None
-    """Objects the store lists for the checkpoint after its save (S3 only: the server's own view)."""
-    requests_put: int | None = None
-    """HTTP requests of the save and the cold load (S3 only), as TensorStore's metrics and botocore's events
-    counted them: PUT (with POST, which starts and completes a multipart upload), GET (with listings), HEAD,
-    DELETE."""
-    requests_get: int | None = None
-    requests_head: int | None = None
-    requests_delete: int | None = None
-    requests_save: int | None = None
-    """Of those requests, the save's (every method); the rest were the cold load's."""
-    bytes_sent: int | None = None
-    """Object bytes the save and the cold load uploaded (request bodies); ``bytes_received``: downloaded."""
-    bytes_received: int | None = None
-    injected_rtt_ms: float | None = None
-    """Round-trip time the delay proxy added in front of the S3 endpoint (0: through the proxy, no delay: its own
-    cost); empty when there was no proxy."""
     load_into: str = "fresh"
     """Where loads read to: ``fresh`` tensors, or the ``existing`` tensors of a live model."""
-    ranks: int | None = None
-    """Processes that saved, each holding its row shard of every tensor; empty for a run in one process.
-
-    With ranks, times run from a barrier before the first write (or read) until every rank is done,
-    ``peak_rss_*`` are the largest rank's and ``cpu_*`` the sum over ranks."""
-    load_ranks: int | None = None
-    """Processes that loaded; a number other than ``ranks`` is a reshard."""
-    rank_times: str = ""
-    """Each rank's own seconds as JSON (``save_s``, ``load_cold_s``, ``load_warm_s``: one list each): stragglers."""
-    peak_rss_save_sum: int | None = None
-    """Peak resident memory above the start, summed over the ranks (each rank's own peak)."""
-    peak_rss_load_sum: int | None = None
     payload: str = "weights"
     """What was saved: the model's ``weights``, or a ``training`` job's whole state (its loads also resumed)."""
     disk_profile: str = "none"
@@ -125,9 +100,38 @@ class Row:
     under them."""
     disk_read_iops: float | None = None
     """Random 16 KiB cold reads per second under an operation cap: a load pays one per file at least."""
+    s3: str = ""
+    """Object stores only, as JSON: ``objects`` the store lists after the save; the HTTP requests of the save and
+    the cold load (``requests_put`` with POSTs, ``requests_get`` with listings, ``requests_head``,
+    ``requests_delete``; ``requests_save`` the save's share), the object bytes they moved (``bytes_sent``,
+    ``bytes_received``), and ``injected_rtt_ms``, the round trip a delay proxy added (0: the proxy's own cost)."""
+    ranked: str = ""
+    """Runs with ranks only, as JSON: ``ranks`` saved and ``load_ranks`` loaded (another number is a reshard);
+    ``rank_times``, each rank's own seconds per timed region; ``peak_rss_save_sum`` and ``peak_rss_load_sum``,
+    each rank's peak summed. Times then run from a barrier until every rank is done, ``peak_rss_*`` are the
+    largest rank's and ``cpu_*`` (like ``rusage``) the sum over ranks."""
+    rusage: str = ""
+    """What each timed region cost the kernel, as JSON (getrusage, all threads; summed over ranks): page faults
+    (``minor_faults_*`` served from memory, ``major_faults_*`` from the disk) and context switches
+    (``voluntary_switches_*`` to wait, ``involuntary_switches_*`` preempted), for ``save``, ``load_cold``,
+    ``load_warm``."""
 
 
-COLUMNS: list[str] = [f.name for f in fields(Row)]
+REGIONS = ("save", "load_cold", "load_warm")
+"""The timed regions of a cycle, as the columns name them."""
+GROUPED: dict[str, tuple[str, ...]] = {
+    "s3": (
+        "objects", "requests_put", "requests_get", "requests_head", "requests_delete", "requests_save",
+        "bytes_sent", "bytes_received", "injected_rtt_ms",
+    ),
+    "ranked": ("ranks", "load_ranks", "rank_times", "peak_rss_save_sum", "peak_rss_load_sum"),
+    "rusage": tuple(f"{counter}_{region}" for region in REGIONS for counter in COUNTERS),
+}  # fmt: skip
+"""The JSON fields of a row and the columns each holds: one feature's columns, empty in rows without it."""
+HEADER: list[str] = [f.name for f in fields(Row)]
+"""A results file's columns, as written."""
+COLUMNS: list[str] = [column for name in HEADER for column in GROUPED.get(name, (name,))]
+"""The columns rows are read into: the header with each JSON field spread into its own columns."""
 TIMES = ("save_s", "load_cold_s", "load_warm_s")
 _TEXT = {
     "run_id", "timestamp", "preset", "strategy", "config", "error", "store", "load_into", "rank_times", "disk_profile",
@@ -135,13 +139,115 @@ _TEXT = {
 }  # fmt: skip
 _BOOL = {"verified"}
 _NUMERIC = [c for c in COLUMNS if c not in _TEXT | _BOOL]
-_V1_CORE = [
-    "run_id", "timestamp", "preset", "strategy", "repeat", "tensors", "params", "model_bytes", "save_s",
-    "load_cold_s", "load_warm_s", "bytes", "bytes_allocated", "files", "peak_rss_save", "peak_rss_load",
-    "verified", "disk_write_gbps", "disk_read_gbps",
-]  # fmt: skip
-_V1_ADDED = ["overhead_s", "cpu_save_s", "cpu_load_cold_s", "cpu_load_warm_s"]
-"""Schema 1 (before configs were stored): its core columns, then columns added to it over time."""
+_IDENTITY = {"run_id", "timestamp", "preset", "strategy", "repeat"}
+_KNOWN = set(HEADER) | set(COLUMNS)
+"""Every column a readable file may have: today's, and the spread ones earlier schemas wrote flat."""
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What one cycle measured, on every rank that took part (one, without ranks); what becomes a row."""
+
+    save: list[Measurement]
+    """The save on each saving rank: until the checkpoint is durable (on S3: acknowledged)."""
+    cold: list[Measurement]
+    """The loads on each loading rank, after eviction and again warm."""
+    warm: list[Measurement]
+    bytes: int
+    bytes_allocated: int
+    files: int
+    verified: bool
+    """Every load on every rank bit for bit what was saved."""
+    save_blocking_s: float | None = None
+    """An async save: until the strategy returned (its stall)."""
+    requests: tuple[Requests, Requests] | None = None
+    """On an object store: the save's requests and the cold load's."""
+    rank_times: dict[str, list[float]] | None = None
+    """With ranks: each rank's own seconds per timed region, until its own part was done."""
+    untimed: dict[str, float] = field(default_factory=dict)
+    """Seconds of the harness's work around the timed regions, by ``Row`` column (``evict_s``, ``overhead_s``...)."""
+    drift_write_gbps: float | None = None
+    drift_read_gbps: float | None = None
+
+
+def row(identity: dict[str, Any], measured: Measured | None = None, error: str = "") -> Row:
+    """The one way a row is made: its identity (who, what, where), then what a cycle measured, or why it failed.
+
+    Columns are named as read (``requests_put``, ``ranks``), whichever JSON field holds them."""
+    values = dict(identity)
+    if error:
+        values["error"] = error
+    if measured is not None:
+        values |= _measured_columns(measured)
+    grouped = {name: _packed({k: values.pop(k) for k in keys if k in values}) for name, keys in GROUPED.items()}
+    return Row(**values, **grouped)
+
+
+def _measured_columns(m: Measured) -> dict[str, Any]:
+    """A cycle's record as columns: times are the slowest rank's, memory the largest rank's, CPU and rusage sums."""
+    regions = dict(zip(REGIONS, (m.save, m.cold, m.warm), strict=True))
+    save_s = max(t.seconds for t in m.save)
+    loads_rss = [max(c.peak_rss, w.peak_rss) for c, w in zip(m.cold, m.warm, strict=True)]
+    columns: dict[str, Any] = {
+        "save_s": save_s,
+        "save_blocking_s": save_s if m.save_blocking_s is None else min(m.save_blocking_s, save_s),
+        "load_cold_s": max(t.seconds for t in m.cold),
+        "load_warm_s": max(t.seconds for t in m.warm),
+        "bytes": m.bytes,
+        "bytes_allocated": m.bytes_allocated,
+        "files": m.files,
+        "peak_rss_save": max(t.peak_rss for t in m.save),
+        "peak_rss_load": max(loads_rss),
+        "verified": m.verified,
+        "drift_write_gbps": m.drift_write_gbps,
+        "drift_read_gbps": m.drift_read_gbps,
+        **{f"cpu_{region}_s": sum(t.cpu_s for t in each) for region, each in regions.items()},
+        **m.untimed,
+        **{
+            f"{counter}_{region}": sum(getattr(t, counter) for t in each)
+            for region, each in regions.items()
+            for counter in COUNTERS
+            if all(getattr(t, counter) is not None for t in each)
+        },
+    }
+    if m.rank_times is not None:
+        columns |= {
+            "rank_times": {region: [round(s, 4) for s in times] for region, times in m.rank_times.items()},
+            "peak_rss_save_sum": sum(t.peak_rss for t in m.save),
+            "peak_rss_load_sum": sum(loads_rss),
+        }
+    if m.requests is not None:
+        save, load = m.requests
+        both = save + load
+        columns |= {
+            "objects": m.files,
+            "requests_put": both.put,
+            "requests_get": both.get,
+            "requests_head": both.head,
+            "requests_delete": both.delete,
+            "requests_save": save.total,
+            "bytes_sent": both.bytes_sent,
+            "bytes_received": both.bytes_received,
+        }
+    return columns
+
+
+def _packed(values: dict[str, Any]) -> str:
+    kept = {k: v for k, v in values.items() if not _missing(v)}
+    return json.dumps(kept, separators=(",", ":")) if kept else ""
+
+
+def _spread(record: dict[str, Any]) -> dict[str, Any]:
+    """A row's JSON fields spread into their columns (a nested value, such as ``rank_times``, stays JSON text)."""
+    for name, keys in GROUPED.items():
+        text = record.pop(name, None)
+        if text is None:
+            continue
+        values = json.loads(text) if text else {}
+        for key in keys:
+            value = values.get(key)
+            record[key] = json.dumps(value) if isinstance(value, dict | list) else value
+    return record
 
 
 def config_json(config: dict[str, Any]) -> str:
@@ -149,16 +255,12 @@ def config_json(config: dict[str, Any]) -> str:
 
 
 def frame(rows: Iterable[Row]) -> pd.DataFrame:
-    return pd.DataFrame([asdict(r) for r in rows], columns=COLUMNS)
+    return pd.DataFrame([_spread(asdict(r)) for r in rows], columns=COLUMNS)
 
 
-def _is_schema_2(header: list[str]) -> bool:
-    """Today's columns, or an earlier schema-2 file's: today's up to a column added since."""
-    return "schema_version" in header and header == COLUMNS[: len(header)]
-
-
-def _is_schema_1(header: list[str]) -> bool:
-    return header[: len(_V1_CORE)] == _V1_CORE and header[len(_V1_CORE) :] == _V1_ADDED[: len(header) - len(_V1_CORE)]
+def _readable(header: list[str]) -> bool:
+    """A header of today's schema or an earlier one: known columns, each once, the identity among them."""
+    return len(set(header)) == len(header) and _IDENTITY <= set(header) <= _KNOWN
 
 
 def _cell(column: str, text: str) -> Any:
@@ -168,7 +270,9 @@ def _cell(column: str, text: str) -> Any:
         if text not in ("True", "False"):
             raise ValueError(f"{column}={text!r} is not True or False")
         return text == "True"
-    if column in _TEXT:
+    if column in _TEXT or column in GROUPED or column == "config":
+        if column in GROUPED:
+            json.loads(text)  # raises ValueError for damaged JSON
         return text
     value = float(text)  # raises ValueError for a non-numeric cell
     if not math.isfinite(value):
@@ -176,50 +280,60 @@ def _cell(column: str, text: str) -> Any:
     return value
 
 
+def _lines(path: Path) -> tuple[list[str], list[tuple[int, bytes]]]:
+    """A results file's header and its non-blank lines (numbered from 2); raises when it is no results file."""
+    lines = path.read_bytes().splitlines()
+    if not lines or not lines[0].strip():
+        return [], []
+    try:
+        header = next(csv.reader([lines[0].decode("utf-8")]))
+    except (UnicodeDecodeError, csv.Error, StopIteration) as err:
+        raise ResultsFileError(f"{path} is not a ckptbench results file (unreadable header: {err})") from None
+    if not _readable(header):
+        raise ResultsFileError(f"{path} is not a ckptbench results file (its columns differ)")
+    return header, [(n, raw) for n, raw in enumerate(lines[1:], start=2) if raw.strip()]
+
+
+def _fields(header: list[str], raw: bytes) -> dict[str, str]:
+    (cells,) = csv.reader([raw.decode("utf-8")])
+    if len(cells) != len(header):
+        raise ValueError(f"{len(cells)} fields, the header has {len(header)}")
+    return dict(zip(header, cells, strict=True))
+
+
 def read_results(path: str | Path) -> pd.DataFrame:
-    """Every readable row of a results file (schema 1 or 2) in today's columns; damaged lines skipped and named.
+    """Every readable row of a results file of any schema, in today's columns; damaged lines skipped and named.
 
-    Columns added since a file was written read as missing.
-
-    Schema-1 rows get their ``config`` from the registry when their strategy is known.
+    Columns added since a file was written read as missing. Rows from before configs were stored
+    (schema 1) get their ``config`` from the registry when their strategy is known.
     """
     path = Path(path)
     if path.is_dir():
         raise ResultsFileError(f"results file {path} is a folder, not a file (give the CSV inside it)")
     if not path.is_file():
         raise ResultsFileError(f"results file {path} does not exist (write one with `python -m ckptbench run`)")
-    lines = path.read_bytes().splitlines()
-    if not lines or not lines[0].strip():
+    header, lines = _lines(path)
+    if not header:
         return frame([])
-    try:
-        header = next(csv.reader([lines[0].decode("utf-8")]))
-    except (UnicodeDecodeError, csv.Error, StopIteration) as err:
-        raise ResultsFileError(f"{path} is not a ckptbench results file (unreadable header: {err})") from None
-    if not _is_schema_2(header) and not _is_schema_1(header):
-        raise ResultsFileError(f"{path} is not a ckptbench results file (its columns differ)")
     records, skipped = [], []
-    for number, raw in enumerate(lines[1:], start=2):
-        if not raw.strip():
-            continue
+    for number, raw in lines:
         try:
-            (cells,) = csv.reader([raw.decode("utf-8")])
-            if len(cells) != len(header):
-                raise ValueError(f"{len(cells)} fields, the header has {len(header)}")
-            records.append({column: _cell(column, text) for column, text in zip(header, cells, strict=True)})
+            records.append(_spread({c: _cell(c, text) for c, text in _fields(header, raw).items()}))
         except (UnicodeDecodeError, ValueError, csv.Error) as err:
             skipped.append(f"line {number} ({err})")
     if skipped:
         warnings.warn(f"{path}: skipped {len(skipped)} damaged row(s): {'; '.join(skipped[:5])}", stacklevel=2)
-    results = pd.DataFrame.from_records(records, columns=header).reindex(columns=COLUMNS)
-    if _is_schema_1(header):
+    results = pd.DataFrame.from_records(records, columns=COLUMNS)
+    if "schema_version" not in header:
         results["schema_version"] = 1
-        results["config"] = [
-            config_json(STRATEGIES[name].config()) if name in STRATEGIES else None for name in results["strategy"]
-        ]
-        results["error"] = ""
+    results["config"] = results["config"].astype(object)
+    old = (results["schema_version"] == 1) & results["config"].isna()
+    results.loc[old, "config"] = [
+        config_json(STRATEGIES[name].config()) if name in STRATEGIES else None for name in results.loc[old, "strategy"]
+    ]
     results[_NUMERIC] = results[_NUMERIC].apply(pd.to_numeric)
     results["verified"] = results["verified"].fillna(False).astype(bool)
-    results["error"] = results["error"].fillna("")
+    results["error"] = results["error"].astype(object).fillna("")
     results["store"] = [store if isinstance(store, str) and store else "file" for store in results["store"]]
     results["load_into"] = results["load_into"].astype(object).fillna("fresh")
     results["rank_times"] = results["rank_times"].astype(object).fillna("")
@@ -244,7 +358,7 @@ def _dated(path: Path, label: str) -> Path:
     )
 
 
-class ResultsStore:
+class ResultsFile:
     """``results.csv`` plus one environment JSON per run, in the output folder."""
 
     def __init__(self, directory: Path, filename: str = "results.csv") -> None:
@@ -283,13 +397,41 @@ class ResultsStore:
             data.decode("utf-8")
         except (UnicodeDecodeError, csv.Error, StopIteration):
             return True, self._set_aside("unreadable", "is not a UTF-8 results file")
-        if header != COLUMNS:
-            return True, self._set_aside("other-schema", "has another schema")
+        if header != HEADER:
+            if not _readable(header):
+                return True, self._set_aside("other-schema", "has another schema")
+            self._upgrade()
+            return False, None
         if not data.endswith(b"\n"):
             # The last line was cut short (a killed writer): end it so the next row is not glued onto it.
             with open(self.csv, "ab") as f:
                 f.write(b"\n")
         return False, None
+
+    def _upgrade(self) -> None:
+        """Rewrite a file of an earlier schema under today's header, every row kept (new columns empty).
+
+        Its flat feature columns go into their JSON fields; a damaged line stays as it was (reading
+        skips and names it). The rewrite replaces the file in one rename, so it is never half done.
+        """
+        header, lines = _lines(self.csv)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(HEADER)
+        for _, raw in lines:
+            try:
+                old = _fields(header, raw)
+                cells = _upgraded({"schema_version": "1", **old})
+            except (UnicodeDecodeError, ValueError, csv.Error):
+                buffer.write(raw.decode("utf-8", errors="replace") + "\n")
+                continue
+            writer.writerow(cells)
+        partial = self.csv.with_name(f".{self.csv.name}.partial-{os.getpid()}")
+        with open(partial, "w", encoding="utf-8") as f:
+            f.write(buffer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, self.csv)
 
     def check(self) -> Path | None:
         """Make the file safe to append to before anything is measured; where a bad file was kept, if one was."""
@@ -302,7 +444,7 @@ class ResultsStore:
             buffer = io.StringIO()
             writer = csv.writer(buffer, lineterminator="\n")
             if header:
-                writer.writerow(COLUMNS)
+                writer.writerow(HEADER)
             for row in rows:
                 writer.writerow(["" if _missing(v) else v for v in asdict(row).values()])
             fd = os.open(self.csv, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -327,6 +469,25 @@ class ResultsStore:
         partial.write_text(json.dumps(environment, indent=2, default=str))
         os.replace(partial, path)
         return path
+
+
+def _upgraded(old: dict[str, str]) -> list[str]:
+    """One row's cells of an earlier schema under today's header: flat feature columns packed into their fields."""
+    cells = {column: old.get(column, "") for column in HEADER}
+    for name, keys in GROUPED.items():
+        if name not in old:
+            cells[name] = _packed({key: _json_value(old.get(key, "")) for key in keys})
+    return [cells[column] for column in HEADER]
+
+
+def _json_value(text: str) -> Any:
+    """A flat cell as its JSON value: a number, a nested JSON text (``rank_times``) as itself, empty as None."""
+    if text == "":
+        return None
+    if text.lstrip().startswith(("{", "[")):
+        return json.loads(text)
+    number = float(text)
+    return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
 
 
 def _missing(value: Any) -> bool:

@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .report import sig
+from .formatting import sig
 from .results import succeeded
 from .study import ordered
 

@@ -9,12 +9,14 @@ with their uncertainty.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import UnknownChoiceError
-from .strategies import STRATEGIES
+from .errors import UnknownChoiceError, UsageError
+from .strategies import STRATEGIES, Strategy
+from .strategies.sharded import Sharded
+from .strategies.sharded import forms as forms_of
 
 EIGHT_WAY: tuple[str, ...] = (
     "pytorch",
@@ -76,6 +78,48 @@ def ordered(names: list[str] | tuple[str, ...] | Any) -> list[str]:
     present = list(dict.fromkeys(names))
     known = [n for n in (*EIGHT_WAY, *STRATEGIES) if n in present]
     return list(dict.fromkeys(known)) + [n for n in present if n not in known]
+
+
+def _derived() -> dict[str, Sharded]:
+    """Forms that are not a registered strategy's own name (per-process OCDBT), by name."""
+    found = {}
+    for strategy in STRATEGIES.values():
+        try:
+            found.update((form.name, form) for form in forms_of(strategy) if form.name not in STRATEGIES)
+        except UsageError:
+            continue
+    return found
+
+
+def forms(strategies: str | Iterable[str | Strategy]) -> list[Sharded]:
+    """The forms with ranks of a strategy list: a group, names (``ts+ocdbt`` gives both OCDBT ways; a
+    derived name such as ``ts+ocdbt+per-process`` gives one) or strategies. A strategy named on its own
+    without a form is refused; a group leaves such strategies out (Orbax's checkpointer is one process)."""
+    if isinstance(strategies, str):
+        parts = [part.strip() for part in strategies.split(",") if part.strip()]
+        items = [(name, part in GROUPS) for part in parts for name in GROUPS.get(part, (part,))]
+    else:
+        items = [(item, False) for item in strategies]
+    derived = _derived()
+    chosen: dict[str, Sharded] = {}
+    for item, from_group in items:
+        try:
+            if isinstance(item, Strategy):
+                found = forms_of(item)
+            elif item in STRATEGIES:
+                found = forms_of(STRATEGIES[item])
+            elif item in derived:
+                found = (derived[item],)
+            else:
+                raise UnknownChoiceError("strategy", str(item), [*GROUPS, *STRATEGIES, *derived])
+        except UsageError:
+            if from_group:
+                continue
+            raise
+        chosen.update((form.name, form) for form in found)
+    if not chosen:
+        raise UnknownChoiceError("strategy", str(strategies), [*GROUPS, *STRATEGIES, *derived])
+    return list(chosen.values())
 
 
 Op = Literal["<", "<=", ">", ">="]

@@ -268,6 +268,8 @@ def bench(benchmark: Benchmark, strategies: Iterable[str | Strategy]) -> BenchRe
         start=benchmark.limits,
         end=end,
     )
-    benchmark.store.write_environment(benchmark.run_id, {**environment, "limits_end": asdict(end), "wall_s": wall})
+    benchmark.results_file.write_environment(
+        benchmark.run_id, {**environment, "limits_end": asdict(end), "wall_s": wall}
+    )
     table.assign(run_id=benchmark.run_id).to_csv(benchmark.out / TARGETS_FILE, index=False)
     return BenchReport(phases, benchmark.results, table, end, wall)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pandas as pd
 
 from .floor import floors
+from .formatting import sig
 from .profiles import Caps
-from .report import sig
 from .results import succeeded
 from .study import ordered
 

@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 
 from ckptbench import manifest
+from ckptbench.bitwise import check_identical
 from ckptbench.launch import World
 from ckptbench.local import Folder
 from ckptbench.shards import Ranks
 from ckptbench.strategies.sharded import Sharded
-from ckptbench.verify import verify
 
 TIMEOUT_S = 120.0
 
@@ -62,5 +62,5 @@ def write_then_read(world: World, form: Sharded, directory: Path, writers: int, 
             with form.session(ranks, writing=False) as session:
                 loaded = form.load_shards(session, Folder(directory), entries, ranks)
             expected = {n: _rows(ranks, t) for n, t in data.items()}
-            verify(loaded, expected, f"{form.name}, rank {ranks.rank} of {count} reading what {writers} wrote")
+            check_identical(loaded, expected, f"{form.name}, rank {ranks.rank} of {count} reading what {writers} wrote")
         dist.barrier()

@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 
 from ckptbench import STRATEGIES, manifest, plot, report
+from ckptbench.bitwise import check_identical
 from ckptbench.local import Folder
 from ckptbench.location import staged
 from ckptbench.manifest import Manifest
 from ckptbench.results import Row, frame, summarize
 from ckptbench.study import ASYNC
-from ckptbench.verify import verify
 
 from conftest import load_checkpoint
 
@@ -43,7 +43,7 @@ def test_an_async_save_keeps_what_it_was_given_when_training_changes_it_at_once(
         staging.commit(Manifest(strategy.name, strategy.config(), layout))
     assert sum(written) == tiny.nbytes
     assert set(threading.enumerate()) <= before
-    verify(load_checkpoint(strategy, tmp_path / "ckpt"), original, name)
+    check_identical(load_checkpoint(strategy, tmp_path / "ckpt"), original, name)
 
 
 @pytest.mark.parametrize("name", [n for n in STRATEGIES if n not in ASYNC])

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import ckptbench
-from ckptbench import Benchmark, RunConfig, TorchSave, UnknownChoiceError, UsageError, benchmark, get_strategy
+from ckptbench import Benchmark, RunConfig, TorchSave, UnknownChoiceError, UsageError, cycle, get_strategy
 from ckptbench import limits as limits_lib
+from ckptbench.bitwise import check_identical
 from ckptbench.results import COLUMNS, SCHEMA_VERSION
-from ckptbench.verify import verify
 
 from conftest import leftovers, load_checkpoint
 
@@ -39,7 +39,7 @@ def test_results_have_two_verified_rows_per_strategy_in_interleaved_order(finish
     assert [p.strategy for p in phases] == TWO
     assert all(p.ok for p in phases)
     assert [len(p.rows) for p in phases] == [2, 2]
-    stored = bench.store.read()
+    stored = bench.results_file.read()
     assert stored["strategy"].tolist() == ["pytorch", "ts+chunks", "pytorch", "ts+chunks"]  # round-robin
     assert stored["repeat"].tolist() == [0, 0, 1, 1]
     results = bench.results
@@ -72,7 +72,7 @@ def test_results_have_two_verified_rows_per_strategy_in_interleaved_order(finish
 
 def test_every_row_carries_its_configuration(finished):
     bench, _, _ = finished
-    stored = bench.store.read()
+    stored = bench.results_file.read()
     for _, row in stored.iterrows():
         assert json.loads(row["config"]) == get_strategy(row["strategy"]).config()
     chunks = json.loads(stored.loc[stored["strategy"] == "ts+chunks", "config"].iloc[0])
@@ -117,12 +117,12 @@ def test_shuffled_order_is_seeded_and_sequential_keeps_phases_together(make_benc
     for _ in range(2):
         bench = make_bench(repeats=3, order="shuffled", seed=7)
         bench.run(names)
-        orders.append(bench.store.read()["strategy"].tolist()[-9:])
+        orders.append(bench.results_file.read()["strategy"].tolist()[-9:])
     assert orders[0] == orders[1]
     assert [sorted(orders[0][i : i + 3]) for i in (0, 3, 6)] == [sorted(names)] * 3
     bench = make_bench(repeats=2, order="sequential")
     bench.run(names)
-    assert bench.store.read()["strategy"].tolist()[-6:] == [n for n in names for _ in range(2)]
+    assert bench.results_file.read()["strategy"].tolist()[-6:] == [n for n in names for _ in range(2)]
 
 
 def test_keep_checkpoints_keeps_exactly_the_strategy_dirs(make_bench, tiny):
@@ -130,7 +130,7 @@ def test_keep_checkpoints_keeps_exactly_the_strategy_dirs(make_bench, tiny):
     bench.run(TWO)
     assert leftovers(bench.out) == sorted(["results.csv", *TWO])
     for name in TWO:
-        verify(load_checkpoint(get_strategy(name), bench.out / name), tiny.tensors, name)
+        check_identical(load_checkpoint(get_strategy(name), bench.out / name), tiny.tensors, name)
     assert bench.results["verified"].all()
 
 
@@ -141,7 +141,7 @@ def test_a_kept_checkpoint_is_replaced_by_the_next_kept_one_and_left_alone_other
     assert (bench_out).read_text() == first  # a run that keeps nothing does not touch it
     make_bench(keep_checkpoints=True, seed=1).run(["pytorch"])
     assert leftovers(make_bench().out) == ["pytorch", "results.csv"]
-    verify(load_checkpoint(get_strategy("pytorch"), make_bench().out / "pytorch"), tiny.tensors, "kept")
+    check_identical(load_checkpoint(get_strategy("pytorch"), make_bench().out / "pytorch"), tiny.tensors, "kept")
 
 
 def test_rerunning_a_phase_replaces_its_rows_but_appends_to_the_csv(make_bench):
@@ -153,7 +153,7 @@ def test_rerunning_a_phase_replaces_its_rows_but_appends_to_the_csv(make_bench):
     assert results["strategy"].tolist() == ["pytorch", "pytorch", "ts+chunks", "ts+chunks"]
     assert results[results["strategy"] == "pytorch"].reset_index(drop=True).equals(again.frame)
     assert results[results["strategy"] == "ts+chunks"].equals(first[first["strategy"] == "ts+chunks"])
-    stored = bench.store.read()
+    stored = bench.results_file.read()
     assert len(stored) == 6
     assert stored["strategy"].tolist()[-2:] == ["pytorch"] * 2
 
@@ -162,7 +162,7 @@ def test_results_follow_the_study_order_whatever_the_run_order(make_bench):
     bench = make_bench()
     bench.run(["ts+chunks", "pytorch"])
     assert bench.results["strategy"].tolist() == ["pytorch", "ts+chunks"]
-    assert bench.store.read()["strategy"].tolist() == ["ts+chunks", "pytorch"]
+    assert bench.results_file.read()["strategy"].tolist() == ["ts+chunks", "pytorch"]
 
 
 def test_warmup_leaves_nothing_behind(make_bench):
@@ -193,7 +193,7 @@ def test_a_load_that_does_not_verify_is_recorded_and_reported(make_bench, monkey
     phase = bench.run_phase("pytorch")
     assert not phase.ok
     assert "did not match" in phase.error
-    assert bench.store.read()["verified"].tolist() == [False]
+    assert bench.results_file.read()["verified"].tolist() == [False]
     assert any("VERIFICATION FAILED" in m and "v_proj" in m for m in messages)
     assert leftovers(bench.out) == ["results.csv"]
 
@@ -207,7 +207,7 @@ def test_a_failing_strategy_is_a_row_and_the_run_goes_on(make_bench, monkeypatch
     phases = bench.run(["pytorch", "ts+chunks"])
     assert [p.ok for p in phases] == [False, True]
     assert "the library broke" in phases[0].error
-    stored = bench.store.read()
+    stored = bench.results_file.read()
     failed = stored[stored["strategy"] == "pytorch"]
     assert len(failed) == 1  # a failed strategy stops taking part
     assert "CheckpointError" in failed["error"].iloc[0]
@@ -237,7 +237,7 @@ def test_an_interrupted_phase_leaves_no_checkpoint_and_no_row(make_bench, monkey
     assert len(calls) == 1
     assert ".partial-" in calls[0].name
     assert leftovers(bench.out) == []
-    assert bench.store.read().empty
+    assert bench.results_file.read().empty
 
 
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
@@ -282,11 +282,11 @@ def test_a_local_model_path_names_the_preset(tmp_path):
 def test_a_load_that_would_not_fit_in_memory_is_refused_as_a_failed_row(make_bench, tiny, monkeypatch):
     bench = make_bench(warmup=False)
     memory = SimpleNamespace(available=tiny.nbytes - 1, total=2**34)
-    monkeypatch.setattr(benchmark.psutil, "virtual_memory", lambda: memory)
+    monkeypatch.setattr(cycle.psutil, "virtual_memory", lambda: memory)
     phase = bench.run_phase("pytorch")
     assert not phase.ok
     assert phase.error.startswith("InsufficientMemoryError: not enough memory: pytorch [1/1] cold load needs about")
-    (row,) = bench.store.read().itertuples()
+    (row,) = bench.results_file.read().itertuples()
     assert row.strategy == "pytorch"
     assert row.error == phase.error
     memory.available = tiny.nbytes
@@ -298,7 +298,7 @@ def test_a_strategy_whose_load_holds_more_copies_is_refused_sooner(make_bench, t
     assert get_strategy("orbax").load_copies() > get_strategy("ts+best").load_copies()
     bench = make_bench(warmup=False)
     memory = SimpleNamespace(available=int(tiny.nbytes * 1.5), total=2**34)
-    monkeypatch.setattr(benchmark.psutil, "virtual_memory", lambda: memory)
+    monkeypatch.setattr(cycle.psutil, "virtual_memory", lambda: memory)
     assert bench.run_phase("pytorch").ok
     monkeypatch.setattr(TorchSave, "load_copies", lambda self: get_strategy("orbax").load_copies())
     phase = bench.run_phase("pytorch")

@@ -30,7 +30,7 @@ from ckptbench.cli import main
 from ckptbench.delayproxy import DelayProxy
 from ckptbench.manifest import MANIFEST
 from ckptbench.objectstore import Prefix, S3Storage
-from ckptbench.results import COLUMNS, ResultsStore, Row
+from ckptbench.results import COLUMNS, ResultsFile, row
 from ckptbench.s3server import S3Server, S3ServerError
 
 from conftest import FAKE_LIMITS, NOTEBOOK, NOTEBOOK_TIMEOUT, dead_pid, tagged
@@ -400,14 +400,14 @@ def test_a_dead_runs_working_prefix_is_removed_and_a_live_or_foreign_one_kept(s3
 
 
 def test_the_docs_render_a_cloud_table_from_a_results_file(tmp_path):
-    row = dict.fromkeys(COLUMNS) | {
+    columns = dict.fromkeys(COLUMNS) | {
         "run_id": "r", "timestamp": "t", "preset": "tiny", "strategy": "ts+ocdbt", "config": "{}", "repeat": 0,
         "tensors": 238, "params": 1, "model_bytes": 1, "error": "", "save_s": 2.0, "load_cold_s": 1.0,
         "objects": 700, "requests_put": 1500, "requests_get": 9000, "requests_head": 0, "requests_delete": 0,
         "requests_save": 1600, "bytes_sent": 10**9, "bytes_received": 10**9, "verified": True, "store": "s3://b/p",
         "schema_version": 2,
     }  # fmt: skip
-    ResultsStore(tmp_path).append([Row(**row)])
+    ResultsFile(tmp_path).append([row(columns)])
     rendered = docs.render(f"cloud {tmp_path / 'results.csv'} 50 16")
     header, _, line = rendered.splitlines()
     assert "save s MODELLED @ 50 ms x 16" in header

@@ -290,7 +290,7 @@ def test_phase_refuses_before_writing_when_the_disk_is_too_small(name, warmup, m
     assert "the next checkpoint needs about" in phase.error
     assert not any(".partial-" in p.name or p.name == name for p in created)
     assert leftovers(bench.out) == sorted([*before, "results.csv"])
-    (row,) = bench.store.read().itertuples()
+    (row,) = bench.results_file.read().itertuples()
     assert row.strategy == name
     assert row.error == phase.error
     assert not row.verified

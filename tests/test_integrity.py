@@ -24,10 +24,10 @@ from ckptbench import (
     get_strategy,
     sweep,
 )
+from ckptbench.bitwise import check_identical
 from ckptbench.checkpoint import _disk_full
 from ckptbench.local import Folder
 from ckptbench.strategies import MiB
-from ckptbench.verify import verify
 
 from conftest import dead_pid, leftovers, load_checkpoint, save_checkpoint
 
@@ -139,7 +139,7 @@ def test_zarr3_checksum_makes_tensorstore_refuse_a_flipped_byte(tiny, tmp_path):
     path = tmp_path / "checksummed"
     usage = save_checkpoint(CHECKSUM, tiny.tensors, path)
     assert usage.bytes_allocated <= CHECKSUM.estimate_bytes(tiny.tensors)
-    verify(load_checkpoint(CHECKSUM, path), tiny.tensors, "checksummed")
+    check_identical(load_checkpoint(CHECKSUM, path), tiny.tensors, "checksummed")
     shard = path / SHARD_TENSOR / "c" / "0" / "0"
     data = bytearray(shard.read_bytes())
     data[7] ^= 0x80  # the sign of the tensor's second element, stored first in the shard

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ckptbench import STRATEGIES, CheckpointError, RunConfig, UsageError, checkpoint, disk
+from ckptbench.bitwise import check_identical
 from ckptbench.strategies import Strategy, total_bytes
-from ckptbench.verify import verify
 
 from conftest import save_checkpoint
 
@@ -30,7 +30,7 @@ def test_a_load_into_existing_tensors_fills_them_exactly_in_place(name, tiny, sa
     disk.evict(saved[name].path)
     loaded = checkpoint.load(STRATEGIES[name], saved[name].path, read.append, into=into)
     assert all(loaded[k] is into[k] and into[k].data_ptr() == pointers[k] for k in into)
-    verify(into, tiny.tensors, name)
+    check_identical(into, tiny.tensors, name)
     assert sum(read) == tiny.nbytes
 
 
@@ -44,7 +44,7 @@ def test_in_place_loads_allocate_no_copy_of_the_model(name, tiny, saved, monkeyp
     monkeypatch.setattr(type(STRATEGIES[name]), "load", refuse)
     into = _poisoned(tiny.tensors)
     checkpoint.load(STRATEGIES[name], saved[name].path, lambda n: None, into=into)
-    verify(into, tiny.tensors, name)
+    check_identical(into, tiny.tensors, name)
 
 
 @pytest.mark.parametrize("name", IN_PLACE)
@@ -52,7 +52,7 @@ def test_non_contiguous_destinations_are_filled_too(name, tiny, saved):
     into = OrderedDict((k, torch.full(t.shape[::-1], float("nan"), dtype=t.dtype).t()) for k, t in tiny.tensors.items())
     assert not into["lm_head.weight"].is_contiguous()
     checkpoint.load(STRATEGIES[name], saved[name].path, lambda n: None, into=into)
-    verify(into, tiny.tensors, name)
+    check_identical(into, tiny.tensors, name)
 
 
 def test_tensors_that_do_not_match_the_checkpoint_are_refused(tiny, saved):

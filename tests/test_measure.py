@@ -5,12 +5,13 @@ from __future__ import annotations
 import gc
 import math
 import mmap
+import os
 import time
 
 import numpy as np
 import pytest
 
-from ckptbench.measure import measure
+from ckptbench.measure import COUNTERS, measure
 
 MB = 1 << 20
 
@@ -82,3 +83,23 @@ def test_a_failing_block_records_no_cpu_time():
     with pytest.raises(RuntimeError, match="boom"), measure() as timing:
         raise RuntimeError("boom")
     assert math.isnan(timing.cpu_s)
+
+
+def test_counts_the_page_faults_and_context_switches_of_the_block(tmp_path):
+    """Fresh memory faults once a page (minor); a mapped file read after eviction waits for the disk (major)."""
+    with measure() as fresh, mmap.mmap(-1, 64 * MB) as memory:
+        np.frombuffer(memory, dtype=np.uint8)[:] = 1
+    assert fresh.minor_faults >= 64 * MB // 4096 * 0.9
+    with measure() as sleeping:
+        time.sleep(0.05)
+    assert sleeping.voluntary_switches >= 1
+    assert sleeping.minor_faults < fresh.minor_faults / 10
+    path = tmp_path / "data"
+    path.write_bytes(np.random.default_rng(0).bytes(8 * MB))
+    os.sync()
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        with measure() as mapped, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as view:
+            assert sum(view[i] for i in range(0, len(view), 4096)) >= 0
+    assert mapped.major_faults >= 1
+    assert all(getattr(m, c) >= 0 for m in (fresh, sleeping, mapped) for c in COUNTERS)

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from ckptbench import STRATEGIES, CheckpointError, checkpoint
+from ckptbench.bitwise import check_identical
 from ckptbench.manifest import MANIFEST
 from ckptbench.model import ROTARY_BUFFER
 from ckptbench.strategies import Orbax
 from ckptbench.strategies.orbax import SUBFOLDER, describe
-from ckptbench.verify import verify
 
 from conftest import load_checkpoint, save_checkpoint
 
@@ -34,7 +34,7 @@ def test_the_registry_has_orbax_with_its_defaults_without_compression_and_async(
 def test_round_trip_is_bit_exact_in_the_saved_order_and_dtypes(name, tiny, saved):
     path, usage = saved[name].path, saved[name].usage
     loaded = load_checkpoint(STRATEGIES[name], path)
-    verify(loaded, tiny.tensors, name)  # names, order, dtypes, shapes and bits
+    check_identical(loaded, tiny.tensors, name)  # names, order, dtypes, shapes and bits
     assert loaded["model.embed_tokens.weight"].dtype == torch.float16
     assert loaded[ROTARY_BUFFER].dtype == torch.float32
     assert usage.bytes <= STRATEGIES[name].estimate_bytes(tiny.tensors)
@@ -72,7 +72,7 @@ def test_compression_changes_the_bytes_not_the_layout(tiny, saved):
 def test_bfloat16_round_trips(tmp_path):
     tensors = {"b": torch.randn(40, 3).to(torch.bfloat16), "a": torch.randn(7)}
     save_checkpoint(STRATEGIES["orbax"], tensors, tmp_path / "ckpt")
-    verify(load_checkpoint(STRATEGIES["orbax"], tmp_path / "ckpt"), tensors, "orbax")
+    check_identical(load_checkpoint(STRATEGIES["orbax"], tmp_path / "ckpt"), tensors, "orbax")
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")

@@ -10,8 +10,8 @@ import torch
 
 import ckptbench
 from ckptbench import EIGHT_WAY, STRATEGIES, Benchmark, RunConfig, TensorStore, TensorStoreOptions, model
+from ckptbench.bitwise import check_identical
 from ckptbench.measure import measure
-from ckptbench.verify import verify
 
 from conftest import FAKE_LIMITS, load_checkpoint, save_checkpoint
 
@@ -29,7 +29,7 @@ def test_each_extra_strategy_round_trips_bit_exactly(name, tiny, saved):
     path, usage = saved[name].path, saved[name].usage
     loaded = load_checkpoint(STRATEGIES[name], path)
     assert len(loaded) == 238
-    verify(loaded, tiny.tensors, name)
+    check_identical(loaded, tiny.tensors, name)
     assert usage.bytes <= STRATEGIES[name].estimate_bytes(tiny.tensors)
 
 
@@ -66,7 +66,7 @@ def test_lazy_formats_are_materialised_inside_the_load(name, tmp_path):
     with measure() as timing:
         loaded = load_checkpoint(strategy, tmp_path / name)
     assert timing.peak_rss >= 0.9 * nbytes
-    verify(loaded, tensors, name)
+    check_identical(loaded, tensors, name)
 
 
 @pytest.mark.parametrize("inflight", [0, 1 << 20, 1 << 30])
@@ -76,7 +76,7 @@ def test_inflight_overlap_keeps_order_and_bits(inflight, tiny, tmp_path):
     save_checkpoint(strategy, tiny.tensors, tmp_path / "ckpt", progress.append)
     assert sum(progress) == tiny.nbytes
     loaded = load_checkpoint(strategy, tmp_path / "ckpt")
-    verify(loaded, tiny.tensors, f"inflight {inflight}")
+    check_identical(loaded, tiny.tensors, f"inflight {inflight}")
 
 
 @pytest.fixture(scope="module")

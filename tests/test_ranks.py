@@ -20,10 +20,10 @@ import torch
 from ranks_faults import FAULT_TIME, Faulty
 
 import ckptbench
-from ckptbench import checkpoint, docs, launch, model, ranked, scaling
+from ckptbench import checkpoint, docs, launch, model, ranked, scaling, study
 from ckptbench.cli import main
 from ckptbench.errors import UsageError
-from ckptbench.results import COLUMNS, Row, config_json, frame, read_results
+from ckptbench.results import COLUMNS, Row, config_json, frame, read_results, row
 from ckptbench.shards import block_rows, contiguous_stride, row_range
 from ckptbench.strategies import Strategy, TensorStoreOptions, from_config, get_strategy, sharded
 
@@ -100,14 +100,14 @@ def test_every_registered_strategy_has_a_form_and_ocdbt_has_two():
     for name, strategy in ckptbench.STRATEGIES.items():
         if isinstance(strategy, ckptbench.Orbax):  # one process by design: refused by name, left out of groups
             with pytest.raises(UsageError, match="has no form with ranks"):
-                ranked.forms(name)
+                study.forms(name)
         else:
             assert sharded.forms(get_strategy(name))
-    assert [f.name for f in ranked.forms("dcp,ts+chunks,ts+ocdbt")] == PLANNED
-    assert [f.name for f in ranked.forms("ts+ocdbt+per-process")] == ["ts+ocdbt+per-process"]
-    assert "gather to rank 0, save there" in ranked.forms("pytorch")[0].knobs()["ranks"]
-    assert "gather to rank 0, save there" in ranked.forms("safetensors")[0].knobs()["ranks"]
-    for form in ranked.forms("every"):
+    assert [f.name for f in study.forms("dcp,ts+chunks,ts+ocdbt")] == PLANNED
+    assert [f.name for f in study.forms("ts+ocdbt+per-process")] == ["ts+ocdbt+per-process"]
+    assert "gather to rank 0, save there" in study.forms("pytorch")[0].knobs()["ranks"]
+    assert "gather to rank 0, save there" in study.forms("safetensors")[0].knobs()["ranks"]
+    for form in study.forms("every"):
         assert from_config(form.name, form.config()) == form
 
 
@@ -116,7 +116,7 @@ def test_every_registered_strategy_has_a_form_and_ocdbt_has_two():
 def test_rows_written_by_three_ranks_read_back_by_two_and_by_four(name, tmp_path):
     """Four real ranks (gloo): three write their rows at once, then two and four read theirs back, bit-exact,
     each verified on its own rank; a tensor has fewer rows than ranks, so some ranks hold none of it."""
-    form = ranked.forms(name)[0]  # ts+ocdbt: its shared database, through the coordinator
+    form = study.forms(name)[0]  # ts+ocdbt: its shared database, through the coordinator
     mailbox = launch.Mailbox.serve(ranks_rows.TIMEOUT_S)
     launch.spawn(mailbox, ranks_rows.write_then_read, 4, form, tmp_path, 3, [2, 4], timeout_s=ranks_rows.TIMEOUT_S)
     assert sorted(p.name for p in tmp_path.iterdir()), "nothing was written"
@@ -129,9 +129,22 @@ class _Unsharded(Strategy):
 
 def test_a_strategy_without_a_form_is_refused_and_an_unknown_name_too():
     with pytest.raises(ckptbench.UsageError, match="unsharded has no form with ranks"):
-        ranked.forms([_Unsharded()])
+        study.forms([_Unsharded()])
     with pytest.raises(ckptbench.UnknownChoiceError, match="ts\\+ocdbt\\+per-process"):
-        ranked.forms("nosuch")
+        study.forms("nosuch")
+
+
+def test_ranks_loading_into_existing_tensors_are_refused_in_one_line(tmp_path, capsys):
+    """Every rank loads fresh tensors: a row saying load_into=existing would not be true, so none is made."""
+    message = "--load-into existing is one process's live model; with --ranks every rank loads fresh"
+    with pytest.raises(ckptbench.UsageError, match=message):
+        _config(tmp_path, 2, load_into="existing")
+    out = tmp_path / "cli"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--preset", "tiny", "--out", str(out), "--ranks", "2", "--load-into", "existing"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"python -m ckptbench: error: {message}"
+    assert not out.exists()  # refused before anything was measured or written
 
 
 def test_bad_rank_settings_are_refused_before_anything_runs(tmp_path, capsys):
@@ -161,9 +174,9 @@ def test_under_torchrun_the_world_must_hold_every_rank(tmp_path, monkeypatch):
 
 def test_a_results_file_from_before_the_rank_columns_still_reads(tmp_path):
     older = COLUMNS[: COLUMNS.index("schema_version") + 1]
-    row = frame([Row("r", "t", "tiny", "pytorch", config_json({}), 0, 238, 1, 2, save_s=1.0, verified=True)])
+    written = frame([Row("r", "t", "tiny", "pytorch", config_json({}), 0, 238, 1, 2, save_s=1.0, verified=True)])
     path = tmp_path / "results.csv"
-    row[older].to_csv(path, index=False)
+    written[older].to_csv(path, index=False)
     read = read_results(path)
     assert list(read.columns) == COLUMNS
     assert read["save_s"].tolist() == [1.0]
@@ -171,12 +184,16 @@ def test_a_results_file_from_before_the_rank_columns_still_reads(tmp_path):
     assert read["rank_times"].tolist() == [""]
 
 
+SIZES = {"repeat": 0, "tensors": 238, "params": 1, "model_bytes": 10**7}
+
+
 def _ranked_rows() -> pd.DataFrame:
     rows = []
     for ranks, load_ranks, seconds in ((1, 1, 4.0), (2, 2, 2.5), (4, 4, 2.0), (2, 1, 3.0)):
         for name in ("dcp", "ts+chunks"):
             measured = {"save_s": seconds, "load_cold_s": seconds / 2, "ranks": ranks, "load_ranks": load_ranks}
-            rows.append(Row("r", "t", "tiny", name, "{}", 0, 238, 1, 10**7, verified=True, **measured))
+            identity = {"run_id": "r", "timestamp": "t", "preset": "tiny", "strategy": name, "config": "{}"}
+            rows.append(row({**identity, **SIZES, "verified": True, **measured}))
     return frame(rows)
 
 
@@ -201,7 +218,8 @@ def test_the_scaling_figure_and_table_put_time_against_ranks(tmp_path, capsys):
 
 
 def test_a_plan_whose_every_repeat_failed_says_failed_in_the_table():
-    killed = Row("r", "t", "tiny", "ts+best", "{}", 0, 238, 1, 10**7, ranks=2, load_ranks=2, error="rank 1 failed")
+    identity = {"run_id": "r", "timestamp": "t", "preset": "tiny", "strategy": "ts+best", "config": "{}", **SIZES}
+    killed = row({**identity, "ranks": 2, "load_ranks": 2}, error="rank 1 failed")
     table = scaling.table(pd.concat([_ranked_rows(), frame([killed])], ignore_index=True))
     assert table.loc["ts+best", "save s, 2->2 ranks"] == "failed"
     assert table.loc["ts+best", "cold load s, 2->2 ranks"] == "failed"

@@ -7,8 +7,9 @@ import dataclasses
 import pandas as pd
 import pytest
 
-from ckptbench import report
+from ckptbench import notebook, report
 from ckptbench.benchmark import PhaseResult
+from ckptbench.formatting import sig
 from ckptbench.results import Row, config_json
 
 
@@ -18,14 +19,14 @@ def _row(repeat: int, **values) -> Row:
 
 
 def test_sig_keeps_three_significant_digits_without_exponents():
-    assert [report.sig(v) for v in (0.012345, 1.23456, 12.3456, 123.456, 839390.0)] == [
+    assert [sig(v) for v in (0.012345, 1.23456, 12.3456, 123.456, 839390.0)] == [
         "0.0123",
         "1.23",
         "12.3",
         "123",
         "839,390",
     ]
-    assert report.sig(float("nan")) == report.sig(None) == ""
+    assert sig(float("nan")) == sig(None) == ""
 
 
 def test_a_phase_table_is_compact_and_says_why_a_repeat_failed():
@@ -60,16 +61,17 @@ def test_the_targets_table_reads_met_as_words():
 @pytest.mark.slow
 def test_phases_show_the_measured_run_then_measure_again_when_re_run(make_bench):
     bench = make_bench()
-    phases = report.Phases(bench, "pytorch,ts+chunks")
+    phases = notebook.Phases(bench, "pytorch,ts+chunks")
     summary = phases.measure_all()
     assert list(summary.index) == ["pytorch", "ts+chunks"]
-    assert len(bench.store.read()) == 2
+    assert len(bench.results_file.read()) == 2
     shown = phases("pytorch")
-    assert shown.ok
-    assert len(bench.store.read()) == 2
+    assert shown.result.ok
+    assert "pytorch [1]" in shown._repr_html_()
+    assert len(bench.results_file.read()) == 2
     again = phases("pytorch")
-    assert again.ok
-    assert len(bench.store.read()) == 3
+    assert again.result.ok
+    assert len(bench.results_file.read()) == 3
     assert phases("t5x") is None  # not selected
 
 

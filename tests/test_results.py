@@ -1,4 +1,4 @@
-"""The results store: appends never clobber, glue or lose a row; damaged files are kept aside; old files still read."""
+"""The results file: appends never clobber, glue or lose a row; older files are appended to, foreign ones kept aside."""
 
 from __future__ import annotations
 
@@ -6,13 +6,30 @@ import csv
 import dataclasses
 import json
 import multiprocessing
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 
-from ckptbench import ResultsStore, get_strategy, read_results, summarize
+from ckptbench import ResultsFile, get_strategy, read_results, summarize
 from ckptbench.errors import ResultsFileError
-from ckptbench.results import COLUMNS, SCHEMA_VERSION, Row, config_json, configs, frame
+from ckptbench.measure import COUNTERS, Measurement
+from ckptbench.objectstore import Requests
+from ckptbench.results import (
+    COLUMNS,
+    GROUPED,
+    HEADER,
+    SCHEMA_VERSION,
+    Measured,
+    Row,
+    config_json,
+    configs,
+    frame,
+    row,
+)
+
+COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
 def make_row(strategy: str = "pytorch", repeat: int = 0, **values) -> Row:
@@ -46,8 +63,13 @@ def make_row(strategy: str = "pytorch", repeat: int = 0, **values) -> Row:
     return Row(**{**defaults, **values})
 
 
-def test_columns_are_the_row_fields():
-    assert [f.name for f in dataclasses.fields(Row)] == COLUMNS
+def test_a_file_has_the_row_fields_and_reads_with_each_feature_spread_into_its_columns():
+    assert [f.name for f in dataclasses.fields(Row)] == HEADER
+    assert {"s3", "ranked", "rusage", "config"} <= set(HEADER)
+    assert not {"requests_put", "ranks", "minor_faults_save"} & set(HEADER)
+    assert len(GROUPED["s3"]) == 9
+    assert len(GROUPED["ranked"]) == 5
+    assert set(COLUMNS) == set(HEADER) - set(GROUPED) | {c for keys in GROUPED.values() for c in keys}
     assert list(frame([make_row()]).columns) == COLUMNS
     assert list(frame([]).columns) == COLUMNS
     assert "config" in COLUMNS
@@ -56,7 +78,7 @@ def test_columns_are_the_row_fields():
 
 
 def test_append_accumulates_rows_under_one_header(tmp_path):
-    store = ResultsStore(tmp_path / "out")
+    store = ResultsFile(tmp_path / "out")
     assert store.read().empty
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -72,7 +94,7 @@ def test_append_accumulates_rows_under_one_header(tmp_path):
 
 
 def test_a_failed_row_round_trips_with_its_error_and_no_numbers(tmp_path):
-    store = ResultsStore(tmp_path)
+    store = ResultsFile(tmp_path)
     failed = Row("run-1", "t", "tiny", "pytorch", "{}", 0, 238, 1, 2, error="DiskFullError: disk full, needs 1 GB")
     store.append([failed, make_row()])
     table = store.read()
@@ -88,8 +110,83 @@ def test_configs_become_columns():
     assert table["chunk_bytes"].iloc[0] == 1024
 
 
+def test_a_file_of_the_previous_schema_is_appended_to_and_keeps_every_row(tmp_path):
+    """A committed schema-2 file with S3 and rank columns flat: rewritten once under today's header, rows kept."""
+    store = ResultsFile(tmp_path)
+    for committed in ("2026-11-30-ranks-openllama-3b/results.csv", "2026-11-30-cloud-openllama-3b-2l/results.csv"):
+        shutil.copy(COMMITTED / committed, store.csv)
+        before = read_results(store.csv)
+        assert before["schema_version"].eq(2).all()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            store.append([make_row("t5x", 0, run_id="new")])
+        assert not list(tmp_path.glob("results.*.csv"))  # nothing set aside
+        assert next(csv.reader([store.csv.read_text().splitlines()[0]])) == HEADER
+        after = store.read()
+        assert len(after) == len(before) + 1
+        assert after.iloc[:-1].equals(before)  # every old row, every value, as it read before
+        assert after["run_id"].iloc[-1] == "new"
+        assert after["minor_faults_save"].isna().all()  # measured since: empty in old rows and this one
+    assert after["requests_put"].notna().iloc[:-1].all()
+    assert before["ranks"].isna().all()
+
+
+def test_a_schema_1_file_is_appended_to_with_its_configs_from_the_registry(tmp_path):
+    store = ResultsFile(tmp_path)
+    store.csv.write_text(SCHEMA_1)
+    store.append([make_row()])
+    table = store.read()
+    assert table["schema_version"].tolist() == [1, 1, SCHEMA_VERSION]
+    assert json.loads(table["config"].iloc[0]) == get_strategy("ts+chunks").config()
+    assert table["save_s"].tolist() == [1.5, 1.5, 1.0]
+
+
+def _region(seconds: float, faults: int) -> Measurement:
+    counters = dict(zip(COUNTERS, (faults, 1, 2, 3), strict=True))
+    return Measurement(seconds=seconds, peak_rss=100 * faults, cpu_s=seconds / 2, **counters)
+
+
+def test_a_cycle_record_becomes_one_row_slowest_rank_times_summed_cpu_and_rusage(tmp_path):
+    measured = Measured(
+        save=[_region(2.0, 10), _region(3.0, 20)],
+        cold=[_region(1.0, 30), _region(0.5, 40)],
+        warm=[_region(0.25, 50), _region(0.75, 60)],
+        bytes=7,
+        bytes_allocated=8,
+        files=2,
+        verified=True,
+        requests=(Requests(put=4, bytes_sent=9), Requests(get=5, head=1, bytes_received=9)),
+        rank_times={"save_s": [1.9, 2.9], "load_cold_s": [0.9, 0.4], "load_warm_s": [0.2, 0.7]},
+        untimed={"evict_s": 0.1, "verify_s": 0.2},
+    )
+    identity = {"run_id": "r", "timestamp": "t", "preset": "tiny", "strategy": "dcp", "config": "{}", "repeat": 0}
+    sizes = {"tensors": 238, "params": 1, "model_bytes": 7, "ranks": 2, "load_ranks": 2, "injected_rtt_ms": 0.0}
+    made = row({**identity, **sizes}, measured)
+    assert json.loads(made.ranked)["ranks"] == 2
+    store = ResultsFile(tmp_path)
+    store.append([made])
+    (read,) = store.read().to_dict("records")
+    assert (read["save_s"], read["load_cold_s"], read["load_warm_s"]) == (3.0, 1.0, 0.75)
+    assert read["save_blocking_s"] == 3.0
+    assert (read["peak_rss_save"], read["peak_rss_save_sum"]) == (2000, 3000)
+    assert read["peak_rss_load"] == 6000
+    assert read["cpu_save_s"] == pytest.approx(2.5)
+    assert (read["minor_faults_save"], read["minor_faults_load_cold"], read["minor_faults_load_warm"]) == (30, 70, 110)
+    assert (read["major_faults_save"], read["voluntary_switches_save"], read["involuntary_switches_save"]) == (2, 4, 6)
+    assert json.loads(read["rank_times"])["save_s"] == [1.9, 2.9]
+    assert (read["requests_put"], read["requests_get"], read["requests_head"], read["requests_save"]) == (4, 5, 1, 4)
+    assert (read["objects"], read["bytes_sent"], read["injected_rtt_ms"]) == (2, 9, 0.0)
+    assert (read["evict_s"], read["verify_s"], read["error"]) == (0.1, 0.2, "")
+    failed = row({**identity, **sizes}, error="RankFailed: rank 1")
+    assert (failed.error, failed.save_s, json.loads(failed.ranked)) == (
+        "RankFailed: rank 1",
+        None,
+        {"ranks": 2, "load_ranks": 2},
+    )
+
+
 def test_a_file_with_another_schema_is_kept_and_a_new_one_started(tmp_path):
-    store = ResultsStore(tmp_path)
+    store = ResultsFile(tmp_path)
     old = "strategy,seconds\npytorch,1.0\ntensorstore,9.0\n"
     store.csv.write_text(old)
     with pytest.warns(UserWarning, match="another schema"):
@@ -100,7 +197,7 @@ def test_a_file_with_another_schema_is_kept_and_a_new_one_started(tmp_path):
 
 
 def test_a_file_cut_short_is_ended_before_the_next_row(tmp_path):
-    store = ResultsStore(tmp_path)
+    store = ResultsFile(tmp_path)
     store.append([make_row("pytorch", 0)])
     with open(store.csv, "a") as f:
         f.write("run-1,2024,tiny,pytorch,{},1,238")  # a writer killed mid-row
@@ -111,7 +208,7 @@ def test_a_file_cut_short_is_ended_before_the_next_row(tmp_path):
 
 
 def test_a_non_utf8_file_is_kept_aside_before_anything_is_measured(tmp_path):
-    store = ResultsStore(tmp_path)
+    store = ResultsFile(tmp_path)
     store.csv.write_bytes(b"\xff\xfe not a csv \x00\x01")
     with pytest.warns(UserWarning, match="not a UTF-8"):
         kept = store.check()
@@ -123,7 +220,7 @@ def test_a_non_utf8_file_is_kept_aside_before_anything_is_measured(tmp_path):
 
 
 def test_a_bad_cell_skips_its_row_only_and_names_the_line(tmp_path):
-    store = ResultsStore(tmp_path)
+    store = ResultsFile(tmp_path)
     store.append([make_row("pytorch", 0), make_row("pytorch", 1), make_row("t5x", 0)])
     lines = store.csv.read_text().splitlines()
     lines[2] = lines[2].replace(",1.0,", ",fast,", 1)
@@ -189,13 +286,13 @@ def test_a_schema_2_file_from_before_load_into_reads_as_fresh_loads(tmp_path):
 
 
 def test_the_load_mode_round_trips(tmp_path):
-    store = ResultsStore(tmp_path)
+    store = ResultsFile(tmp_path)
     store.append([make_row(load_into="existing"), make_row(repeat=1)])
     assert store.read()["load_into"].tolist() == ["existing", "fresh"]
 
 
 def test_environment_json_per_run(tmp_path):
-    store = ResultsStore(tmp_path)
+    store = ResultsFile(tmp_path)
     path = store.write_environment("abc", {"packages": {"torch": "x"}})
     assert path == tmp_path / "runs" / "abc.json"
     assert json.loads(path.read_text()) == {"packages": {"torch": "x"}}
@@ -203,7 +300,7 @@ def test_environment_json_per_run(tmp_path):
 
 
 def _append_many(directory: str, name: str, count: int) -> None:
-    store = ResultsStore(directory)
+    store = ResultsFile(directory)
     for i in range(count):
         store.append([make_row(name, i, config=config_json({"padding": "x" * 3000}))])
 
@@ -219,10 +316,10 @@ def test_two_processes_appending_at_once_lose_no_row(tmp_path):
         assert writer.exitcode == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        table = ResultsStore(tmp_path).read()
+        table = ResultsFile(tmp_path).read()
     assert sorted(table.groupby("strategy").size().items()) == [("a", 150), ("b", 150)]
     assert sorted(table[table["strategy"] == "a"]["repeat"]) == list(range(150))
-    assert ResultsStore(tmp_path).csv.read_text().count("run_id") == 1
+    assert ResultsFile(tmp_path).csv.read_text().count("run_id") == 1
 
 
 def _rows() -> list[Row]:
@@ -238,7 +335,7 @@ def _rows() -> list[Row]:
 def test_summarize_median_min_max(tmp_path, via_csv):
     table = frame(_rows())
     if via_csv:
-        store = ResultsStore(tmp_path)
+        store = ResultsFile(tmp_path)
         store.append(_rows())
         table = store.read()
     summary = summarize(table)

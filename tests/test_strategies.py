@@ -10,10 +10,10 @@ import torch
 
 import ckptbench
 from ckptbench import BASELINE, EIGHT_WAY, STRATEGIES, TensorStore, TensorStoreOptions, TorchSave, UnknownChoiceError
+from ckptbench.bitwise import check_identical
 from ckptbench.model import ROTARY_BUFFER
 from ckptbench.strategies import MiB, divisor_chunks, from_config, get_strategy
 from ckptbench.study import GROUPS, parse_strategies
-from ckptbench.verify import verify
 
 from conftest import load_checkpoint, save_checkpoint
 
@@ -58,7 +58,7 @@ def test_round_trip_is_bit_exact(name, tiny, saved):
     read: list[int] = []
     loaded = load_checkpoint(strategy, saved[name].path, read.append)
     assert sum(read) == tiny.nbytes
-    verify(loaded, tiny.tensors, name)
+    check_identical(loaded, tiny.tensors, name)
     assert len(loaded) == 238
     assert list(loaded) == list(tiny.tensors)
     for tensor_name, want in tiny.tensors.items():
@@ -223,7 +223,7 @@ def test_bfloat16_and_float32_tensors_round_trip(name, tmp_path):
     }
     strategy = get_strategy(name)
     save_checkpoint(strategy, tensors, tmp_path / "ckpt")
-    verify(load_checkpoint(strategy, tmp_path / "ckpt"), tensors, name)
+    check_identical(load_checkpoint(strategy, tmp_path / "ckpt"), tensors, name)
 
 
 def test_get_strategy_unknown_names_the_valid_choices():

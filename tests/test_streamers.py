@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ckptbench import STRATEGIES, CheckpointError, checkpoint, disk
-from ckptbench.verify import verify
+from ckptbench.bitwise import check_identical
 
 from conftest import load_checkpoint
 
@@ -28,7 +28,7 @@ def test_a_cold_load_gives_back_every_tensor_bit_for_bit(name, tiny, saved):
     read: list[int] = []
     loaded = load_checkpoint(STRATEGIES[name], saved[name].path, read.append)
     assert list(loaded) == list(tiny.tensors)
-    verify(loaded, tiny.tensors, name)
+    check_identical(loaded, tiny.tensors, name)
     assert sum(read) == tiny.nbytes
 
 
@@ -45,7 +45,7 @@ def test_loaded_tensors_stay_valid_after_the_loader_has_closed(name, tiny, saved
     loaded = load_checkpoint(STRATEGIES[name], saved[name].path)
     gc.collect()
     scribbled = [torch.full_like(t, float("nan")) for t in tiny.tensors.values() for _ in range(2)]
-    verify(loaded, tiny.tensors, name)
+    check_identical(loaded, tiny.tensors, name)
     assert len(scribbled) == 2 * len(tiny.tensors)
 
 
@@ -56,7 +56,7 @@ def test_a_load_into_existing_tensors_fills_them_in_place(name, tiny, saved):
     read: list[int] = []
     checkpoint.load(STRATEGIES[name], saved[name].path, read.append, into=into)
     assert all(into[k].data_ptr() == pointers[k] for k in into)
-    verify(into, tiny.tensors, name)
+    check_identical(into, tiny.tensors, name)
     assert sum(read) == tiny.nbytes
 
 
@@ -69,7 +69,7 @@ def test_the_run_ai_streamer_loads_into_existing_tensors_without_a_fresh_copy(ti
     monkeypatch.setattr(type(strategy), "load", refuse)
     into = OrderedDict((k, torch.full_like(t, float("nan"))) for k, t in tiny.tensors.items())
     checkpoint.load(strategy, saved["runai-streamer"].path, lambda n: None, into=into)
-    verify(into, tiny.tensors, "runai-streamer")
+    check_identical(into, tiny.tensors, "runai-streamer")
 
 
 def _truncate(file: Path) -> None:

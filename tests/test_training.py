@@ -11,7 +11,7 @@ import tensorstore as ts
 import torch
 
 import ckptbench
-from ckptbench import checkpoint, manifest, pytree, training
+from ckptbench import bitwise, checkpoint, manifest, pytree, training
 from ckptbench.local import Folder
 from ckptbench.strategies import STRATEGIES
 
@@ -85,7 +85,7 @@ def _resume_after_saving(name: str, trained: training.TrainingCheckpoint, tmp_pa
     save_checkpoint(strategy, trained.tensors, path)
     assert manifest.Manifest.read(Folder(path)).structure == trained.structure
     loaded = load_checkpoint(strategy, path)
-    ckptbench.verify.verify(loaded, trained.tensors, name)
+    bitwise.check_identical(loaded, trained.tensors, name)
     assert training.resume_problem(trained, loaded) is None
 
 

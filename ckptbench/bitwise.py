@@ -33,7 +33,7 @@ def _differing_elements(got: torch.Tensor, want: torch.Tensor) -> int:
     return int((got.view(bits) != want.view(bits)).sum())
 
 
-def verify(loaded: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> None:
+def check_identical(loaded: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise naming the first tensor that is missing, extra, reordered or different in dtype, shape or bits.
 
     Bits, not values: -0.0 against 0.0 and different NaN payloads count as differences.

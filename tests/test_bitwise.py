@@ -1,4 +1,4 @@
-"""verify() compares names, order, dtypes, shapes and stored bits, and names what differs."""
+"""check_identical() compares names, order, dtypes, shapes and stored bits, and names what differs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ckptbench import VerificationError
+from ckptbench.bitwise import check_identical
 from ckptbench.model import ROTARY_BUFFER
-from ckptbench.verify import verify
 
 TENSOR = "model.layers.5.mlp.down_proj.weight"
 
@@ -20,43 +20,43 @@ def copy(tiny) -> OrderedDict[str, torch.Tensor]:
 
 
 def test_an_exact_copy_verifies(tiny, copy):
-    verify(copy, tiny.tensors, "copy")
+    check_identical(copy, tiny.tensors, "copy")
 
 
 def test_missing_tensor(tiny, copy):
     del copy[TENSOR]
     with pytest.raises(VerificationError, match=r"missing \['model\.layers\.5\.mlp\.down_proj\.weight'\]"):
-        verify(copy, tiny.tensors, "copy")
+        check_identical(copy, tiny.tensors, "copy")
 
 
 def test_extra_tensor(tiny, copy):
     copy["model.extra"] = torch.zeros(1)
     with pytest.raises(VerificationError, match=r"model\.extra"):
-        verify(copy, tiny.tensors, "copy")
+        check_identical(copy, tiny.tensors, "copy")
 
 
 def test_reordered_tensors(tiny, copy):
     copy.move_to_end("model.embed_tokens.weight")
     with pytest.raises(VerificationError, match="order"):
-        verify(copy, tiny.tensors, "copy")
+        check_identical(copy, tiny.tensors, "copy")
 
 
 def test_wrong_dtype(tiny, copy):
     copy[TENSOR] = copy[TENSOR].float()
     with pytest.raises(VerificationError, match=rf"{TENSOR} is torch.float32"):
-        verify(copy, tiny.tensors, "copy")
+        check_identical(copy, tiny.tensors, "copy")
 
 
 def test_wrong_dtype_of_inv_freq(tiny, copy):
     copy[ROTARY_BUFFER] = copy[ROTARY_BUFFER].half()
     with pytest.raises(VerificationError, match="inv_freq"):
-        verify(copy, tiny.tensors, "copy")
+        check_identical(copy, tiny.tensors, "copy")
 
 
 def test_wrong_shape(tiny, copy):
     copy[TENSOR] = copy[TENSOR].t().contiguous()
     with pytest.raises(VerificationError, match=TENSOR):
-        verify(copy, tiny.tensors, "copy")
+        check_identical(copy, tiny.tensors, "copy")
 
 
 def test_flipped_sign_of_zero_is_caught_through_the_bits():
@@ -64,28 +64,28 @@ def test_flipped_sign_of_zero_is_caught_through_the_bits():
     loaded = {"w": torch.tensor([-0.0, 1.0, 2.0], dtype=torch.float16)}
     assert torch.equal(loaded["w"], expected["w"])  # equal as numbers...
     with pytest.raises(VerificationError, match="w differs from what was saved in 1 elements"):
-        verify(loaded, expected, "zeros")  # ...but not as stored bits
+        check_identical(loaded, expected, "zeros")  # ...but not as stored bits
 
 
 def test_one_flipped_bit(tiny, copy):
     bits = copy[TENSOR].view(torch.int16)
     bits[17, 4] ^= 1
     with pytest.raises(VerificationError, match=rf"{TENSOR} differs from what was saved in 1 elements"):
-        verify(copy, tiny.tensors, "copy")
+        check_identical(copy, tiny.tensors, "copy")
 
 
 def test_nan_payloads_differ():
     quiet = torch.tensor([0x7E00], dtype=torch.int16).view(torch.float16)
     other = torch.tensor([0x7E01], dtype=torch.int16).view(torch.float16)
-    verify({"n": quiet.clone()}, {"n": quiet}, "nan")
+    check_identical({"n": quiet.clone()}, {"n": quiet}, "nan")
     with pytest.raises(VerificationError):
-        verify({"n": other}, {"n": quiet}, "nan")
+        check_identical({"n": other}, {"n": quiet}, "nan")
 
 
 def test_the_source_is_named(tiny, copy):
     del copy[TENSOR]
     with pytest.raises(VerificationError, match=r"^somewhere/ckpt: "):
-        verify(copy, tiny.tensors, "somewhere/ckpt")
+        check_identical(copy, tiny.tensors, "somewhere/ckpt")
 
 
 def test_a_flipped_bit_past_the_first_block_of_a_large_tensor():
@@ -93,6 +93,6 @@ def test_a_flipped_bit_past_the_first_block_of_a_large_tensor():
     want = torch.arange(40_000_000, dtype=torch.int32).view(torch.float32)
     got = want.clone()
     got.view(torch.int32)[-1] ^= 1 << 31
-    verify({"w": want.clone()}, {"w": want}, "large")
+    check_identical({"w": want.clone()}, {"w": want}, "large")
     with pytest.raises(VerificationError, match="w differs from what was saved in 1 elements"):
-        verify({"w": got}, {"w": want}, "large")
+        check_identical({"w": got}, {"w": want}, "large")

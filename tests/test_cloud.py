@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import socket
@@ -412,3 +413,22 @@ def test_the_docs_render_a_cloud_table_from_a_results_file(tmp_path):
     header, _, line = rendered.splitlines()
     assert "save s MODELLED @ 50 ms x 16" in header
     assert line.startswith("| `ts+ocdbt` | 2 | 1 | 7 | 28.8 | 700 | 1,500 | 9,000 | 0 | 0 | 1,000 | 1,000 |")
+
+
+@pytest.mark.slow
+def test_an_s3_run_where_every_strategy_failed_prints_sentences_not_empty_tables(s3, tmp_path, capsys, monkeypatch):
+    def refused(*args, **kwargs):
+        raise OSError(errno.EACCES, "Access Denied")
+
+    monkeypatch.setattr(checkpoint, "save", refused)
+    argv = ["run", "--preset", "tiny", "--strategies", "pytorch,ts+chunks", "--no-drift", "--no-warmup"]
+    assert (
+        main([*argv, "--out", str(tmp_path / "out"), "--store", "s3://ckpt/all-fail", "--s3-endpoint", s3.endpoint])
+        == 1
+    )
+    printed = capsys.readouterr()
+    assert "Empty DataFrame" not in printed.out + printed.err
+    assert "no strategy completed: nothing to model" in printed.out
+    rows = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert rows["strategy"].tolist() == ["pytorch", "ts+chunks"]
+    assert rows["error"].str.contains("Access Denied").all()

@@ -7,7 +7,7 @@ import pytest
 
 from ckptbench import PRESETS, STRATEGIES, TorchSave, limits
 from ckptbench.cli import main
-from ckptbench.results import COLUMNS
+from ckptbench.results import HEADER
 from ckptbench.strategies.orbax import SUBFOLDER, describe
 from ckptbench.study import ASYNC, GROUPS
 
@@ -34,7 +34,7 @@ def test_run_twice_prints_a_summary_and_appends(tmp_path, capsys):
         assert [words for words in lines if words[:1] == [name] and words[-1] == "yes"], printed
     assert str(out / "results.csv") in printed
     first = pd.read_csv(out / "results.csv")
-    assert list(first.columns) == COLUMNS
+    assert list(first.columns) == HEADER
     assert first["strategy"].tolist() == ["pytorch", "ts+chunks"]
     assert first["verified"].all()
 

@@ -10,7 +10,7 @@ import pytest
 from ckptbench import TensorStoreOptions, sweep
 from ckptbench.cli import main
 from ckptbench.errors import UsageError
-from ckptbench.results import COLUMNS
+from ckptbench.results import HEADER
 
 
 def test_parse_knob_understands_sizes_choices_and_switches():
@@ -73,7 +73,7 @@ def test_sweep_command_runs_a_small_grid(tmp_path, capsys):
     assert main([*argv, "--out", str(out), "--no-warmup", "--no-drift"]) == 0
     printed = capsys.readouterr().out
     rows = pd.read_csv(out / sweep.RESULTS_FILE)
-    assert list(rows.columns) == COLUMNS
+    assert list(rows.columns) == HEADER
     expected = sweep.grid({"chunk_bytes": [1 << 16, 1 << 20], "dtype": ["float32", "float16"]})
     assert sorted(rows["strategy"]) == sorted(s.name for s in expected)
     for _, row in rows.iterrows():

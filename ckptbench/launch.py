@@ -198,18 +198,25 @@ def _is_echo(message: str) -> bool:
     return any(echo in message for echo in _ECHOES)
 
 
-def _late(rank: int, message: str) -> RankFailed | None:
-    """The rank a monitored barrier waited for in vain, named by the rank that waited: it hung or was too slow."""
+def _late(rank: int, message: str, reported_after_s: float) -> RankFailed | None:
+    """The rank a monitored barrier waited for in vain, named by the rank that waited: it hung or was too slow.
+
+    gloo words a peer that died mid-barrier the same way, with the configured timeout in place of the time it
+    waited: a report that came sooner after the start than that timeout is the echo of a death, not a hang."""
     found = _LATE.search(message)
     if found is None:
         return None
     waited = int(found[2]) / 1000
+    if reported_after_s < waited:
+        return None
     return RankFailed(
         int(found[1]), f"did not reach a barrier within {waited:g} s: it hung or was too slow (rank {rank} waited)"
     )
 
 
-def _first_failure(mailbox: Mailbox, context: mp.ProcessContext, err: Exception, timeout_s: float) -> RankFailed:
+def _first_failure(
+    mailbox: Mailbox, context: mp.ProcessContext, err: Exception, timeout_s: float, started: float
+) -> RankFailed:
     """The rank that failed for its own reasons: its own error; else a rank that another's barrier waited for
     in vain (it hung); else a rank that others timed out waiting for and that the launcher then killed (it
     hung, or was stopped); else a death without an error; else the first error."""
@@ -218,11 +225,15 @@ def _first_failure(mailbox: Mailbox, context: mp.ProcessContext, err: Exception,
     own = [(rank, message) for _, rank, message in errors if not _is_echo(message) and _LATE.search(message) is None]
     if own:
         return RankFailed(*own[0])
-    late = [found for _, rank, message in errors if (found := _late(rank, message)) is not None]
+    late = [found for when, rank, message in errors if (found := _late(rank, message, when - started)) is not None]
     if late:
         return late[0]
     silent = [r for r, p in enumerate(context.processes) if r not in reported and p.exitcode in _ENDED]
-    waited = [rank for _, rank, message in errors if any(word in message for word in _TIMEOUTS)]
+    waited = [
+        rank
+        for when, rank, message in errors
+        if any(word in message for word in _TIMEOUTS) and when - started >= timeout_s  # sooner: a death's echo
+    ]
     if silent and waited:
         return RankFailed(
             silent[0],
@@ -251,6 +262,7 @@ def spawn(mailbox: Mailbox, fn: Callable[..., Any], size: int, *args: Any, timeo
     threads = max(1, cores() // size)
     # torch's C++ warnings (gloo's "W..." lines as a peer goes away) would bury the one line that names the cause.
     quiet = os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")
+    started = time.time()
     with _environment(OMP_NUM_THREADS=str(threads), TORCH_CPP_LOG_LEVEL=quiet):
         context = mp.start_processes(
             _entry,
@@ -266,7 +278,7 @@ def spawn(mailbox: Mailbox, fn: Callable[..., Any], size: int, *args: Any, timeo
         while not context.join(timeout=0.5, grace_period=GRACE_S):
             pass
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
-        raise _first_failure(mailbox, context, err, timeout_s) from None
+        raise _first_failure(mailbox, context, err, timeout_s, started) from None
     finally:
         spawn_log.setLevel(level)
     return mailbox.get("result")

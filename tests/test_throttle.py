@@ -101,18 +101,31 @@ def test_cli_refuses_a_profile_on_tmpfs_in_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("root_and_controller", "no_group_left")
-def test_the_probe_finds_the_ceilings_at_the_caps(tmp_path: Path) -> None:
-    """Reads and writes throttled, probed by the same probe a run uses: every ceiling within 10 % of its cap."""
-    caps = Caps(read_bps=200_000_000, write_bps=200_000_000, read_iops=2000, write_iops=2000)
+@pytest.mark.parametrize(
+    "caps",
+    [Caps(read_bps=200_000_000, write_bps=200_000_000), Caps(read_iops=2000, write_iops=2000)],
+    ids=["bandwidth", "operations"],
+)
+def test_the_probe_finds_the_ceilings_at_the_caps(caps: Caps, tmp_path: Path) -> None:
+    """Reads and writes throttled, probed by the same probe a run uses: every ceiling within 10 % of its cap.
+
+    Bandwidth and operations are capped apart: capped together, the kernel's split of writeback into small
+    requests lets the operations cap bind first and the bandwidth probe reads low for a reason of its own."""
     group = throttle.enter(tmp_path, caps)
     assert group is not None
     assert group.path.is_dir()
     assert str(os.getpid()) in (group.path / "cgroup.procs").read_text().split()
     settings = limits.ProbeSettings(streams=(1, 4, 16), writers=(16,), small_files=2048, copy_threads=(1,))
     measured = limits.probe(tmp_path / "probe", settings.under(caps))
-    assert measured.read_iops is not None
-    assert measured.write_iops is not None
-    assert limits.missed_caps(measured, caps) == [], measured.describe()
+    if caps.read_iops is not None:
+        assert measured.read_iops is not None
+        assert measured.write_iops is not None
+    missed = limits.missed_caps(measured, caps)
+    if group.hierarchy.version == 1:
+        # cgroup v1 charges the kernel's background writeback to no group: buffered writes may run past a
+        # write cap (the probe reports it, as asserted here), never short of it.
+        missed = [m for m in missed if not (m.startswith("write cap") and "(+" in m)]
+    assert missed == [], measured.describe()
     throttle.leave()
     assert not group.path.exists()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -63,3 +63,15 @@ def check_identical(loaded: Mapping[str, torch.Tensor], expected: Mapping[str, t
         raise VerificationError(
             f"{source}: tensor {name} differs from what was saved in {_differing_elements(got, want)} elements"
         )
+
+
+def matches(
+    loaded: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str, log: Callable[[str], None]
+) -> bool:
+    """``check_identical`` as a verdict: a mismatch is logged and recorded as a row's ``verified``, not raised."""
+    try:
+        check_identical(loaded, expected, source)
+    except VerificationError as err:
+        log(f"VERIFICATION FAILED: {err}")
+        return False
+    return True

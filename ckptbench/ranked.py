@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 from . import launch, manifest, study, throttle
 from . import model as model_lib
 from .benchmark import Benchmark, PhaseResult, new_run_id
-from .bitwise import check_identical
+from .bitwise import matches
 from .config import RunConfig
 from .cycle import Cycle, Stopwatch
-from .errors import CheckpointError, UsageError, VerificationError, gigabytes
+from .errors import CheckpointError, UsageError, gigabytes
 from .limits import Limits
 from .location import Location, Staging
 from .manifest import Layout, Manifest
@@ -398,9 +398,5 @@ class RankedCycle(Cycle):
         if loaded is None:
             return True
         expected = OrderedDict((e.name, self.held.expected[e.name]) for e in layout)
-        try:
-            check_identical(loaded, expected, f"{strategy.name} checkpoint {path}, rank {self.world.rank}'s rows")
-        except VerificationError as err:
-            tqdm.write(f"VERIFICATION FAILED: {err}")
-            return False
-        return True
+        source = f"{strategy.name} checkpoint {path}, rank {self.world.rank}'s rows"
+        return matches(loaded, expected, source, tqdm.write)

@@ -13,7 +13,7 @@ finds taken, phones home (telemetry) and creates any bucket a PUT names; every p
 to one the kernel reports free (or disabled), telemetry is off and buckets must exist, so a missing
 bucket fails as it would on AWS. Its unix sockets go into the data folder rather than /tmp.
 
-Every ``weed`` process gets SIGTERM when the process that started it dies (``PR_SET_PDEATHSIG``),
+Every ``weed`` process gets SIGKILL when the process that started it dies (``PR_SET_PDEATHSIG``),
 however it dies, and a temporary data folder names its owner's pid, so the next server started on
 this machine removes the folders of owners that are gone.
 """
@@ -101,9 +101,9 @@ def credentials() -> tuple[str, str]:
     )
 
 
-def die_with_parent(parent: int) -> None:
-    """In the child before ``exec``: SIGTERM when the parent dies (also if it died before this call)."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def die_with_parent(parent: int, sig: signal.Signals = signal.SIGTERM) -> None:
+    """In the child before ``exec``: ``sig`` when the parent dies (also if it died before this call)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
     if os.getppid() != parent:
         os._exit(1)
 
@@ -336,7 +336,7 @@ class S3Server:
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},
             start_new_session=True,
-            preexec_fn=lambda: die_with_parent(parent),
+            preexec_fn=lambda: die_with_parent(parent, signal.SIGKILL),  # the filer ignores SIGTERM (see stop)
         )
         daemon = Daemon(role, process, log_path, log)
         self.daemons.append(daemon)

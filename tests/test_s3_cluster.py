@@ -56,13 +56,14 @@ def test_a_volume_server_stopped_mid_save_fails_the_save_in_one_line_and_leaves_
         bench = Benchmark(config, checkpoint=tiny, limits=FAKE_LIMITS, log=lambda message: None)
         started = time.perf_counter()
         (phase,) = bench.run([StopsAVolume("dies", get_strategy("ts+chunks").options)])
-        assert time.perf_counter() - started < 90
+        took = time.perf_counter() - started
         (row,) = phase.rows
         assert row.error, "the save went on as if nothing happened"
         assert "\n" not in row.error
         assert not row.verified
         assert server.daemons[1].ended() is not None  # the volume server is down, the rest still answer
         assert not [k for k in _keys(server, "dying/") if k.endswith(MANIFEST)]
+        assert took < 90  # bounded retries, not TensorStore's default quarter of an hour
 
 
 @pytest.mark.slow

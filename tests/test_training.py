@@ -11,7 +11,8 @@ import tensorstore as ts
 import torch
 
 import ckptbench
-from ckptbench import bitwise, checkpoint, manifest, pytree, training
+from ckptbench import bitwise, checkpoint, docs, manifest, pytree, training
+from ckptbench.formatting import sig
 from ckptbench.local import Folder
 from ckptbench.strategies import STRATEGIES
 
@@ -131,7 +132,8 @@ def test_a_moment_damaged_before_a_dcp_save_does_not_resume(
     loaded = load_checkpoint(STRATEGIES["dcp"], tmp_path / "dcp")
     bitwise.check_identical(loaded, damaged, "dcp")
     found = training.resume_problem(trained, loaded)
-    assert found is not None and "first " in found
+    assert found is not None
+    assert "first " in found
 
 
 @pytest.mark.slow  # measured 8 s CPU
@@ -196,3 +198,6 @@ def test_the_issue_run_verifies_every_row_at_seven_times_the_bytes(tmp_path: Pat
     # Those that store each tensor in its own dtype, uncompressed: the state's 14 bytes a parameter against 2.
     same_dtypes = ratio[["pytorch", "safetensors", "dcp", "ts+best"]]
     assert all(math.isfinite(r) and 6.5 < r < 7.5 for r in same_dtypes), ratio
+    table = docs.render(f"payloads {tmp_path / 'training' / 'results.csv'} {tmp_path / 'weights' / 'results.csv'}")
+    (line,) = [row for row in table.splitlines() if row.startswith("| `dcp` ")]
+    assert f"| {sig(ratio['dcp'])} | weights |" in line

@@ -247,7 +247,9 @@ class DistributedCheckpoint(Strategy):
         """
         try:
             with _single_process():
-                structure = Manifest.read(directory).structure
+                # Only a nested state's names hold the separator: a mapping of weights never reads the manifest.
+                nested = any(SEPARATOR in e.name for e in entries)
+                structure = Manifest.read(directory).structure if nested else None
                 if structure is None:
                     tensors = OrderedDict(
                         (e.name, torch.empty(e.shape, dtype=e.torch_dtype) if into is None else into[e.name])

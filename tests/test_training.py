@@ -113,7 +113,8 @@ def test_dcp_keys_the_optimizer_by_parameter_and_resumes_into_a_live_state(
     assert not [k for k in keys if k.startswith("optimizer.state.0.")]
     into = _copy(trained.tensors)
     for tensor in into.values():
-        tensor.zero_()
+        if tensor.is_floating_point():  # a live job's integers (its optimizer's parameter ids) are its own
+            tensor.zero_()
     moment = "optimizer/state/4/exp_avg"
     memory = into[moment].data_ptr()
     checkpoint.load(STRATEGIES["dcp"], path, lambda n: None, into=into)

@@ -60,9 +60,13 @@ def fault_s(minor_faults: float, fresh_copy_gbps: float) -> float:
 
 def _per_strategy(results: pd.DataFrame) -> pd.DataFrame:
     """Each strategy's sizes (max), timings and the limits its rows carry (medians), from completed repeats."""
-    done = succeeded(results).assign(**{c: math.nan for c in _FAULTS if c not in results.columns}).assign(
-        cpu_save_share=lambda r: r["cpu_save_s"] / r["save_s"],
-        cpu_load_share=lambda r: r["cpu_load_cold_s"] / r["load_cold_s"],
+    done = (
+        succeeded(results)
+        .assign(**{c: math.nan for c in _FAULTS if c not in results.columns})
+        .assign(
+            cpu_save_share=lambda r: r["cpu_save_s"] / r["save_s"],
+            cpu_load_share=lambda r: r["cpu_load_cold_s"] / r["load_cold_s"],
+        )
     )
     grouped = done.groupby("strategy", sort=False)
     sizes = grouped[["bytes", "files", "model_bytes"]].max()

@@ -68,8 +68,8 @@ class TensorStoreOptions:
     io_mode: Literal["default", "direct", "memmap"] = "default"
     """TensorStore's ``file_io_mode``: buffered reads and writes, O_DIRECT (no page cache), or reads through mmap."""
     fresh_memory: Literal["per-array", "one-buffer", "huge-pages"] = "per-array"
-    """Where a fresh load lands: an array TensorStore allocates per tensor, or views of one buffer for the whole
-    model, read into in place; ``huge-pages`` advises that buffer's kernel to back it with 2 MiB pages, so a load
+    """Where a copy of the whole model lands (a fresh load, an async save's snapshot): an array per tensor, or
+    views of one buffer; ``huge-pages`` asks the kernel to back that buffer with 2 MiB pages, so filling it
     takes about 512 times fewer page faults (transparent huge pages in ``madvise`` mode)."""
 
     def is_valid(self) -> bool:
@@ -275,9 +275,15 @@ class TensorStore(Strategy):
             self._write(tensors, directory, progress, owned=False)
             return None
         # The copy is what lets training change its tensors at once; it is the blocking part and one model of memory.
-        snapshot = OrderedDict(
-            (name, t.detach().clone(memory_format=torch.contiguous_format)) for name, t in tensors.items()
-        )
+        if self.options.fresh_memory == "per-array":
+            snapshot = OrderedDict(
+                (name, t.detach().clone(memory_format=torch.contiguous_format)) for name, t in tensors.items()
+            )
+        else:
+            shapes = ((name, t.dtype, tuple(t.shape)) for name, t in tensors.items())
+            snapshot = one_buffer(shapes, huge_pages=self.options.fresh_memory == "huge-pages")
+            for name, t in tensors.items():
+                snapshot[name].copy_(t.detach())
         pool = futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name} save")
         written = pool.submit(self._write, snapshot, directory, progress, owned=True)
         pool.shutdown(wait=False)
@@ -324,7 +330,8 @@ class TensorStore(Strategy):
 
     def load(self, directory: Location, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
         if self.options.fresh_memory != "per-array":
-            into = one_buffer(entries, huge_pages=self.options.fresh_memory == "huge-pages")
+            shapes = ((e.name, e.torch_dtype, e.shape) for e in entries)
+            into = one_buffer(shapes, huge_pages=self.options.fresh_memory == "huge-pages")
             self.load_into(directory, entries, into, progress)
             return into
         context = self.options.context()
@@ -377,21 +384,23 @@ def _round_up(size: int, to: int = _BLOCK) -> int:
     return -(-size // to) * to
 
 
-def one_buffer(entries: Layout, huge_pages: bool) -> OrderedDict[str, torch.Tensor]:
-    """Empty tensors for ``entries``, views of one anonymous mapping (each at a 4 KiB boundary).
+def one_buffer(
+    shapes: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], huge_pages: bool
+) -> OrderedDict[str, torch.Tensor]:
+    """Empty tensors of these names, dtypes and shapes: views of one anonymous mapping, each at a 4 KiB boundary.
 
     One mapping lets the kernel be advised once for all of it, and ``huge_pages`` asks it for 2 MiB pages;
     the views keep the mapping alive, so the tensors stay valid as long as any of them is referenced.
     """
-    offsets, size = [], 0
-    for entry in entries:
-        offsets.append(size)
-        size = _round_up(size + entry.nbytes)
+    placed, size = [], 0
+    for name, dtype, shape in shapes:
+        placed.append((name, dtype, shape, size))
+        size = _round_up(size + math.prod(shape) * dtype.itemsize)
     memory = mmap.mmap(-1, _round_up(max(size, 1), _HUGE_PAGE))
     if huge_pages:
         memory.madvise(mmap.MADV_HUGEPAGE)
     buffer = torch.frombuffer(memory, dtype=torch.uint8)
     return OrderedDict(
-        (e.name, buffer[at : at + e.nbytes].view(e.torch_dtype).view(e.shape))
-        for e, at in zip(entries, offsets, strict=True)
+        (name, buffer[at : at + math.prod(shape) * dtype.itemsize].view(dtype).view(shape))
+        for name, dtype, shape, at in placed
     )

@@ -104,13 +104,16 @@ def format_value(knob: str, value: Any) -> str:
 
 def grid(knobs: dict[str, list[Any]], base: TensorStore | None = None) -> list[TensorStore]:
     """One strategy per valid combination of the knobs' values, the others at ``base``'s (the study's baseline
-    by default); a base names its configurations after itself, ``ts+best[io_mode=direct]``."""
+    by default); a base names its variations after itself, ``ts+best[io_mode=direct]``, and is itself the
+    combination that changes nothing, under its own name, so its rows compare with its runs elsewhere."""
     prefix, options = ("ts", TensorStoreOptions()) if base is None else (base.name, base.options)
     strategies = []
     for values in itertools.product(*knobs.values()):
         setting = dict(zip(knobs, values, strict=True))
         varied = replace(options, **setting)
-        if varied.is_valid():
+        if base is not None and varied == base.options:
+            strategies.append(base)
+        elif varied.is_valid():
             label = ",".join(f"{k}={format_value(k, v)}" for k, v in setting.items())
             strategies.append(TensorStore(f"{prefix}[{label}]", varied))
     return strategies

@@ -96,8 +96,12 @@ def _untimed(path: str) -> str:
     return markdown(table.rename_axis("strategy"))
 
 
-def _choices(path: str) -> str:
-    return markdown(choices.table(_results(path)), index=False)
+def _choices(path: str, strategies: str = "") -> str:
+    """The answers from a run's rows; with ``strategies`` (a comma list), from those strategies' rows only."""
+    results = _results(path)
+    if strategies:
+        results = results[results["strategy"].isin(strategies.split(","))]
+    return markdown(choices.table(results), index=False)
 
 
 def _intervals(path: str) -> str:

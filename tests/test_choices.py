@@ -72,6 +72,12 @@ def test_an_unverified_strategy_is_never_the_answer(tmp_path):
     )
 
 
+def test_the_choices_block_can_answer_from_some_strategies_only(tmp_path):
+    _rounds({"pytorch": (2.0, 2.0, 3.0), "safetensors": (0.1, 0.1, 0.1)}).to_csv(tmp_path / "bench.csv", index=False)
+    assert "| safetensors |" in docs.render(f"choices {tmp_path / 'bench.csv'}")
+    assert "safetensors" not in docs.render(f"choices {tmp_path / 'bench.csv'} pytorch")
+
+
 def test_loads_into_fresh_memory_and_into_a_live_model_are_answered_apart():
     fresh = _rounds({"pytorch": (2.0, 2.0, 3.0), "ts+best": (1.5, 1.5, 1.0)}).assign(load_into="fresh")
     existing = _rounds({"pytorch": (2.0, 2.0, 0.5), "ts+best": (1.5, 1.5, 1.0)}).assign(load_into="existing")

@@ -167,7 +167,7 @@ class TensorStoreOptions:
             if self.background
             else "synchronous",
             "file_io_mode": self.io_mode,
-            "fresh load into": {"per-array": "an array per tensor", "one-buffer": "one buffer, views"}.get(
+            "fresh memory": {"per-array": "an array per tensor", "one-buffer": "one buffer, views"}.get(
                 self.fresh_memory, "one buffer on huge pages, views"
             ),
         }

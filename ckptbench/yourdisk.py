@@ -20,6 +20,9 @@ from .study import ordered
 
 ALLOWANCE = 1.05
 """A row faster than this multiple of its cap escaped the throttle."""
+SLICE_S = 0.1
+"""The throttle's time slice: a group that was idle may send one slice's worth at the cap at once, so a small
+checkpoint beats its cap by that much without escaping (12.6 MB read in 0.17-0.22 s through a 50 MB/s cap)."""
 
 
 def rates(results: pd.DataFrame) -> pd.DataFrame:
@@ -30,6 +33,8 @@ def rates(results: pd.DataFrame) -> pd.DataFrame:
         {
             "strategy": done["strategy"],
             "repeat": done["repeat"],
+            "save_s": done["save_s"],
+            "load_cold_s": done["load_cold_s"],
             "write_bps": done["bytes"] / done["save_s"],
             "read_bps": done["bytes"] / done["load_cold_s"],
             "write_cap": [c.write_bps for c in caps],
@@ -40,10 +45,11 @@ def rates(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def over_caps(results: pd.DataFrame, allowance: float = ALLOWANCE) -> pd.DataFrame:
-    """The rows that wrote or read faster than ``allowance`` times their caps (none when the throttle held)."""
+    """The rows that wrote or read faster than ``allowance`` times their caps, one slice's burst granted (none
+    when the throttle held)."""
     r = rates(results)
-    over = (r["write_bps"] > allowance * r["write_cap"].astype(float)) | (
-        r["read_bps"] > allowance * r["read_cap"].astype(float)
+    over = (r["write_bps"] > allowance * r["write_cap"].astype(float) * (1 + SLICE_S / r["save_s"])) | (
+        r["read_bps"] > allowance * r["read_cap"].astype(float) * (1 + SLICE_S / r["load_cold_s"])
     )
     return r[over]
 

@@ -185,6 +185,33 @@ def _spread(path: str, run_a: str, run_b: str) -> str:
     return markdown(pd.DataFrame({"between the two runs": [line.strip() for line in lines]}), index=False)
 
 
+def _tightness(*pairs: str) -> str:
+    """How far each A/A pair's two runs moved apart, per timing: ``LABEL=PATH:RUN_A:RUN_B`` each (a pair on the raw
+    disk beside one under a disk profile says how much the profile steadies the numbers)."""
+    rows = []
+    for spec in pairs:
+        label, _, where = spec.partition("=")
+        path, run_a, run_b = where.split(":")
+        results = read_results(ROOT / path)
+        medians = compare.compare(report.select_run(results, run_a), report.select_run(results, run_b)).medians
+        for metric, group in medians.groupby("metric", sort=False):
+            moved = group["B / A"]
+            widths = [(s.high - s.low) / s.value for s in (*group["A"], *group["B"])]
+            held = group[["A covers B", "B covers A"]].to_numpy()
+            rows.append(
+                {
+                    "pair": label,
+                    "timing": metric,
+                    "medians": len(group),
+                    "B / A": f"{sig(moved.min())} to {sig(moved.max())}",
+                    "median move": f"{(moved.where(moved >= 1, 1 / moved) - 1).median():.0%}",
+                    "median interval width": f"{pd.Series(widths).median():.0%}",
+                    "intervals holding the other run's median": f"{held.sum()} of {held.size}",
+                }
+            )
+    return markdown(pd.DataFrame(rows), index=False)
+
+
 def _rounds(path: str, loadavg: str = "") -> str:
     """Per run and round: its rows' summed timed seconds and span, and with a load-average log (lines of
     ``ISO-time load1 load5 load15 ...``, as ``/proc/loadavg`` sampled) the machine's mean 1-minute load then."""
@@ -268,6 +295,7 @@ KINDS: dict[str, Callable[..., str]] = {
     "rounds": _rounds,
     "compare": _compare,
     "spread": _spread,
+    "tightness": _tightness,
     "untimed": _untimed,
     "csv": _csv,
     "choices": _choices,

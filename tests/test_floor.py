@@ -142,9 +142,12 @@ def test_rows_faster_than_their_caps_are_named():
     results = _rows(
         held={"save_s": 2.0, "load_cold_s": 1.0, "load_warm_s": 0.5, **capped},
         escaped={"save_s": 1.0, "load_cold_s": 1.0, "load_warm_s": 0.5, **capped},  # 1 GB/s written, 0.5 GB/s cap
+        # 12.6 MB in 0.02 s: the throttle's first slice (0.1 s at 0.5 GB/s) holds 50 MB, so nothing escaped
+        burst={"save_s": 0.02, "load_cold_s": 0.01, "load_warm_s": 0.01, "bytes": 12_600_000, **capped},
+        small_escaped={"save_s": 0.02, "load_cold_s": 1.0, "load_warm_s": 0.01, "bytes": 120_000_000, **capped},
     )
     over = yourdisk.over_caps(results)
-    assert set(over["strategy"]) == {"escaped"}
+    assert set(over["strategy"]) == {"escaped", "small_escaped"}
     table = yourdisk.table(results)
     assert table.loc["held", "fastest write of cap"] == "100%"
     assert table.loc["escaped", "fastest write of cap"] == "200%"

@@ -111,12 +111,18 @@ def _store_options(parser: argparse.ArgumentParser, store: bool = True) -> None:
     )
 
 
-def _process_option(parser: argparse.ArgumentParser) -> None:
+PROCESSES = ("fresh", "same")
+"""Where ``run`` and ``bench`` measure each round: ``bench`` defaults to fresh processes, whose rounds are
+independent samples; ``run`` to its own (one repeat by default: a single round has nothing to be independent of)."""
+
+
+def _process_option(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument(
-        "--in-process",
-        dest="fresh_process",
-        action="store_false",
-        help="measure every round in this process (default: each round in a fresh worker process sharing the model)",
+        "--process",
+        choices=PROCESSES,
+        default=default,
+        help=f"fresh: each round in a new worker process sharing the model; same: every round in this one "
+        f"(default {default})",
     )
 
 
@@ -128,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[session], help="save and load the model each way, timed and verified")
     run.add_argument("--strategies", default="all", help=f"{groups} or a comma list of: {', '.join(STRATEGIES)}")
     run.add_argument("--keep-checkpoints", action="store_true", help="keep each strategy's last checkpoint on disk")
-    _process_option(run)
+    _process_option(run, "same")
     run.add_argument(
         "--ranks",
         type=int,
@@ -154,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench_cmd = commands.add_parser("bench", parents=[session], help="ts+best against its peers and the disk")
     bench_cmd.add_argument("--strategies", default=",".join(BENCH), help="comma list of strategies")
-    _process_option(bench_cmd)
+    _process_option(bench_cmd, "fresh")
     verify_cmd = commands.add_parser("verify", help="check checkpoints against their manifests, tensor by tensor")
     verify_cmd.add_argument(
         "paths", nargs="+", metavar="PATH", help="checkpoint folders, or s3://BUCKET/PREFIX with --s3-endpoint"
@@ -260,7 +266,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.ranks is not None or args.load_ranks is not None or launch.under_torchrun():
         return _run_ranked(args)
     names = parse_strategies(args.strategies)
-    bench = _session(_config(args, keep_checkpoints=args.keep_checkpoints, fresh_process=args.fresh_process))
+    bench = _session(_config(args, keep_checkpoints=args.keep_checkpoints, fresh_process=args.process == "fresh"))
     phases = bench.run(names)
     _show(report.summary_table(bench.summary()))
     _print_paths(report.export_report(bench.results, args.out))
@@ -280,6 +286,7 @@ def _run_ranked(args: argparse.Namespace) -> int:
         load_ranks=args.load_ranks,
         rank_timeout_s=args.rank_timeout,
         progress=False,
+        fresh_process=args.process == "fresh",
     )
     outcome = ranked.run(config, args.strategies)
     if outcome is None:
@@ -311,7 +318,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     names = parse_strategies(args.strategies)
-    bench = _session(_config(args, results_file=BENCH_FILE, fresh_process=args.fresh_process))
+    bench = _session(_config(args, results_file=BENCH_FILE, fresh_process=args.process == "fresh"))
     outcome = targets.bench(bench, names)
     _show(report.summary_table(summarize(outcome.results)))
     _show(report.targets_table(outcome.targets), "no targets: nothing completed", index=False)

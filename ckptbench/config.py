@@ -40,7 +40,7 @@ class RunConfig:
     keep_checkpoints: bool = False
     fresh_process: bool = False
     """Measure each round in a new worker process that maps the model from shared memory (pyperf's design):
-    no round inherits the heap, huge pages or library state an earlier one left (``bench`` and ``run`` do)."""
+    no round inherits the heap, huge pages or library state an earlier one left (``bench``'s default)."""
     warmup: bool = True
     drift: bool = True
     """Probe the disk briefly before every repeat, so each row says how fast the disk was at the time."""
@@ -101,7 +101,7 @@ class RunConfig:
         if self.rank_timeout_s <= 0:
             raise UsageError(f"rank_timeout_s must be positive, got {self.rank_timeout_s}")
         if self.ranks is not None and self.fresh_process:
-            raise UsageError("--ranks measures in processes of their own: not with a fresh worker process per round")
+            raise UsageError("--ranks measures in processes of their own: not with --process fresh")
         if self.ranks is not None and self.load_into != "fresh":
             raise UsageError("--load-into existing is one process's live model; with --ranks every rank loads fresh")
         if not self.profile.caps.empty and not is_local(self.store):

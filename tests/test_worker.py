@@ -10,6 +10,7 @@ import pytest
 from worker_faults import Killed, Raising
 
 from ckptbench import Benchmark, RunConfig, UsageError
+from ckptbench.cli import _parser
 from ckptbench.results import COLUMNS
 from ckptbench.worker import Worker, WorkerError
 
@@ -86,3 +87,30 @@ def test_a_worker_that_cannot_start_names_why():
 def test_ranks_measure_in_their_own_processes_already(tmp_path):
     with pytest.raises(UsageError, match="--ranks measures in processes of their own"):
         RunConfig(preset="tiny", out=tmp_path, ranks=2, fresh_process=True)
+
+
+def test_bench_measures_in_fresh_processes_by_default_and_run_in_its_own():
+    assert _parser().parse_args(["bench"]).process == "fresh"
+    assert _parser().parse_args(["run"]).process == "same"
+    assert _parser().parse_args(["bench", "--process", "same"]).process == "same"
+
+
+def test_rounds_in_fresh_processes_measure_on_s3_with_request_counts(s3, tiny, tmp_path):
+    config = RunConfig(
+        preset="tiny",
+        out=tmp_path / "out",
+        repeats=2,
+        progress=False,
+        warmup=False,
+        drift=False,
+        store="s3://ckpt/fresh",
+        s3_endpoint=s3.endpoint,
+        fresh_process=True,
+    )
+    bench = Benchmark(config, checkpoint=tiny, limits=FAKE_LIMITS, log=lambda message: None)
+    (phase,) = bench.run(["ts+chunks"])
+    assert phase.ok, phase.error
+    results = bench.results
+    assert (results["store"] == "s3://ckpt/fresh").all()
+    assert (results["requests_put"] > 0).all()  # counted in the worker, where the requests were made
+    assert (results["worker_s"] > 0).all()  # one round each

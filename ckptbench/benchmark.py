@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import disk, environment, manifest, profiles, throttle, training
+from . import disk, environment, manifest, measure, profiles, throttle, training
 from . import model as model_lib
 from .config import Order, RunConfig
 from .cycle import Cycle, LocalCycle
@@ -42,6 +42,8 @@ from .worker import Worker, WorkerError, one_line
 
 WARMUP_BYTES = 64 << 20
 _DRIFT_MIN, _DRIFT_MAX = 32 << 20, 256 << 20
+BUSY = 0.25
+"""Cores of other work before a run above which it is warned of: a quiet machine idles well under it."""
 
 
 def new_run_id() -> str:
@@ -118,6 +120,8 @@ class Benchmark:
         """Set-up so far: building or loading the model, cleaning leftovers, probing the limits."""
         self.probe_s = 0.0
         """Seconds inside the disk probes' own timed I/O (start probe and drift probes): measurement, not overhead."""
+        self.other_work = float("nan")
+        """Cores other processes kept busy just before the run (``measure.other_work``)."""
         self._rows: dict[str, list[Row]] = {}
         self._warm: set[str] = set()
         self._layout = layout
@@ -164,6 +168,12 @@ class Benchmark:
         self.results_file.check()  # a file set aside is named in its warning
         for stale in [*self.storage.clean_stale(), *throttle.clean_stale()]:
             self.log(f"removed the leftovers of an interrupted run: {stale}")
+        self.other_work = measure.other_work()
+        if self.other_work > BUSY:
+            self.log(
+                f"warning: other work kept {self.other_work:.2g} cores busy before the run; its timings will move"
+                " between runs (each row's others_cpu_* says how much during its timed regions)"
+            )
         if self.limits is None:
             self.limits = self._probe(ProbeSettings.for_checkpoint(self.checkpoint.nbytes))
         else:
@@ -227,6 +237,7 @@ class Benchmark:
             "limits": None if self.limits is None else asdict(self.limits),
             "prepare_s": self.prepare_s,
             "probe_s": self.probe_s,
+            "other_work_cores": self.other_work,
             **environment.collect(self.out),
             **self.cycle.environment(),
         }

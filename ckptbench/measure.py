@@ -1,4 +1,5 @@
-"""The timed region: wall time, CPU time, page faults, context switches, and peak resident memory above its start."""
+"""The timed region: wall time, CPU time, page faults, context switches, peak resident memory above its start, and
+how busy the rest of the machine was meanwhile."""
 
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ class Measurement:
     voluntary_switches: int | None = None
     """Context switches where a thread gave up the CPU to wait (I/O, locks); ``involuntary_switches``: preempted."""
     involuntary_switches: int | None = None
+    machine_cpu_s: float | None = None
+    """Busy CPU seconds of the whole machine, every process: minus ``cpu_s``, what other work took during the
+    region, the first suspect when a second run disagrees."""
+    steal_s: float | None = None
+    """CPU seconds the hypervisor gave to other guests while this one wanted to run (a VM's hidden neighbour)."""
 
 
 COUNTERS: tuple[str, ...] = ("minor_faults", "major_faults", "voluntary_switches", "involuntary_switches")
@@ -62,6 +68,23 @@ def return_freed_memory() -> None:
     """
     if hasattr(_libc, "malloc_trim"):
         _libc.malloc_trim(0)
+
+
+def machine_busy() -> tuple[float, float]:
+    """Busy and stolen CPU seconds of the whole machine since boot, summed over cores (psutil, /proc/stat)."""
+    times = psutil.cpu_times()
+    busy = times.user + times.nice + times.system + getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0)
+    return busy, getattr(times, "steal", 0.0)
+
+
+def other_work(seconds: float = 1.0) -> float:
+    """Cores kept busy by other processes over ``seconds`` of this one idling: a busy machine's timings move."""
+    own = psutil.Process().cpu_times()
+    busy, _ = machine_busy()
+    time.sleep(seconds)
+    own_end = psutil.Process().cpu_times()
+    used = sum(own_end[:4]) - sum(own[:4])
+    return max(0.0, machine_busy()[0] - busy - used) / seconds
 
 
 def _high_water_mark() -> int:
@@ -103,6 +126,7 @@ def measure(interval: float = 0.01) -> Iterator[Measurement]:
     sampler.start()
     start_cpu = process.cpu_times()
     start_usage = resource.getrusage(resource.RUSAGE_SELF)
+    start_busy, start_steal = machine_busy()
     start = time.perf_counter()
     try:
         yield result
@@ -110,10 +134,12 @@ def measure(interval: float = 0.01) -> Iterator[Measurement]:
         seconds = time.perf_counter() - start
         end_cpu = process.cpu_times()
         end_usage = resource.getrusage(resource.RUSAGE_SELF)
+        end_busy, end_steal = machine_busy()
         peak = sampler.stop()
     if kernel_hwm:
         peak = max(peak, _high_water_mark())
     result.seconds, result.peak_rss = seconds, max(0, peak - start_rss)
     result.cpu_s = (end_cpu.user - start_cpu.user) + (end_cpu.system - start_cpu.system)
+    result.machine_cpu_s, result.steal_s = end_busy - start_busy, end_steal - start_steal
     for counter, field in _RUSAGE.items():
         setattr(result, counter, getattr(end_usage, field) - getattr(start_usage, field))

@@ -117,18 +117,21 @@ class Row:
     """What each timed region cost the kernel, as JSON (getrusage, all threads; summed over ranks): page faults
     (``minor_faults_*`` served from memory, ``major_faults_*`` from the disk) and context switches
     (``voluntary_switches_*`` to wait, ``involuntary_switches_*`` preempted), for ``save``, ``load_cold``,
-    ``load_warm``."""
+    ``load_warm``; and the machine around them: ``others_cpu_*``, CPU seconds other processes took meanwhile,
+    and ``steal_*``, CPU seconds the hypervisor took (both from the whole machine's counters)."""
 
 
 REGIONS = ("save", "load_cold", "load_warm")
 """The timed regions of a cycle, as the columns name them."""
+MACHINE = ("others_cpu", "steal")
+"""What the rest of the machine did during each timed region, as the columns name it."""
 GROUPED: dict[str, tuple[str, ...]] = {
     "s3": (
         "objects", "requests_put", "requests_get", "requests_head", "requests_delete", "requests_save",
         "bytes_sent", "bytes_received", "injected_rtt_ms",
     ),
     "ranked": ("ranks", "load_ranks", "rank_times", "peak_rss_save_sum", "peak_rss_load_sum"),
-    "rusage": tuple(f"{counter}_{region}" for region in REGIONS for counter in COUNTERS),
+    "rusage": tuple(f"{counter}_{region}" for region in REGIONS for counter in (*COUNTERS, *MACHINE)),
 }  # fmt: skip
 """The JSON fields of a row and the columns each holds: one feature's columns, empty in rows without it."""
 HEADER: list[str] = [f.name for f in fields(Row)]
@@ -212,6 +215,7 @@ def _measured_columns(m: Measured) -> dict[str, Any]:
             for counter in COUNTERS
             if all(getattr(t, counter) is not None for t in each)
         },
+        **{f"{name}_{region}": value for region, each in regions.items() for name, value in _machine(each).items()},
     }
     if m.rank_times is not None:
         columns |= {
@@ -233,6 +237,17 @@ def _measured_columns(m: Measured) -> dict[str, Any]:
             "bytes_received": both.bytes_received,
         }
     return columns
+
+
+def _machine(each: list[Measurement]) -> dict[str, float]:
+    """Other work during a region: the machine's busy CPU (the widest rank's view) less every rank's own."""
+    if any(t.machine_cpu_s is None for t in each):
+        return {}
+    busy = max(t.machine_cpu_s for t in each)
+    return {
+        "others_cpu": max(0.0, busy - sum(t.cpu_s for t in each)),
+        "steal": max(t.steal_s or 0.0 for t in each),
+    }
 
 
 def _packed(values: dict[str, Any]) -> str:

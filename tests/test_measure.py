@@ -6,12 +6,14 @@ import gc
 import math
 import mmap
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
-from ckptbench.measure import COUNTERS, measure
+from ckptbench.measure import COUNTERS, measure, other_work
 
 MB = 1 << 20
 
@@ -103,3 +105,24 @@ def test_counts_the_page_faults_and_context_switches_of_the_block(tmp_path):
             assert sum(view[i] for i in range(0, len(view), 4096)) >= 0
     assert mapped.major_faults >= 1
     assert all(getattr(m, c) >= 0 for m in (fresh, sleeping, mapped) for c in COUNTERS)
+
+
+def test_other_work_on_the_machine_is_told_from_the_block_own():
+    """A busy neighbour process shows as others' CPU (machine busy less own), the block's own spinning does not."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        with measure() as waiting:
+            time.sleep(1.0)
+        neighbour = other_work(1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert waiting.machine_cpu_s - waiting.cpu_s >= 0.5
+    assert neighbour >= 0.5
+    with measure() as working:
+        deadline = time.perf_counter() + 0.5
+        while time.perf_counter() < deadline:
+            pass
+    assert working.machine_cpu_s >= working.cpu_s * 0.9
+    assert working.steal_s >= 0

@@ -143,7 +143,8 @@ def test_a_schema_1_file_is_appended_to_with_its_configs_from_the_registry(tmp_p
 
 def _region(seconds: float, faults: int) -> Measurement:
     counters = dict(zip(COUNTERS, (faults, 1, 2, 3), strict=True))
-    return Measurement(seconds=seconds, peak_rss=100 * faults, cpu_s=seconds / 2, **counters)
+    machine = {"machine_cpu_s": seconds * 2, "steal_s": 0.01}
+    return Measurement(seconds=seconds, peak_rss=100 * faults, cpu_s=seconds / 2, **counters, **machine)
 
 
 def test_a_cycle_record_becomes_one_row_slowest_rank_times_summed_cpu_and_rusage(tmp_path):
@@ -173,6 +174,8 @@ def test_a_cycle_record_becomes_one_row_slowest_rank_times_summed_cpu_and_rusage
     assert read["cpu_save_s"] == pytest.approx(2.5)
     assert (read["minor_faults_save"], read["minor_faults_load_cold"], read["minor_faults_load_warm"]) == (30, 70, 110)
     assert (read["major_faults_save"], read["voluntary_switches_save"], read["involuntary_switches_save"]) == (2, 4, 6)
+    assert read["others_cpu_save"] == pytest.approx(6.0 - 2.5)  # the widest view of the machine less both ranks'
+    assert read["steal_load_cold"] == 0.01
     assert json.loads(read["rank_times"])["save_s"] == [1.9, 2.9]
     assert (read["requests_put"], read["requests_get"], read["requests_head"], read["requests_save"]) == (4, 5, 1, 4)
     assert (read["objects"], read["bytes_sent"], read["injected_rtt_ms"]) == (2, 9, 0.0)

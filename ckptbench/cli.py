@@ -112,17 +112,16 @@ def _store_options(parser: argparse.ArgumentParser, store: bool = True) -> None:
 
 
 PROCESSES = ("fresh", "same")
-"""Where ``run`` and ``bench`` measure each round: ``bench`` defaults to fresh processes, whose rounds are
-independent samples; ``run`` to its own (one repeat by default: a single round has nothing to be independent of)."""
+"""Where ``run`` and ``bench`` measure each round. ``same`` by default: on 2026-12-02 an A/A pair with a fresh
+process per round agreed no better than one in a single process (docs/reference/between-run-variance.md)."""
 
 
-def _process_option(parser: argparse.ArgumentParser, default: str) -> None:
+def _process_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--process",
         choices=PROCESSES,
-        default=default,
-        help=f"fresh: each round in a new worker process sharing the model; same: every round in this one "
-        f"(default {default})",
+        default="same",
+        help="fresh: each round in a new worker process sharing the model; same: every round in this one",
     )
 
 
@@ -134,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[session], help="save and load the model each way, timed and verified")
     run.add_argument("--strategies", default="all", help=f"{groups} or a comma list of: {', '.join(STRATEGIES)}")
     run.add_argument("--keep-checkpoints", action="store_true", help="keep each strategy's last checkpoint on disk")
-    _process_option(run, "same")
+    _process_option(run)
     run.add_argument(
         "--ranks",
         type=int,
@@ -160,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench_cmd = commands.add_parser("bench", parents=[session], help="ts+best against its peers and the disk")
     bench_cmd.add_argument("--strategies", default=",".join(BENCH), help="comma list of strategies")
-    _process_option(bench_cmd, "fresh")
+    _process_option(bench_cmd)
     verify_cmd = commands.add_parser("verify", help="check checkpoints against their manifests, tensor by tensor")
     verify_cmd.add_argument(
         "paths", nargs="+", metavar="PATH", help="checkpoint folders, or s3://BUCKET/PREFIX with --s3-endpoint"

@@ -40,7 +40,7 @@ class RunConfig:
     keep_checkpoints: bool = False
     fresh_process: bool = False
     """Measure each round in a new worker process that maps the model from shared memory (pyperf's design):
-    no round inherits the heap, huge pages or library state an earlier one left (``bench``'s default)."""
+    no round inherits the heap, huge pages or library state an earlier one left (``--process fresh``)."""
     warmup: bool = True
     drift: bool = True
     """Probe the disk briefly before every repeat, so each row says how fast the disk was at the time."""

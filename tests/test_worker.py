@@ -89,10 +89,10 @@ def test_ranks_measure_in_their_own_processes_already(tmp_path):
         RunConfig(preset="tiny", out=tmp_path, ranks=2, fresh_process=True)
 
 
-def test_bench_measures_in_fresh_processes_by_default_and_run_in_its_own():
-    assert _parser().parse_args(["bench"]).process == "fresh"
-    assert _parser().parse_args(["run"]).process == "same"
-    assert _parser().parse_args(["bench", "--process", "same"]).process == "same"
+def test_run_and_bench_measure_in_their_own_process_unless_told_otherwise():
+    for command in ("run", "bench"):
+        assert _parser().parse_args([command]).process == "same"
+        assert _parser().parse_args([command, "--process", "fresh"]).process == "fresh"
 
 
 def test_rounds_in_fresh_processes_measure_on_s3_with_request_counts(s3, tiny, tmp_path):

@@ -33,12 +33,18 @@ class Question:
     async_only: bool = False
     """Whether only saves that return before they are durable answer it: a synchronous save's stall is the
     whole save, which "soonest durable" already answers."""
+    load_into: str | None = None
+    """Only rows whose loads went into this kind of tensors (``fresh``: new memory, as inference starts;
+    ``existing``: a live model's, as training resumes), for the two cost differently; None: every row."""
 
 
 QUESTIONS: tuple[Question, ...] = (
     Question("least stall for training (s until the save returns)", "save_blocking_s", 1.0, False, async_only=True),
     Question("soonest durable (save s)", "save_s", 1.0, False),
-    Question("fastest cold load (s)", "load_cold_s", 1.0, True),
+    Question("fastest load at inference, into fresh memory (cold load s)", "load_cold_s", 1.0, True, load_into="fresh"),
+    Question(
+        "resume into a live model, into its tensors (cold load s)", "load_cold_s", 1.0, True, load_into="existing"
+    ),
     Question("smallest on disk (GB)", "bytes", 1e9, True),
 )
 
@@ -118,6 +124,8 @@ def candidates(results: pd.DataFrame, merge_same_files: bool, async_only: bool =
 
 def answer(results: pd.DataFrame, question: Question, run_drift: float | None) -> Answer | None:
     """The question answered from the rows (one run's); None when no verified strategy measured its column."""
+    if question.load_into is not None:
+        results = results[results["load_into"].fillna("fresh") == question.load_into]
     ranked = []
     for names in candidates(results, question.same_files_are_one, question.async_only):
         values = per_round(results, names, question.column) / question.scale

@@ -277,6 +277,11 @@ def follow(pid: int) -> None:
         _move(os.getpid(), group)
 
 
+def active() -> bool:
+    """Whether this process's I/O is throttled: in a group it made, or in one its parent made."""
+    return _joined is not None or inherited()
+
+
 def refuse_above(caps: Caps, read_gbps: float, write_gbps: float) -> None:
     """Caps above the raw disk's measured ceilings would emulate nothing: refused, naming the ceiling."""
     for what, cap, ceiling in (("read", caps.read_bps, read_gbps), ("write", caps.write_bps, write_gbps)):

@@ -112,6 +112,20 @@ def _store_options(parser: argparse.ArgumentParser, store: bool = True) -> None:
     )
 
 
+PROCESSES = ("fresh", "same")
+"""Where ``run`` and ``bench`` measure each round. ``same`` by default: on 2026-12-02 an A/A pair with a fresh
+process per round agreed no better than one in a single process (docs/reference/between-run-variance.md)."""
+
+
+def _process_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--process",
+        choices=PROCESSES,
+        default="same",
+        help="fresh: each round in a new worker process sharing the model; same: every round in this one",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ckptbench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[session], help="save and load the model each way, timed and verified")
     run.add_argument("--strategies", default="all", help=f"{groups} or a comma list of: {', '.join(STRATEGIES)}")
     run.add_argument("--keep-checkpoints", action="store_true", help="keep each strategy's last checkpoint on disk")
+    _process_option(run)
     run.add_argument(
         "--ranks",
         type=int,
@@ -149,6 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep_cmd.add_argument("--peers", help="strategies measured in the same rounds, e.g. safetensors,runai-streamer")
     bench_cmd = commands.add_parser("bench", parents=[session], help="ts+best against its peers and the disk")
     bench_cmd.add_argument("--strategies", default=",".join(BENCH), help="comma list of strategies")
+    _process_option(bench_cmd)
     verify_cmd = commands.add_parser("verify", help="check checkpoints against their manifests, tensor by tensor")
     verify_cmd.add_argument(
         "paths", nargs="+", metavar="PATH", help="checkpoint folders, or s3://BUCKET/PREFIX with --s3-endpoint"
@@ -228,7 +244,8 @@ def _session(config: RunConfig) -> Benchmark:
     print(
         f"{checkpoint.source}: {len(checkpoint.tensors)} tensors, {checkpoint.params:,} parameters, "
         f"{checkpoint.nbytes / 1e9:.3g} GB; {bench.storage.measured_on}: {bench.limits.describe()}; "
-        f"{config.repeats} repeat(s), {config.order} order, loads into {config.load_into} tensors"
+        f"{config.repeats} repeat(s), {config.order} order"
+        f"{', each round in a fresh process' if config.fresh_process else ''}, loads into {config.load_into} tensors"
     )
     return bench
 
@@ -266,7 +283,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.ranks is not None or args.load_ranks is not None or launch.under_torchrun():
         return _run_ranked(args)
     names = parse_strategies(args.strategies)
-    bench = _session(_config(args, keep_checkpoints=args.keep_checkpoints))
+    bench = _session(_config(args, keep_checkpoints=args.keep_checkpoints, fresh_process=args.process == "fresh"))
     phases = bench.run(names)
     _show(report.summary_table(bench.summary()))
     _print_paths(report.export_report(bench.results, args.out))
@@ -286,6 +303,7 @@ def _run_ranked(args: argparse.Namespace) -> int:
         load_ranks=args.load_ranks,
         rank_timeout_s=args.rank_timeout,
         progress=False,
+        fresh_process=args.process == "fresh",
     )
     outcome = ranked.run(config, args.strategies)
     if outcome is None:
@@ -321,7 +339,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     names = parse_strategies(args.strategies)
-    bench = _session(_config(args, results_file=BENCH_FILE))
+    bench = _session(_config(args, results_file=BENCH_FILE, fresh_process=args.process == "fresh"))
     outcome = targets.bench(bench, names)
     _show(report.summary_table(summarize(outcome.results)))
     _show(report.targets_table(outcome.targets), "no targets: nothing completed", index=False)

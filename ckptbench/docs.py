@@ -147,8 +147,11 @@ def _verdicts(path: str) -> str:
     return markdown(table[["claim", "measured", "verdict", "reason"]], index=False)
 
 
-def _targets(path: str) -> str:
+def _targets(path: str, keys: str = "") -> str:
+    """A committed targets file as the bench prints it; ``keys`` (comma list) keeps only those rows."""
     table = pd.read_csv(ROOT / path)
+    if keys:
+        table = table[table["key"].isin(keys.split(","))]
     table["met"] = table["met"].map({True: True, False: False, "True": True, "False": False})
     return markdown(report.targets_table(table), index=False)
 

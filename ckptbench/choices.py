@@ -30,12 +30,16 @@ class Question:
     """The column's unit: seconds (1) or GB (1e9)."""
     same_files_are_one: bool
     """Whether strategies writing the same files answer as one (loads and sizes; not saves)."""
+    load_into: str | None = None
+    """Only rows whose loads went into this kind of tensors (``fresh``: new memory, as inference starts;
+    ``existing``: a live model's, as training resumes), for the two cost differently; None: every row."""
 
 
 QUESTIONS: tuple[Question, ...] = (
     Question("least stall for training (s until the save returns)", "save_blocking_s", 1.0, False),
     Question("soonest durable (save s)", "save_s", 1.0, False),
-    Question("fastest cold load (s)", "load_cold_s", 1.0, True),
+    Question("fastest load at inference, into fresh memory (cold load s)", "load_cold_s", 1.0, True, "fresh"),
+    Question("resume into a live model, into its tensors (cold load s)", "load_cold_s", 1.0, True, "existing"),
     Question("smallest on disk (GB)", "bytes", 1e9, True),
 )
 
@@ -103,6 +107,8 @@ def candidates(results: pd.DataFrame, merge_same_files: bool) -> list[tuple[str,
 
 def answer(results: pd.DataFrame, question: Question, run_drift: float | None) -> Answer | None:
     """The question answered from the rows (one run's); None when no verified strategy measured its column."""
+    if question.load_into is not None:
+        results = results[results["load_into"].fillna("fresh") == question.load_into]
     ranked = []
     for names in candidates(results, question.same_files_are_one):
         values = per_round(results, names, question.column) / question.scale

@@ -142,6 +142,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=V1,V2",
         help=f"repeatable; NAME: {', '.join(sweep.KNOBS)}",
     )
+    sweep_cmd.add_argument(
+        "--base", help="the registered TensorStore strategy whose knobs are varied (default: the study's baseline)"
+    )
+    sweep_cmd.add_argument("--peers", help="strategies measured in the same rounds, e.g. safetensors,runai-streamer")
     bench_cmd = commands.add_parser("bench", parents=[session], help="ts+best against its peers and the disk")
     bench_cmd.add_argument("--strategies", default=",".join(BENCH), help="comma list of strategies")
     verify_cmd = commands.add_parser("verify", help="check checkpoints against their manifests, tensor by tensor")
@@ -286,12 +290,16 @@ def _run_ranked(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     knobs = sweep.parse_knobs(args.knob)
-    print(f"{len(sweep.grid(knobs))} configurations of {', '.join(knobs)}")
+    base = None if args.base is None else sweep.base_strategy(args.base)
+    peers = [] if args.peers is None else parse_strategies(args.peers)
+    configurations = [s.name for s in sweep.grid(knobs, base)]
+    print(f"{len(configurations)} configurations of {', '.join(knobs)}")
     bench = _session(_config(args, results_file=sweep.RESULTS_FILE))
-    summary, phases = sweep.run(bench, knobs)
+    summary, phases = sweep.run(bench, knobs, base, peers)
     _show(report.summary_table(summary))
-    print(f"best (lowest median save + cold load): {sweep.best(summary)}")
-    _print_paths(plot.export(sweep.figure(bench.results, list(knobs)), args.out, stem=sweep.FIGURE_STEM))
+    print(f"best (lowest median save + cold load): {sweep.best(summary.loc[summary.index.isin(configurations)])}")
+    swept = bench.results[bench.results["strategy"].isin(configurations)]
+    _print_paths(plot.export(sweep.figure(swept, list(knobs)), args.out, stem=sweep.FIGURE_STEM))
     summary.to_csv(args.out / sweep.SUMMARY_FILE, index_label="strategy")
     _print_paths([args.out / sweep.SUMMARY_FILE])
     return _finish(bench, phases)

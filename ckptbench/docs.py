@@ -96,8 +96,27 @@ def _untimed(path: str) -> str:
     return markdown(table.rename_axis("strategy"))
 
 
-def _choices(path: str) -> str:
-    return markdown(choices.table(_results(path)), index=False)
+def _choices(path: str, strategies: str = "") -> str:
+    """The answers from a run's rows; with ``strategies`` (a comma list), from those strategies' rows only."""
+    results = _results(path)
+    if strategies:
+        results = results[results["strategy"].isin(strategies.split(","))]
+    return markdown(choices.table(results), index=False)
+
+
+def _intervals(path: str) -> str:
+    """Every strategy's answer to each "What should I use?" question, median [interval] over rounds; the best
+    and those tied with it marked, so a lever that does not help shows as a tie or a loss, not only by omission."""
+    columns: dict[str, dict[str, str]] = {}
+    for found in choices.answers(_results(path)):
+        tied = found.names
+        for candidate in found.ranked:
+            mark = "" if not tied & set(candidate.names) else (", best" if candidate is found.ranked[0] else ", tie")
+            for name in candidate.names:
+                columns.setdefault(found.question.text, {})[name] = f"{candidate.span}{mark}"
+    table = pd.DataFrame(columns).fillna("")
+    table.index = [f"`{n}`" for n in table.index]
+    return markdown(table.rename_axis("strategy"))
 
 
 def _verdicts(path: str) -> str:
@@ -280,6 +299,7 @@ KINDS: dict[str, Callable[..., str]] = {
     "untimed": _untimed,
     "csv": _csv,
     "choices": _choices,
+    "intervals": _intervals,
     "strategies": strategies_markdown,
     "summary": _summary,
     "verdicts": _verdicts,

@@ -113,6 +113,7 @@ class FileStorage(Storage):
     kind = FILE
     form = "'file'"
     local = True
+    shared = True
     url = FILE
 
     def __init__(self, directory: Path) -> None:

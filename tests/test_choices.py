@@ -67,4 +67,33 @@ def test_an_unverified_strategy_is_never_the_answer(tmp_path):
     results.loc[(results["strategy"] == "safetensors") & (results["repeat"] == 1), "verified"] = False
     assert {a.use for a in choices.answers(results)} == {"pytorch"}
     results.to_csv(tmp_path / "bench.csv", index=False)
-    assert "| fastest cold load (s) | pytorch | 3 |" in docs.render(f"choices {tmp_path / 'bench.csv'}")
+    assert "| fastest load at inference, into fresh memory (cold load s) | pytorch | 3 |" in docs.render(
+        f"choices {tmp_path / 'bench.csv'}"
+    )
+
+
+def test_the_choices_block_can_answer_from_some_strategies_only(tmp_path):
+    _rounds({"pytorch": (2.0, 2.0, 3.0), "safetensors": (0.1, 0.1, 0.1)}).to_csv(tmp_path / "bench.csv", index=False)
+    assert "| safetensors |" in docs.render(f"choices {tmp_path / 'bench.csv'}")
+    assert "safetensors" not in docs.render(f"choices {tmp_path / 'bench.csv'} pytorch")
+
+
+def test_loads_into_fresh_memory_and_into_a_live_model_are_answered_apart():
+    fresh = _rounds({"pytorch": (2.0, 2.0, 3.0), "ts+best": (1.5, 1.5, 1.0)}).assign(load_into="fresh")
+    existing = _rounds({"pytorch": (2.0, 2.0, 0.5), "ts+best": (1.5, 1.5, 1.0)}).assign(load_into="existing")
+    table = choices.table(pd.concat([fresh, existing])).set_index("question")
+    assert table.loc["fastest load at inference, into fresh memory (cold load s)", "use"] == "ts+best"
+    assert table.loc["resume into a live model, into its tensors (cold load s)", "use"] == "pytorch"
+    assert table.loc["resume into a live model, into its tensors (cold load s)", "measured"] == "0.5"
+    only_fresh = choices.table(fresh)["question"].tolist()
+    assert "resume into a live model, into its tensors (cold load s)" not in only_fresh
+
+
+def test_the_intervals_block_marks_the_best_its_ties_and_leaves_the_rest_unmarked(tmp_path):
+    times = {"pytorch": (2.0, 2.0, 3.0), "ts+best": (1.5, 1.5, 1.0), "safetensors": (1.6, 1.6, 2.0)}
+    _rounds(times, {"safetensors": SWINGING}).to_csv(tmp_path / "bench.csv", index=False)
+    rendered = docs.render(f"intervals {tmp_path / 'bench.csv'}")
+    rows = {line.split(" | ")[0].strip("| `"): line for line in rendered.splitlines()[2:]}
+    assert "| 1.5, best | 1.5, best | 1, best |" in rows["ts+best"]
+    assert "| 1.6 [0.96-2.56], tie | 1.6 [0.96-2.56], tie | 2 [1.2-3.2] |" in rows["safetensors"]  # saves overlap
+    assert rows["pytorch"].endswith("| 2 | 2 | 3 | 1, best |")  # slower everywhere; equal sizes go to the first

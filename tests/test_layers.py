@@ -16,8 +16,8 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
     for layer in (
         # what everything uses: errors, number formatting, timing, bitwise comparison, URLs, disk profiles, trees
         "errors formatting environment measure bitwise shards location delayproxy profiles pytree",
-        # the disk, its probes, limits and throttle, the manifest, starting ranks
-        "disk probes limits manifest objectstore local launch throttle s3server",
+        # the disk, its probes, limits and throttle, the manifest, S3 (DCP over it too), starting ranks
+        "disk probes limits manifest objectstore dcpstore local launch throttle s3server",
         # the strategies, the model and a training state, where checkpoints live, reading one back
         "strategies strategies.* model training storage checkpoint",
         # the study's definitions, a run's settings, the rows

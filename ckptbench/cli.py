@@ -197,7 +197,11 @@ def _parser() -> argparse.ArgumentParser:
     docs_cmd.add_argument("--check", action="store_true", help="exit 1 if any generated block is out of date")
     server_cmd = commands.add_parser("s3-server", help="run a local S3 server (SeaweedFS) until Ctrl-C")
     server_cmd.add_argument("--dir", type=Path, help="its data folder (default: a temporary one, removed on stop)")
-    server_cmd.add_argument("--port", type=int, default=s3server.DEFAULT_PORT, help="its S3 port on 127.0.0.1")
+    server_cmd.add_argument("--port", type=int, default=s3server.DEFAULT_PORT, help="its S3 port")
+    server_cmd.add_argument("--host", default="127.0.0.1", help="the address it binds every port to")
+    server_cmd.add_argument(
+        "--volumes", type=int, metavar="N", help="a cluster: a master, N volume servers, a filer and S3, each a process"
+    )
     server_cmd.add_argument("--bucket", default=s3server.DEFAULT_BUCKET, help="the bucket it creates")
     return parser
 
@@ -459,7 +463,7 @@ def _exit_interrupted(signum: int, frame: object) -> None:
 
 
 def _s3_server(args: argparse.Namespace) -> int:
-    s3server.serve(args.bucket, args.dir, args.port)
+    s3server.serve(args.bucket, args.dir, args.port, host=args.host, volumes=args.volumes)
     return 0
 
 

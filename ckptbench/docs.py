@@ -20,7 +20,7 @@ from .errors import CkptbenchError
 from .formatting import sig
 from .limits import MISS
 from .profiles import PROFILES, Caps
-from .results import read_results, summarize
+from .results import read_results, succeeded, summarize
 from .strategies import STRATEGIES
 from .study import EIGHT_WAY, GROUPS, ordered
 
@@ -119,13 +119,39 @@ def _intervals(path: str) -> str:
     return markdown(table.rename_axis("strategy"))
 
 
+def _payloads(training: str, *weights: str) -> str:
+    """A training run's sizes against the weights-only runs' (the first file measuring each strategy), and
+    each strategy's peak memory in a save or load beyond the state and one copy of it."""
+    rows = succeeded(_results(training))
+    sizes = {
+        Path(path).parent.name: succeeded(_results(path)).groupby("strategy")["bytes"].median() for path in weights
+    }
+    table = {}
+    for name, own in rows.groupby("strategy", sort=False):
+        run, weighed = next(((run, size[name]) for run, size in sizes.items() if name in size.index), ("", None))
+        state = own["bytes"].median()
+        table[f"`{name}`"] = {
+            "training GB": sig(state / 1e9),
+            "weights GB": "" if weighed is None else sig(weighed / 1e9),
+            "ratio": "" if weighed is None else sig(state / weighed),
+            "weights run": run,
+            "peak above state + copy GB": sig(
+                (own[["peak_rss_save", "peak_rss_load"]].max(axis=1) - own["model_bytes"]).max() / 1e9
+            ),
+        }
+    return markdown(pd.DataFrame.from_dict(table, orient="index").rename_axis("strategy"))
+
+
 def _verdicts(path: str) -> str:
     table = verdict.check(_results(path))
     return markdown(table[["claim", "measured", "verdict", "reason"]], index=False)
 
 
-def _targets(path: str) -> str:
+def _targets(path: str, keys: str = "") -> str:
+    """A committed targets file as the bench prints it; ``keys`` (comma list) keeps only those rows."""
     table = pd.read_csv(ROOT / path)
+    if keys:
+        table = table[table["key"].isin(keys.split(","))]
     table["met"] = table["met"].map({True: True, False: False, "True": True, "False": False})
     return markdown(report.targets_table(table), index=False)
 
@@ -299,6 +325,7 @@ KINDS: dict[str, Callable[..., str]] = {
     "untimed": _untimed,
     "csv": _csv,
     "choices": _choices,
+    "payloads": _payloads,
     "intervals": _intervals,
     "strategies": strategies_markdown,
     "summary": _summary,

@@ -77,11 +77,14 @@ class Row:
     cpu_load_cold_s: float | None = None
     cpu_load_warm_s: float | None = None
     warmup_s: float | None = None
-    """The untimed parts of ``overhead_s``: the warm-up (first repeat only), eviction and size accounting,
+    """The untimed parts of ``overhead_s``: the warm-up (first repeat of each process), eviction and size accounting,
     both verifications, and waiting for the deletion that overlaps the last one."""
     evict_s: float | None = None
     verify_s: float | None = None
     cleanup_s: float | None = None
+    worker_s: float | None = None
+    """Starting the fresh worker process that measured this repeat's round (spawn, imports, mapping the shared
+    model), on the round's first row; part of ``overhead_s``. Empty when the run measured in one process."""
     schema_version: int = SCHEMA_VERSION
     disk_files_per_s: float | None = None
     """The disk's small-file create + write + fsync rate (the limit a checkpoint's file count pays for)."""

@@ -263,6 +263,20 @@ def inherited() -> bool:
         return False
 
 
+def follow(pid: int) -> None:
+    """Join the throttle group process ``pid`` is in, if it is in one and this process in another: a worker
+    started by a fork server that began before its parent entered the group."""
+    if os.geteuid() != 0:
+        return
+    try:
+        found = hierarchy()
+    except ThrottleError:
+        return
+    group = _own_path(found, pid)
+    if _NAME.match(group.name) and group != _own_path(found):
+        _move(os.getpid(), group)
+
+
 def active() -> bool:
     """Whether this process's I/O is throttled: in a group it made, or in one its parent made."""
     return _joined is not None or inherited()

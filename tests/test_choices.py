@@ -56,7 +56,7 @@ def test_overlapping_intervals_are_printed_as_a_tie_and_separated_ones_as_a_winn
     stall = tied.loc["least stall for training (s until the save returns)"]
     assert stall["use"] == "tie: ts+best+async or dcp+async"
     assert stall["measured"] == "ts+best+async 1.66; dcp+async 1.85 [1.11-2.96]"
-    assert stall["next"] == "pytorch 9"
+    assert stall["next"] == ""  # pytorch saves synchronously: its stall is no answer to this question
     clear = choices.table(_rounds(times)).set_index("question")
     assert clear.loc["least stall for training (s until the save returns)", "use"] == "ts+best+async"
     assert clear.loc["least stall for training (s until the save returns)", "next"] == "dcp+async 1.85"
@@ -70,6 +70,22 @@ def test_an_unverified_strategy_is_never_the_answer(tmp_path):
     assert "| fastest load at inference, into fresh memory (cold load s) | pytorch | 3 |" in docs.render(
         f"choices {tmp_path / 'bench.csv'}"
     )
+
+
+def test_a_synchronous_save_never_answers_least_stall():
+    quick_sync = {"pytorch": (0.5, 0.5, 3.0), "ts+best+async": (1.0, 2.5, 1.1)}
+    stall = _answers(_rounds(quick_sync))["save_blocking_s"]
+    assert [c.names for c in stall.ranked] == [("ts+best+async",)]
+    assert "save_blocking_s" not in _answers(_rounds({"pytorch": (0.5, 0.5, 3.0), "ts+best": (1.5, 1.5, 1.0)}))
+
+
+def test_next_is_never_a_candidate_tied_with_the_answer():
+    """A wide interval further down the ranking can be tied with the answer while a narrow one above it is not."""
+    times = {"pytorch": (1.0, 1.0, 1.0), "safetensors": (1.5, 1.5, 1.5), "dcp": (2.0, 2.0, 2.0)}
+    table = choices.table(_rounds(times, {"dcp": (0.2, 1.0, 1.6)})).set_index("question")
+    durable = table.loc["soonest durable (save s)"]
+    assert durable["use"] == "tie: pytorch or dcp"
+    assert durable["next"] == "safetensors 1.5"
 
 
 def test_the_choices_block_can_answer_from_some_strategies_only(tmp_path):

@@ -166,6 +166,11 @@ def _spread(path: str, run_a: str, run_b: str) -> str:
     return markdown(pd.DataFrame({"between the two runs": [line.strip() for line in lines]}), index=False)
 
 
+def _machine(path: str) -> str:
+    """Per run of a results file: other work, the hypervisor's steal and the disk's drift around its rows."""
+    return markdown(report.machine_table(read_results(ROOT / path)))
+
+
 def _rounds(path: str, loadavg: str = "") -> str:
     """Per run and round: its rows' summed timed seconds and span, and with a load-average log (lines of
     ``ISO-time load1 load5 load15 ...``, as ``/proc/loadavg`` sampled) the machine's mean 1-minute load then."""
@@ -249,6 +254,7 @@ KINDS: dict[str, Callable[..., str]] = {
     "rounds": _rounds,
     "compare": _compare,
     "spread": _spread,
+    "machine": _machine,
     "untimed": _untimed,
     "csv": _csv,
     "choices": _choices,

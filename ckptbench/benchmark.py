@@ -3,18 +3,23 @@
 A run's settings are a frozen ``RunConfig``; a ``Benchmark`` holds what one session has measured.
 It prepares the run (the model, the results file, the disk's limits), orders the repeats in
 rounds, warms each strategy up and probes the disk's drift before every repeat, and keeps a
-failure as a recorded row while the run goes on. The cycle it is given (one process by default,
+failure as a recorded row while the run goes on. With ``fresh_process`` each round runs in a
+new worker process (``worker``) that maps the model from shared memory and measures with this
+same harness, its records coming back to be rows here. The cycle it is given (one process by default,
 or one rank of many: ``ranked``) saves, evicts, loads, verifies and returns the ``Measured``
 record that ``results.row`` turns into a row. Every phase returns a ``PhaseResult``.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import resource
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ from .results import Measured, ResultsFile, Row, config_json, frame, row, summar
 from .storage import open_storage
 from .strategies import Strategy, Tensors, get_strategy, nbytes
 from .study import ordered
+from .worker import Worker, WorkerError, one_line
 
 WARMUP_BYTES = 64 << 20
 _DRIFT_MIN, _DRIFT_MAX = 32 << 20, 256 << 20
@@ -119,6 +125,8 @@ class Benchmark:
         self._rows: dict[str, list[Row]] = {}
         self._warm: set[str] = set()
         self._layout = layout
+        self._fresh = self.config.fresh_process and cycle is None
+        """Each round in a fresh worker process (only for the local cycle this harness builds itself)."""
 
     @property
     def out(self) -> Path:
@@ -153,6 +161,9 @@ class Benchmark:
         if self._layout is None:
             tensors = self.checkpoint.tensors
             self._layout = manifest.layout(tensors, manifest.digests(tensors))
+        if self._fresh:  # once, so each round's worker maps the model instead of copying it
+            for tensor in self.checkpoint.tensors.values():
+                tensor.share_memory_()
         self.out.mkdir(parents=True, exist_ok=True)
         self.results_file.check()  # a file set aside is named in its warning
         for stale in [*self.storage.clean_stale(), *throttle.clean_stale()]:
@@ -295,19 +306,28 @@ class Benchmark:
         untimed = {**measured.untimed, "warmup_s": warmup_s, "overhead_s": overhead_s}
         return replace(measured, untimed=untimed, **drift)
 
-    def _measure(self, strategy: Strategy, repeat: int) -> Row:
-        """One repeat as a row, a failure included: the reason is kept and the run goes on (unless the cycle's
-        processes cannot go on without this one: then it raises, and the pending row records the failure)."""
+    def _in_worker(self, worker: Worker, strategy: Strategy, repeat: int) -> Measured:
+        """One repeat measured by the round's worker; starting it (if this repeat did) billed as ``worker_s``."""
+        measured, probe_s = worker.measure((strategy, repeat), f"{strategy.name} [{repeat + 1}/{self.config.repeats}]")
+        self.probe_s += probe_s
+        started_s = worker.take_started()
+        untimed = {**measured.untimed, "worker_s": started_s, "overhead_s": measured.untimed["overhead_s"] + started_s}
+        return replace(measured, untimed=untimed)
+
+    def _measure(self, strategy: Strategy, repeat: int, worker: Worker | None = None) -> Row:
+        """One repeat as a row (here, or by ``worker``), a failure included: the reason is kept and the run goes
+        on (unless the cycle's processes cannot go on without this one: then it raises, and the pending row
+        records the failure)."""
         lead = self.cycle.lead
         identity = self._identity(strategy, repeat) if lead else {}
         if lead:
             self.cycle.pending(row(identity))
         try:
-            measured = self._repeat(strategy, repeat)
+            measured = self._repeat(strategy, repeat) if worker is None else self._in_worker(worker, strategy, repeat)
         except Exception as err:  # kept as a result, as a benchmark should: the run goes on to the next
             if not self.cycle.failures_are_rows:
                 raise
-            message = " ".join(f"{type(err).__name__}: {err}".split())
+            message = str(err) if isinstance(err, WorkerError) else one_line(err)
             result = row(identity, error=message)
             self.log(f"FAILED {strategy.name} [{repeat + 1}/{self.config.repeats}]: {message}")
         else:
@@ -355,13 +375,14 @@ class Benchmark:
             else [self._round(resolved, r, order) for r in range(self.config.repeats)]
         )
         for batch in rounds:
-            for strategy, repeat in batch:
-                if strategy.name in failed:
-                    continue
-                row = self._measure(strategy, repeat)
-                self._rows[strategy.name].append(row)
-                if row.error:
-                    failed[strategy.name] = row.error
+            with self._round_worker() as worker:
+                for strategy, repeat in batch:
+                    if strategy.name in failed:
+                        continue
+                    row = self._measure(strategy, repeat, worker)
+                    self._rows[strategy.name].append(row)
+                    if row.error:
+                        failed[strategy.name] = row.error
         results = []
         for strategy in requested:
             if strategy.name in skipped:
@@ -374,6 +395,12 @@ class Benchmark:
                 error = f"{strategy.name}: a load did not match what was saved (rows recorded in {recorded})"
             results.append(PhaseResult(strategy.name, rows, error))
         return results
+
+    def _round_worker(self) -> AbstractContextManager[Worker | None]:
+        """A fresh worker process for one round (started at its first repeat), or None to measure here."""
+        if not self._fresh:
+            return nullcontext()
+        return Worker(_round_session, self.config, self.run_id, self.checkpoint, self._layout, self.limits, os.getpid())
 
     def _round(self, strategies: list[Strategy], repeat: int, order: Order) -> list[tuple[Strategy, int]]:
         batch = list(strategies)
@@ -388,6 +415,34 @@ class Benchmark:
 
     def summary(self) -> pd.DataFrame:
         return summarize(self.results, order=ordered(self._rows))
+
+
+def _round_session(
+    config: RunConfig,
+    run_id: str,
+    checkpoint: model_lib.ModelCheckpoint | training.TrainingCheckpoint,
+    layout: manifest.Layout,
+    limits: Limits,
+    parent: int,
+) -> Callable[[tuple[Strategy, int]], tuple[Measured, float]]:
+    """In a round's worker: this run's harness around the shared model, which measures one repeat per call and
+    returns its record and the drift probe's seconds. It joins the I/O throttle group of ``parent`` (the run's
+    process), and maps the model's pages before anything is timed."""
+    throttle.follow(parent)
+    for tensor in checkpoint.tensors.values():
+        storage = tensor.untyped_storage()
+        if storage.nbytes():
+            torch.empty(0, dtype=torch.uint8).set_(storage)[:: resource.getpagesize()].sum()
+    here = replace(config, fresh_process=False)
+    bench = Benchmark(here, checkpoint=checkpoint, layout=layout, limits=limits, run_id=run_id)
+
+    def repeat(item: tuple[Strategy, int]) -> tuple[Measured, float]:
+        probe_s = bench.probe_s
+        measured = bench._repeat(*item)
+        assert measured is not None  # a local cycle speaks for its run
+        return measured, bench.probe_s - probe_s
+
+    return repeat
 
 
 def _described(result: Row, measured: Measured, label: str) -> str:

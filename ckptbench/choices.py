@@ -30,12 +30,21 @@ class Question:
     """The column's unit: seconds (1) or GB (1e9)."""
     same_files_are_one: bool
     """Whether strategies writing the same files answer as one (loads and sizes; not saves)."""
+    async_only: bool = False
+    """Whether only saves that return before they are durable answer it: a synchronous save's stall is the
+    whole save, which "soonest durable" already answers."""
+    load_into: str | None = None
+    """Only rows whose loads went into this kind of tensors (``fresh``: new memory, as inference starts;
+    ``existing``: a live model's, as training resumes), for the two cost differently; None: every row."""
 
 
 QUESTIONS: tuple[Question, ...] = (
-    Question("least stall for training (s until the save returns)", "save_blocking_s", 1.0, False),
+    Question("least stall for training (s until the save returns)", "save_blocking_s", 1.0, False, async_only=True),
     Question("soonest durable (save s)", "save_s", 1.0, False),
-    Question("fastest cold load (s)", "load_cold_s", 1.0, True),
+    Question("fastest load at inference, into fresh memory (cold load s)", "load_cold_s", 1.0, True, load_into="fresh"),
+    Question(
+        "resume into a live model, into its tensors (cold load s)", "load_cold_s", 1.0, True, load_into="existing"
+    ),
     Question("smallest on disk (GB)", "bytes", 1e9, True),
 )
 
@@ -77,21 +86,33 @@ class Answer:
 
     @property
     def runner_up(self) -> Candidate | None:
-        """The best candidate that is not tied with the answer."""
-        return next(iter(self.ranked[len(self.winners) :]), None)
+        """The best candidate that is not tied with the answer (a wide interval further down can be tied
+        with it while a narrower one between them is not)."""
+        return next((c for c in self.ranked if c not in self.winners), None)
+
+
+def _settings(config: str | None) -> dict:
+    return json.loads(config) if isinstance(config, str) and config else {}
 
 
 def _file_key(config: str | None) -> str:
-    settings = json.loads(config) if isinstance(config, str) and config else {}
-    return json.dumps({k: v for k, v in settings.items() if k not in SAVE_ONLY_KNOBS}, sort_keys=True)
+    return json.dumps({k: v for k, v in _settings(config).items() if k not in SAVE_ONLY_KNOBS}, sort_keys=True)
 
 
-def candidates(results: pd.DataFrame, merge_same_files: bool) -> list[tuple[str, ...]]:
-    """The verified strategies, in order of appearance; with ``merge_same_files``, those writing the same
-    files (equal configurations but for ``SAVE_ONLY_KNOBS``) grouped as one."""
+def _saves_async(config: str | None) -> bool:
+    return any(_settings(config).get(knob) for knob in SAVE_ONLY_KNOBS)
+
+
+def candidates(results: pd.DataFrame, merge_same_files: bool, async_only: bool = False) -> list[tuple[str, ...]]:
+    """The verified strategies, in order of appearance (with ``async_only``, those whose save returns before it is
+    durable); with ``merge_same_files``, those writing the same files (equal configurations but for
+    ``SAVE_ONLY_KNOBS``) grouped as one."""
     done = succeeded(results)
     verified = results.groupby("strategy", sort=False)["verified"].all()
     names = [n for n in dict.fromkeys(done["strategy"]) if verified.get(n, False)]
+    if async_only:
+        saves_async = done.drop_duplicates("strategy").set_index("strategy")["config"].map(_saves_async)
+        names = [n for n in names if saves_async[n]]
     if not merge_same_files:
         return [(n,) for n in names]
     key = done.drop_duplicates("strategy").set_index("strategy")["config"].map(_file_key)
@@ -103,8 +124,10 @@ def candidates(results: pd.DataFrame, merge_same_files: bool) -> list[tuple[str,
 
 def answer(results: pd.DataFrame, question: Question, run_drift: float | None) -> Answer | None:
     """The question answered from the rows (one run's); None when no verified strategy measured its column."""
+    if question.load_into is not None:
+        results = results[results["load_into"].fillna("fresh") == question.load_into]
     ranked = []
-    for names in candidates(results, question.same_files_are_one):
+    for names in candidates(results, question.same_files_are_one, question.async_only):
         values = per_round(results, names, question.column) / question.scale
         span = of_values(values.groupby(level=0).median().tolist(), run_drift)
         if span is not None:

@@ -111,6 +111,20 @@ def _store_options(parser: argparse.ArgumentParser, store: bool = True) -> None:
     )
 
 
+PROCESSES = ("fresh", "same")
+"""Where ``run`` and ``bench`` measure each round. ``same`` by default: on 2026-12-02 an A/A pair with a fresh
+process per round agreed no better than one in a single process (docs/reference/between-run-variance.md)."""
+
+
+def _process_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--process",
+        choices=PROCESSES,
+        default="same",
+        help="fresh: each round in a new worker process sharing the model; same: every round in this one",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ckptbench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[session], help="save and load the model each way, timed and verified")
     run.add_argument("--strategies", default="all", help=f"{groups} or a comma list of: {', '.join(STRATEGIES)}")
     run.add_argument("--keep-checkpoints", action="store_true", help="keep each strategy's last checkpoint on disk")
+    _process_option(run)
     run.add_argument(
         "--ranks",
         type=int,
@@ -142,8 +157,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=V1,V2",
         help=f"repeatable; NAME: {', '.join(sweep.KNOBS)}",
     )
+    sweep_cmd.add_argument(
+        "--base", help="the registered TensorStore strategy whose knobs are varied (default: the study's baseline)"
+    )
+    sweep_cmd.add_argument("--peers", help="strategies measured in the same rounds, e.g. safetensors,runai-streamer")
     bench_cmd = commands.add_parser("bench", parents=[session], help="ts+best against its peers and the disk")
     bench_cmd.add_argument("--strategies", default=",".join(BENCH), help="comma list of strategies")
+    _process_option(bench_cmd)
     verify_cmd = commands.add_parser("verify", help="check checkpoints against their manifests, tensor by tensor")
     verify_cmd.add_argument(
         "paths", nargs="+", metavar="PATH", help="checkpoint folders, or s3://BUCKET/PREFIX with --s3-endpoint"
@@ -177,7 +197,11 @@ def _parser() -> argparse.ArgumentParser:
     docs_cmd.add_argument("--check", action="store_true", help="exit 1 if any generated block is out of date")
     server_cmd = commands.add_parser("s3-server", help="run a local S3 server (SeaweedFS) until Ctrl-C")
     server_cmd.add_argument("--dir", type=Path, help="its data folder (default: a temporary one, removed on stop)")
-    server_cmd.add_argument("--port", type=int, default=s3server.DEFAULT_PORT, help="its S3 port on 127.0.0.1")
+    server_cmd.add_argument("--port", type=int, default=s3server.DEFAULT_PORT, help="its S3 port")
+    server_cmd.add_argument("--host", default="127.0.0.1", help="the address it binds every port to")
+    server_cmd.add_argument(
+        "--volumes", type=int, metavar="N", help="a cluster: a master, N volume servers, a filer and S3, each a process"
+    )
     server_cmd.add_argument("--bucket", default=s3server.DEFAULT_BUCKET, help="the bucket it creates")
     return parser
 
@@ -210,7 +234,8 @@ def _session(config: RunConfig) -> Benchmark:
     print(
         f"{checkpoint.source}: {len(checkpoint.tensors)} tensors, {checkpoint.params:,} parameters, "
         f"{checkpoint.nbytes / 1e9:.3g} GB; {bench.storage.measured_on}: {bench.limits.describe()}; "
-        f"{config.repeats} repeat(s), {config.order} order, loads into {config.load_into} tensors"
+        f"{config.repeats} repeat(s), {config.order} order"
+        f"{', each round in a fresh process' if config.fresh_process else ''}, loads into {config.load_into} tensors"
     )
     return bench
 
@@ -248,7 +273,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.ranks is not None or args.load_ranks is not None or launch.under_torchrun():
         return _run_ranked(args)
     names = parse_strategies(args.strategies)
-    bench = _session(_config(args, keep_checkpoints=args.keep_checkpoints))
+    bench = _session(_config(args, keep_checkpoints=args.keep_checkpoints, fresh_process=args.process == "fresh"))
     phases = bench.run(names)
     _show(report.summary_table(bench.summary()))
     _print_paths(report.export_report(bench.results, args.out))
@@ -268,6 +293,7 @@ def _run_ranked(args: argparse.Namespace) -> int:
         load_ranks=args.load_ranks,
         rank_timeout_s=args.rank_timeout,
         progress=False,
+        fresh_process=args.process == "fresh",
     )
     outcome = ranked.run(config, args.strategies)
     if outcome is None:
@@ -286,12 +312,16 @@ def _run_ranked(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     knobs = sweep.parse_knobs(args.knob)
-    print(f"{len(sweep.grid(knobs))} configurations of {', '.join(knobs)}")
+    base = None if args.base is None else sweep.base_strategy(args.base)
+    peers = [] if args.peers is None else parse_strategies(args.peers)
+    configurations = [s.name for s in sweep.grid(knobs, base)]
+    print(f"{len(configurations)} configurations of {', '.join(knobs)}")
     bench = _session(_config(args, results_file=sweep.RESULTS_FILE))
-    summary, phases = sweep.run(bench, knobs)
+    summary, phases = sweep.run(bench, knobs, base, peers)
     _show(report.summary_table(summary))
-    print(f"best (lowest median save + cold load): {sweep.best(summary)}")
-    _print_paths(plot.export(sweep.figure(bench.results, list(knobs)), args.out, stem=sweep.FIGURE_STEM))
+    print(f"best (lowest median save + cold load): {sweep.best(summary.loc[summary.index.isin(configurations)])}")
+    swept = bench.results[bench.results["strategy"].isin(configurations)]
+    _print_paths(plot.export(sweep.figure(swept, list(knobs)), args.out, stem=sweep.FIGURE_STEM))
     summary.to_csv(args.out / sweep.SUMMARY_FILE, index_label="strategy")
     _print_paths([args.out / sweep.SUMMARY_FILE])
     return _finish(bench, phases)
@@ -299,7 +329,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     names = parse_strategies(args.strategies)
-    bench = _session(_config(args, results_file=BENCH_FILE))
+    bench = _session(_config(args, results_file=BENCH_FILE, fresh_process=args.process == "fresh"))
     outcome = targets.bench(bench, names)
     _show(report.summary_table(summarize(outcome.results)))
     _show(report.targets_table(outcome.targets), "no targets: nothing completed", index=False)
@@ -433,7 +463,7 @@ def _exit_interrupted(signum: int, frame: object) -> None:
 
 
 def _s3_server(args: argparse.Namespace) -> int:
-    s3server.serve(args.bucket, args.dir, args.port)
+    s3server.serve(args.bucket, args.dir, args.port, host=args.host, volumes=args.volumes)
     return 0
 
 

@@ -38,6 +38,9 @@ class RunConfig:
     """interleaved: repeat 1 of every strategy, then repeat 2, ...; shuffled: the same, each round in a
     seeded random order; sequential: every repeat of one strategy before the next."""
     keep_checkpoints: bool = False
+    fresh_process: bool = False
+    """Measure each round in a new worker process that maps the model from shared memory (pyperf's design):
+    no round inherits the heap, huge pages or library state an earlier one left (``--process fresh``)."""
     warmup: bool = True
     drift: bool = True
     """Probe the disk briefly before every repeat, so each row says how fast the disk was at the time."""
@@ -97,6 +100,8 @@ class RunConfig:
                 raise UsageError(f"{label} must be 1 to {most} ({RANKS_PER_CORE} per core of {cores()}), got {count}")
         if self.rank_timeout_s <= 0:
             raise UsageError(f"rank_timeout_s must be positive, got {self.rank_timeout_s}")
+        if self.ranks is not None and self.fresh_process:
+            raise UsageError("--ranks measures in processes of their own: not with --process fresh")
         if self.ranks is not None and self.load_into != "fresh":
             raise UsageError("--load-into existing is one process's live model; with --ranks every rank loads fresh")
         if not self.profile.caps.empty and not is_local(self.store):

@@ -20,7 +20,7 @@ from .errors import CkptbenchError
 from .formatting import sig
 from .limits import MISS
 from .profiles import PROFILES, Caps
-from .results import read_results, summarize
+from .results import read_results, succeeded, summarize
 from .strategies import STRATEGIES
 from .study import EIGHT_WAY, GROUPS, ordered
 
@@ -96,8 +96,50 @@ def _untimed(path: str) -> str:
     return markdown(table.rename_axis("strategy"))
 
 
-def _choices(path: str) -> str:
-    return markdown(choices.table(_results(path)), index=False)
+def _choices(path: str, strategies: str = "") -> str:
+    """The answers from a run's rows; with ``strategies`` (a comma list), from those strategies' rows only."""
+    results = _results(path)
+    if strategies:
+        results = results[results["strategy"].isin(strategies.split(","))]
+    return markdown(choices.table(results), index=False)
+
+
+def _intervals(path: str) -> str:
+    """Every strategy's answer to each "What should I use?" question, median [interval] over rounds; the best
+    and those tied with it marked, so a lever that does not help shows as a tie or a loss, not only by omission."""
+    columns: dict[str, dict[str, str]] = {}
+    for found in choices.answers(_results(path)):
+        tied = found.names
+        for candidate in found.ranked:
+            mark = "" if not tied & set(candidate.names) else (", best" if candidate is found.ranked[0] else ", tie")
+            for name in candidate.names:
+                columns.setdefault(found.question.text, {})[name] = f"{candidate.span}{mark}"
+    table = pd.DataFrame(columns).fillna("")
+    table.index = [f"`{n}`" for n in table.index]
+    return markdown(table.rename_axis("strategy"))
+
+
+def _payloads(training: str, *weights: str) -> str:
+    """A training run's sizes against the weights-only runs' (the first file measuring each strategy), and
+    each strategy's peak memory in a save or load beyond the state and one copy of it."""
+    rows = succeeded(_results(training))
+    sizes = {
+        Path(path).parent.name: succeeded(_results(path)).groupby("strategy")["bytes"].median() for path in weights
+    }
+    table = {}
+    for name, own in rows.groupby("strategy", sort=False):
+        run, weighed = next(((run, size[name]) for run, size in sizes.items() if name in size.index), ("", None))
+        state = own["bytes"].median()
+        table[f"`{name}`"] = {
+            "training GB": sig(state / 1e9),
+            "weights GB": "" if weighed is None else sig(weighed / 1e9),
+            "ratio": "" if weighed is None else sig(state / weighed),
+            "weights run": run,
+            "peak above state + copy GB": sig(
+                (own[["peak_rss_save", "peak_rss_load"]].max(axis=1) - own["model_bytes"]).max() / 1e9
+            ),
+        }
+    return markdown(pd.DataFrame.from_dict(table, orient="index").rename_axis("strategy"))
 
 
 def _verdicts(path: str) -> str:
@@ -105,8 +147,11 @@ def _verdicts(path: str) -> str:
     return markdown(table[["claim", "measured", "verdict", "reason"]], index=False)
 
 
-def _targets(path: str) -> str:
+def _targets(path: str, keys: str = "") -> str:
+    """A committed targets file as the bench prints it; ``keys`` (comma list) keeps only those rows."""
     table = pd.read_csv(ROOT / path)
+    if keys:
+        table = table[table["key"].isin(keys.split(","))]
     table["met"] = table["met"].map({True: True, False: False, "True": True, "False": False})
     return markdown(report.targets_table(table), index=False)
 
@@ -169,6 +214,33 @@ def _spread(path: str, run_a: str, run_b: str) -> str:
 def _machine(path: str) -> str:
     """Per run of a results file: other work, the hypervisor's steal and the disk's drift around its rows."""
     return markdown(report.machine_table(read_results(ROOT / path)))
+
+
+def _tightness(*pairs: str) -> str:
+    """How far each A/A pair's two runs moved apart, per timing: ``LABEL=PATH:RUN_A:RUN_B`` each (a pair on the raw
+    disk beside one under a disk profile says how much the profile steadies the numbers)."""
+    rows = []
+    for spec in pairs:
+        label, _, where = spec.partition("=")
+        path, run_a, run_b = where.split(":")
+        results = read_results(ROOT / path)
+        medians = compare.compare(report.select_run(results, run_a), report.select_run(results, run_b)).medians
+        for metric, group in medians.groupby("metric", sort=False):
+            moved = group["B / A"]
+            widths = [(s.high - s.low) / s.value for s in (*group["A"], *group["B"])]
+            held = group[["A covers B", "B covers A"]].to_numpy()
+            rows.append(
+                {
+                    "pair": label,
+                    "timing": metric,
+                    "medians": len(group),
+                    "B / A": f"{sig(moved.min())} to {sig(moved.max())}",
+                    "median move": f"{(moved.where(moved >= 1, 1 / moved) - 1).median():.0%}",
+                    "median interval width": f"{pd.Series(widths).median():.0%}",
+                    "intervals holding the other run's median": f"{held.sum()} of {held.size}",
+                }
+            )
+    return markdown(pd.DataFrame(rows), index=False)
 
 
 def _rounds(path: str, loadavg: str = "") -> str:
@@ -255,9 +327,12 @@ KINDS: dict[str, Callable[..., str]] = {
     "compare": _compare,
     "spread": _spread,
     "machine": _machine,
+    "tightness": _tightness,
     "untimed": _untimed,
     "csv": _csv,
     "choices": _choices,
+    "payloads": _payloads,
+    "intervals": _intervals,
     "strategies": strategies_markdown,
     "summary": _summary,
     "verdicts": _verdicts,

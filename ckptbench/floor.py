@@ -23,6 +23,9 @@ from .results import succeeded
 Op = Literal["save", "load"]
 BOUND_AT = 0.5
 """A resource bound an operation when it alone accounts for at least this share of its time."""
+PAGE = 4096
+"""Bytes one minor fault maps (a base page; a huge-page fault maps more, so its cost is underestimated)."""
+CPU, FAULTS = "CPU / page faults", "page faults"
 
 
 def save_floor_s(nbytes: float, files: float, write_gbps: float, files_per_s: float) -> float:
@@ -50,11 +53,20 @@ def _file_reads_s(files: float | pd.Series, read_iops: float | pd.Series | None)
     return 0.0 if read_iops is None or math.isnan(read_iops) else files / read_iops
 
 
+def fault_s(minor_faults: float, fresh_copy_gbps: float) -> float:
+    """Seconds ``minor_faults`` cost at the fresh-copy probe's rate: each maps a page copied into fresh memory."""
+    return minor_faults * PAGE / fresh_copy_gbps / 1e9
+
+
 def _per_strategy(results: pd.DataFrame) -> pd.DataFrame:
     """Each strategy's sizes (max), timings and the limits its rows carry (medians), from completed repeats."""
-    done = succeeded(results).assign(
-        cpu_save_share=lambda r: r["cpu_save_s"] / r["save_s"],
-        cpu_load_share=lambda r: r["cpu_load_cold_s"] / r["load_cold_s"],
+    done = (
+        succeeded(results)
+        .assign(**{c: math.nan for c in _FAULTS if c not in results.columns})
+        .assign(
+            cpu_save_share=lambda r: r["cpu_save_s"] / r["save_s"],
+            cpu_load_share=lambda r: r["cpu_load_cold_s"] / r["load_cold_s"],
+        )
     )
     grouped = done.groupby("strategy", sort=False)
     sizes = grouped[["bytes", "files", "model_bytes"]].max()
@@ -70,6 +82,7 @@ def _per_strategy(results: pd.DataFrame) -> pd.DataFrame:
             "disk_files_per_s",
             "fresh_copy_gbps",
             "disk_read_iops",
+            *_FAULTS,
         ]
     ].median()
     return sizes.join(medians).astype(float)
@@ -86,6 +99,10 @@ def floors(results: pd.DataFrame) -> pd.DataFrame:
             ),
         }
     )
+
+
+_FAULTS = ["minor_faults_save", "minor_faults_load_cold"]
+"""The getrusage columns the fault shares read; rows written before they were recorded lack them (NaN)."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +128,12 @@ class Bound:
 
     @property
     def largest(self) -> Share:
-        return max(self.shares, key=lambda s: -math.inf if math.isnan(s.share) else s.share)
+        """The share accounting for the most time; page faults, part of the CPU's work, once they alone bind."""
+        found = max(self.shares, key=lambda s: -math.inf if math.isnan(s.share) else s.share)
+        faults = next((s for s in self.shares if s.resource == FAULTS), None)
+        if found.resource == CPU and faults is not None and faults.share >= BOUND_AT:
+            return faults
+        return found
 
     @property
     def resource(self) -> str | None:
@@ -140,7 +162,18 @@ def _save_shares(s: pd.Series, cores: int) -> tuple[Share, ...]:
             files_s / s["save_s"],
             f"{s['files']:,.0f} files at {s['disk_files_per_s']:,.0f} files/s = {files_s:.3g} s",
         ),
-        Share("CPU / page faults", s["cpu_save_share"] / cores, f"{s['cpu_save_share']:.2g} of {cores} cores busy"),
+        Share(CPU, s["cpu_save_share"] / cores, f"{s['cpu_save_share']:.2g} of {cores} cores busy"),
+        _faults(s["minor_faults_save"], s["fresh_copy_gbps"], s["save_s"]),
+    )
+
+
+def _faults(faults: float, fresh_copy_gbps: float, seconds: float) -> Share:
+    took = fault_s(faults, fresh_copy_gbps)
+    each = PAGE / fresh_copy_gbps / 1e3
+    return Share(
+        FAULTS,
+        took / seconds,
+        f"{faults:,.0f} minor faults at {each:.2g} us each (a 4 KiB page at the fresh-copy rate) = {took:.3g} s",
     )
 
 
@@ -164,11 +197,12 @@ def _load_shares(s: pd.Series, cores: int) -> tuple[Share, ...]:
             f"{s['bytes'] / 1e9:.3g} GB at {s['disk_read_gbps']:.3g} GB/s = {read_s:.3g} s",
         ),
         Share(
-            "CPU / page faults",
+            CPU,
             s["load_warm_s"] / s["load_cold_s"],
             f"the warm load alone takes {s['load_warm_s']:.3g} s, {s['cpu_load_share']:.2g} of {cores} cores busy, "
             f"{s['model_bytes'] / 1e9:.3g} GB into fresh memory at {s['fresh_copy_gbps']:.3g} GB/s = {fresh_s:.3g} s",
         ),
+        _faults(s["minor_faults_load_cold"], s["fresh_copy_gbps"], s["load_cold_s"]),
     )
 
 
@@ -178,6 +212,7 @@ def bounds(results: pd.DataFrame, cores: int) -> list[Bound]:
     Disk bandwidth: its bytes at the ceiling; file creation: its files at the creation rate. A save's
     CPU / page faults is its CPU seconds over the cores' time; a load's is its warm load, which does all
     of a load's work but the disk's, over its cold load (its CPU time and the fresh-memory copy back it up).
+    Page faults: the region's minor faults (getrusage) at the fresh-copy probe's cost per page.
     """
     found = []
     with np.errstate(divide="ignore", invalid="ignore"):  # a limit a row did not record reads as NaN or inf

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from . import disk
+from . import disk, throttle
 from . import limits as limits_lib
 from .disk import DiskUsage
 from .errors import UsageError
@@ -83,7 +83,11 @@ class Folder(Location):
         return Folder(partial)
 
     def sync(self) -> None:
-        disk.sync_filesystem(self.path)
+        """Durable: one syncfs of the filesystem, or under the I/O throttle each file's fsync (``disk.sync_files``)."""
+        if throttle.active():
+            disk.sync_files(self.path)
+        else:
+            disk.sync_filesystem(self.path)
 
     def publish(self, final: Location) -> None:
         target = _folder(final)
@@ -109,6 +113,7 @@ class FileStorage(Storage):
     kind = FILE
     form = "'file'"
     local = True
+    shared = True
     url = FILE
 
     def __init__(self, directory: Path) -> None:

@@ -173,7 +173,9 @@ class Storage(ABC):
     form: ClassVar[str]
     """How ``--store`` names it, for the message that lists the stores."""
     local: ClassVar[bool]
-    """A filesystem every rank of a run can write (``--ranks`` needs one); no endpoint to give."""
+    """A local filesystem (the disk's I/O throttle needs one); no endpoint to give."""
+    shared: ClassVar[bool] = False
+    """Every process of a run, on any host, reaches the same checkpoints (``--ranks`` needs it)."""
     url: str
     """The store as the results record it."""
     injected_rtt_ms: float | None = None

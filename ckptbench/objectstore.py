@@ -416,6 +416,7 @@ class S3Storage(Storage):
     kind = "s3"
     form = "s3://BUCKET/PREFIX"
     local = False
+    shared = True
 
     def __init__(self, url: str, endpoint: str | None, injected_rtt_ms: float | None = None) -> None:
         self.url = url

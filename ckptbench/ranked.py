@@ -48,6 +48,7 @@ from .limits import Limits
 from .location import Location, Staging
 from .manifest import Layout, Manifest
 from .measure import Measurement, measure, return_freed_memory
+from .objectstore import Requests
 from .results import Measured, ResultsFile, Row, frame
 from .shards import Ranks, row_range
 from .storage import open_storage
@@ -110,7 +111,7 @@ def run(
         return launch.spawn(mailbox, _on_rank, size, config, chosen, limits, timeout_s=config.rank_timeout_s)
     except launch.RankFailed as err:
         _record_failure(config, mailbox, str(err))
-        open_storage(config.store, config.out).clean_stale()
+        open_storage(config.store, config.out, config.s3_endpoint).clean_stale()
         raise
 
 
@@ -190,13 +191,23 @@ def _record_failure(config: RunConfig, mailbox: launch.Mailbox, error: str) -> N
 
 
 @dataclass(frozen=True)
-class _Report:
-    """What one rank measured in one cycle: each timed region it took part in with its own seconds (until its
-    own part was done), None for one it did not; and whether its loaded rows were what they must be."""
+class _Timed:
+    """One rank's part of a timed region: what it measured, its own seconds (until its own part was done), and
+    on an object store the requests it made."""
 
-    save: tuple[Measurement, float] | None
-    cold: tuple[Measurement, float] | None
-    warm: tuple[Measurement, float] | None
+    measured: Measurement
+    own_s: float
+    requests: Requests | None
+
+
+@dataclass(frozen=True)
+class _Report:
+    """What one rank measured in one cycle: each timed region it took part in (None for one it did not), and
+    whether its loaded rows were what they must be."""
+
+    save: _Timed | None
+    cold: _Timed | None
+    warm: _Timed | None
     verified: bool
 
 
@@ -242,7 +253,7 @@ def _phase(world: launch.World, count: int, timeout_s: float) -> Ranks | None:
     return Ranks(world.rank, count, group, world.host, world.threads, timeout_s) if world.rank < count else None
 
 
-def _entries(strategy: Sharded, path: Path) -> Layout:
+def _entries(strategy: Sharded, path: Location) -> Layout:
     """The manifest's tensors; a directory without it is not a checkpoint, one of another format not this one's."""
     found = Manifest.read(path)
     if not strategy.reads(found.config):
@@ -265,7 +276,7 @@ class RankedCycle(Cycle):
     def __init__(self, config: RunConfig, world: launch.World) -> None:
         self.world = world
         self.lead = world.rank == 0
-        self.storage = open_storage(config.store, config.out)
+        self.storage = open_storage(config.store, config.out, config.s3_endpoint)
         self.saving_ranks = config.ranks
         self.loading_ranks = config.load_ranks or config.ranks
         self.everyone = Ranks(
@@ -332,25 +343,28 @@ class RankedCycle(Cycle):
                 self.storage.discard(path)
         if not self.lead:
             return None
-        regions = {
+        regions: dict[str, list[_Timed]] = {
             key: [getattr(r, region) for r in reports if getattr(r, region) is not None]
             for key, region in (("save_s", "save"), ("load_cold_s", "cold"), ("load_warm_s", "warm"))
         }
+        counted = {key: [t.requests for t in regions[key]] for key in ("save_s", "load_cold_s")}
+        on_store = all(r is not None for each in counted.values() for r in each)
+        totals = tuple(sum(counted[key], Requests()) for key in ("save_s", "load_cold_s"))
         return Measured(
-            save=[measured for measured, _ in regions["save_s"]],
-            cold=[measured for measured, _ in regions["load_cold_s"]],
-            warm=[measured for measured, _ in regions["load_warm_s"]],
+            save=[t.measured for t in regions["save_s"]],
+            cold=[t.measured for t in regions["load_cold_s"]],
+            warm=[t.measured for t in regions["load_warm_s"]],
             bytes=usage.bytes,
             bytes_allocated=usage.bytes_allocated,
             files=usage.files,
             verified=all(r.verified for r in reports),
-            rank_times={key: [own for _, own in timed] for key, timed in regions.items()},
+            requests=totals if on_store else None,
+            rank_times={key: [t.own_s for t in timed] for key, timed in regions.items()},
+            rank_requests={key.removesuffix("_s"): each for key, each in counted.items()} if on_store else None,
             untimed=dict(clock.seconds),
         )
 
-    def _save(
-        self, strategy: Sharded, tensors: Tensors, layout: Layout, path: Location
-    ) -> tuple[Measurement, float] | None:
+    def _save(self, strategy: Sharded, tensors: Tensors, layout: Layout, path: Location) -> _Timed | None:
         staging = None
         if self.lead:
             self.storage.ensure_free(strategy.estimate_bytes({e.name: tensors[e.name] for e in layout}))
@@ -365,10 +379,10 @@ class RankedCycle(Cycle):
             raise
         return timing
 
-    def _save_shards(self, strategy: Sharded, layout: Layout, staging: Staging) -> tuple[Measurement, float]:
+    def _save_shards(self, strategy: Sharded, layout: Layout, staging: Staging) -> _Timed:
         ranks = self.saving
         shards: Tensors = {e.name: self.held.save[e.name] for e in layout}
-        with strategy.session(ranks, writing=True) as session:
+        with self.storage.counting() as counted, strategy.session(ranks, writing=True) as session:
             ranks.barrier()
             with measure() as timing:
                 start = time.perf_counter()
@@ -378,22 +392,22 @@ class RankedCycle(Cycle):
                 ranks.barrier()
                 if ranks.rank == 0:  # every rank's data is durable: the manifest, synced, then published
                     staging.commit(Manifest(strategy.name, strategy.config(), layout))
-        return timing, own
+        return _Timed(timing, own, counted.requests)
 
-    def _load(self, strategy: Sharded, path: Path) -> tuple[tuple[Measurement, float] | None, Tensors | None]:
+    def _load(self, strategy: Sharded, path: Location) -> tuple[_Timed | None, Tensors | None]:
         ranks = self.loading
         if ranks is None:
             return None, None
-        with strategy.session(ranks, writing=False) as session:
+        with self.storage.counting() as counted, strategy.session(ranks, writing=False) as session:
             ranks.barrier()
             with measure() as timing:
                 start = time.perf_counter()
                 loaded = strategy.load_shards(session, path, _entries(strategy, path), ranks)
                 own = time.perf_counter() - start
                 ranks.barrier()
-        return (timing, own), loaded
+        return _Timed(timing, own, counted.requests), loaded
 
-    def _holds(self, strategy: Sharded, layout: Layout, loaded: Tensors | None, path: Path) -> bool:
+    def _holds(self, strategy: Sharded, layout: Layout, loaded: Tensors | None, path: Location) -> bool:
         """Whether this rank's loaded rows are, bit for bit, the rows it must hold (true when it loaded none)."""
         if loaded is None:
             return True

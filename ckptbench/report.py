@@ -87,6 +87,7 @@ TIME_PARTS = {
     "evict_s": "eviction",
     "verify_s": "verification",
     "cleanup_s": "deletion",
+    "worker_s": "worker start",
     "overhead_s": "all untimed",
 }
 """What a repeat's wall time is made of: the timed regions, then the harness's work around them."""

@@ -77,11 +77,14 @@ class Row:
     cpu_load_cold_s: float | None = None
     cpu_load_warm_s: float | None = None
     warmup_s: float | None = None
-    """The untimed parts of ``overhead_s``: the warm-up (first repeat only), eviction and size accounting,
+    """The untimed parts of ``overhead_s``: the warm-up (first repeat of each process), eviction and size accounting,
     both verifications, and waiting for the deletion that overlaps the last one."""
     evict_s: float | None = None
     verify_s: float | None = None
     cleanup_s: float | None = None
+    worker_s: float | None = None
+    """Starting the fresh worker process that measured this repeat's round (spawn, imports, mapping the shared
+    model), on the round's first row; part of ``overhead_s``. Empty when the run measured in one process."""
     schema_version: int = SCHEMA_VERSION
     disk_files_per_s: float | None = None
     """The disk's small-file create + write + fsync rate (the limit a checkpoint's file count pays for)."""
@@ -108,8 +111,10 @@ class Row:
     ranked: str = ""
     """Runs with ranks only, as JSON: ``ranks`` saved and ``load_ranks`` loaded (another number is a reshard);
     ``rank_times``, each rank's own seconds per timed region; ``peak_rss_save_sum`` and ``peak_rss_load_sum``,
-    each rank's peak summed. Times then run from a barrier until every rank is done, ``peak_rss_*`` are the
-    largest rank's and ``cpu_*`` (like ``rusage``) the sum over ranks."""
+    each rank's peak summed; on an object store ``rank_requests``, each rank's requests in the save and the cold
+    load, and ``rank_bytes``, the object bytes each sent in the save and received in the cold load (the ``s3``
+    columns sum them). Times then run from a barrier until every rank is done, ``peak_rss_*`` are the largest
+    rank's and ``cpu_*`` (like ``rusage``) the sum over ranks."""
     rusage: str = ""
     """What each timed region cost the kernel, as JSON (getrusage, all threads; summed over ranks): page faults
     (``minor_faults_*`` served from memory, ``major_faults_*`` from the disk) and context switches
@@ -127,7 +132,9 @@ GROUPED: dict[str, tuple[str, ...]] = {
         "objects", "requests_put", "requests_get", "requests_head", "requests_delete", "requests_save",
         "bytes_sent", "bytes_received", "injected_rtt_ms",
     ),
-    "ranked": ("ranks", "load_ranks", "rank_times", "peak_rss_save_sum", "peak_rss_load_sum"),
+    "ranked": (
+        "ranks", "load_ranks", "rank_times", "peak_rss_save_sum", "peak_rss_load_sum", "rank_requests", "rank_bytes",
+    ),
     "rusage": tuple(f"{counter}_{region}" for region in REGIONS for counter in (*COUNTERS, *MACHINE)),
 }  # fmt: skip
 """The JSON fields of a row and the columns each holds: one feature's columns, empty in rows without it."""
@@ -138,6 +145,7 @@ COLUMNS: list[str] = [column for name in HEADER for column in GROUPED.get(name, 
 TIMES = ("save_s", "load_cold_s", "load_warm_s")
 _TEXT = {
     "run_id", "timestamp", "preset", "strategy", "config", "error", "store", "load_into", "rank_times", "disk_profile",
+    "rank_requests", "rank_bytes",
     "disk_caps", "payload",
 }  # fmt: skip
 _BOOL = {"verified"}
@@ -167,6 +175,8 @@ class Measured:
     """On an object store: the save's requests and the cold load's."""
     rank_times: dict[str, list[float]] | None = None
     """With ranks: each rank's own seconds per timed region, until its own part was done."""
+    rank_requests: dict[str, list[Requests]] | None = None
+    """With ranks on an object store: each rank's requests in the ``save`` and the ``load_cold``."""
     untimed: dict[str, float] = field(default_factory=dict)
     """Seconds of the harness's work around the timed regions, by ``Row`` column (``evict_s``, ``overhead_s``...)."""
     drift_write_gbps: float | None = None
@@ -219,6 +229,14 @@ def _measured_columns(m: Measured) -> dict[str, Any]:
             "rank_times": {region: [round(s, 4) for s in times] for region, times in m.rank_times.items()},
             "peak_rss_save_sum": sum(t.peak_rss for t in m.save),
             "peak_rss_load_sum": sum(loads_rss),
+        }
+    if m.rank_requests is not None:
+        columns |= {
+            "rank_requests": {region: [r.total for r in each] for region, each in m.rank_requests.items()},
+            "rank_bytes": {
+                "save": [r.bytes_sent for r in m.rank_requests["save"]],
+                "load_cold": [r.bytes_received for r in m.rank_requests["load_cold"]],
+            },
         }
     if m.requests is not None:
         save, load = m.requests

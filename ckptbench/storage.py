@@ -40,14 +40,14 @@ def check_settings(store: str, endpoint: str | None, injected_rtt_ms: float | No
     kind.validate(store, endpoint)
     if injected_rtt_ms is not None and injected_rtt_ms < 0:
         raise UsageError(f"--s3-rtt-ms must be 0 or more, got {injected_rtt_ms:g}")
-    if ranks is not None and not is_local(store):
-        raise UsageError(
-            f"--ranks writes to a shared filesystem (--out); an {scheme(store)}:// --store is one process only"
-        )
+    if ranks is not None and not kind.shared:
+        raise UsageError(f"--ranks needs a store every rank reaches; an {scheme(store)}:// --store is one process's")
+    if ranks is not None and injected_rtt_ms is not None:
+        raise UsageError("--s3-rtt-ms is one process's delay proxy; with --ranks, run without it")
 
 
 def is_local(store: str) -> bool:
-    """Whether ``store`` is a local filesystem (what ``--ranks`` and the disk's I/O throttle need)."""
+    """Whether ``store`` is a local filesystem (what the disk's I/O throttle needs)."""
     return _store(store).local
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import re
 import types
+from collections.abc import Sequence
 from dataclasses import fields, replace
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -20,7 +21,7 @@ from . import plot
 from .benchmark import Benchmark, PhaseResult
 from .errors import CkptbenchError, UsageError
 from .results import configs
-from .strategies import TensorStore, TensorStoreOptions
+from .strategies import TensorStore, TensorStoreOptions, get_strategy
 
 _SIZES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _NONE = {"none", "default"}
@@ -101,17 +102,29 @@ def format_value(knob: str, value: Any) -> str:
     return str(value)
 
 
-def grid(knobs: dict[str, list[Any]], base: TensorStoreOptions | None = None) -> list[TensorStore]:
-    """One strategy per valid combination of the knobs' values, the others at ``base`` (the study's baseline)."""
-    base = base or TensorStoreOptions()
+def grid(knobs: dict[str, list[Any]], base: TensorStore | None = None) -> list[TensorStore]:
+    """One strategy per valid combination of the knobs' values, the others at ``base``'s (the study's baseline
+    by default); a base names its variations after itself, ``ts+best[io_mode=direct]``, and is itself the
+    combination that changes nothing, under its own name, so its rows compare with its runs elsewhere."""
+    prefix, options = ("ts", TensorStoreOptions()) if base is None else (base.name, base.options)
     strategies = []
     for values in itertools.product(*knobs.values()):
         setting = dict(zip(knobs, values, strict=True))
-        options = replace(base, **setting)
-        if options.is_valid():
+        varied = replace(options, **setting)
+        if base is not None and varied == base.options:
+            strategies.append(base)
+        elif varied.is_valid():
             label = ",".join(f"{k}={format_value(k, v)}" for k, v in setting.items())
-            strategies.append(TensorStore(f"ts[{label}]", options))
+            strategies.append(TensorStore(f"{prefix}[{label}]", varied))
     return strategies
+
+
+def base_strategy(name: str) -> TensorStore:
+    """The registered TensorStore strategy a sweep varies, e.g. ``ts+best`` to try levers on the best one."""
+    strategy = get_strategy(name)
+    if not isinstance(strategy, TensorStore):
+        raise UsageError(f"--base {name}: not a TensorStore strategy; a sweep varies TensorStore's knobs")
+    return strategy
 
 
 def knob_columns(results: pd.DataFrame, knobs: list[str]) -> pd.DataFrame:
@@ -124,9 +137,12 @@ def knob_columns(results: pd.DataFrame, knobs: list[str]) -> pd.DataFrame:
     return results.assign(**columns)
 
 
-def run(bench: Benchmark, knobs: dict[str, list[Any]]) -> tuple[pd.DataFrame, list[PhaseResult]]:
-    """Measure every configuration of the grid; the summary (fastest save first) and every phase's result."""
-    phases = bench.run(grid(knobs))
+def run(
+    bench: Benchmark, knobs: dict[str, list[Any]], base: TensorStore | None = None, peers: Sequence[str] = ()
+) -> tuple[pd.DataFrame, list[PhaseResult]]:
+    """Measure every configuration of the grid, and ``peers`` in the same rounds so a lever is judged against them
+    measured alike; the summary (fastest save first) and every phase's result."""
+    phases = bench.run([*grid(knobs, base), *peers])
     return bench.summary().sort_values("save_s_median"), phases
 
 

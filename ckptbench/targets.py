@@ -208,6 +208,11 @@ def evaluate(
             results["overhead_s"].sum() / wall_s,
             "  of which per repeat (eviction, verification, deletion, warm-up)",
         ),
+        *(
+            [_row("overhead_rounds", _rounds_cost(results) / wall_s, "  of which a fresh process per round")]
+            if results["worker_s"].notna().any()
+            else []
+        ),
         _row(
             "overhead_with_probes",
             overhead + probe_s / wall_s,
@@ -215,6 +220,13 @@ def evaluate(
         ),
     ]
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _rounds_cost(results: pd.DataFrame) -> float:
+    """Seconds a run with a fresh process per round pays beyond one in one process: starting the workers,
+    and the warm-ups after each strategy's first (one process warms each strategy up once)."""
+    later = results["repeat"] > results.groupby("strategy")["repeat"].transform("min")
+    return float(results["worker_s"].sum() + results.loc[later, "warmup_s"].sum())
 
 
 def _async_rows(summary: pd.DataFrame, model_bytes: float) -> list[dict]:

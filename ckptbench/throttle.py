@@ -263,6 +263,25 @@ def inherited() -> bool:
         return False
 
 
+def follow(pid: int) -> None:
+    """Join the throttle group process ``pid`` is in, if it is in one and this process in another: a worker
+    started by a fork server that began before its parent entered the group."""
+    if os.geteuid() != 0:
+        return
+    try:
+        found = hierarchy()
+    except ThrottleError:
+        return
+    group = _own_path(found, pid)
+    if _NAME.match(group.name) and group != _own_path(found):
+        _move(os.getpid(), group)
+
+
+def active() -> bool:
+    """Whether this process's I/O is throttled: in a group it made, or in one its parent made."""
+    return _joined is not None or inherited()
+
+
 def refuse_above(caps: Caps, read_gbps: float, write_gbps: float) -> None:
     """Caps above the raw disk's measured ceilings would emulate nothing: refused, naming the ceiling."""
     for what, cap, ceiling in (("read", caps.read_bps, read_gbps), ("write", caps.write_bps, write_gbps)):

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from . import manifest
+from . import manifest, stateful
 from . import model as model_lib
 from .errors import InsufficientMemoryError
 from .pytree import Flat, Structure, flatten, unflatten
@@ -59,7 +59,7 @@ class _Job:
     """A training job's live objects; ``state()`` is what it checkpoints (references, no copies)."""
 
     model: LlamaForCausalLM
-    master: dict[str, nn.Parameter]
+    master: nn.Module
     optimizer: torch.optim.AdamW
     scheduler: torch.optim.lr_scheduler.LambdaLR
     step: int
@@ -70,9 +70,9 @@ class _Job:
     def state(self) -> dict:
         name, key, pos, has_gauss, cached = self.numpy.get_state()
         return {
-            "model": self.model.state_dict(),
-            "master": {n: p.detach() for n, p in self.master.items()},
-            "optimizer": self.optimizer.state_dict(),
+            stateful.MODEL: self.model.state_dict(),
+            stateful.MASTER: {n: p.detach() for n, p in self.master.named_parameters()},
+            stateful.OPTIMIZER: self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "rng": {
@@ -105,14 +105,14 @@ def _to_master(master: nn.Parameter, param: torch.Tensor) -> None:
 
 def _job(config: LlamaConfig, recipe: Recipe, model: LlamaForCausalLM, master: Mapping[str, torch.Tensor]) -> _Job:
     """AdamW over the float32 master copy; each float16 gradient goes to it as soon as backward has made it."""
-    params = {name: nn.Parameter(tensor) for name, tensor in master.items()}
+    module = stateful.master_module(master)
     for name, param in model.named_parameters():
-        param.register_post_accumulate_grad_hook(functools.partial(_to_master, params[name]))
-    optimizer = torch.optim.AdamW(
-        params.values(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay, foreach=False
+        param.register_post_accumulate_grad_hook(functools.partial(_to_master, module.get_parameter(name)))
+    optimizer = stateful.adamw(
+        module, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay, foreach=False
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_factor)
-    return _Job(model, params, optimizer, scheduler, 0, torch.Generator(), random.Random(), np.random.RandomState())
+    return _Job(model, module, optimizer, scheduler, 0, torch.Generator(), random.Random(), np.random.RandomState())
 
 
 def _start(preset: model_lib.Preset, seed: int, recipe: Recipe) -> _Job:
@@ -128,8 +128,8 @@ def _start(preset: model_lib.Preset, seed: int, recipe: Recipe) -> _Job:
 
 def _resume(config: LlamaConfig, recipe: Recipe, state: dict) -> _Job:
     """A fresh job whose tensors are the loaded state's own (so resuming holds no second copy)."""
-    job = _job(config, recipe, _model(config, state["model"]), state["master"])
-    job.optimizer.load_state_dict(state["optimizer"])
+    job = _job(config, recipe, _model(config, state[stateful.MODEL]), state[stateful.MASTER])
+    job.optimizer.load_state_dict(state[stateful.OPTIMIZER])
     job.scheduler.load_state_dict(state["scheduler"])
     job.step = state["step"]
     # A copy in torch's own memory: set_state crashed on a view into fastsafetensors' buffer.
@@ -173,7 +173,7 @@ def _train(job: _Job, recipe: Recipe, steps: int) -> None:
             job.scheduler.step()
             with torch.no_grad():
                 for name, param in job.model.named_parameters():
-                    param.copy_(job.master[name])
+                    param.copy_(job.master.get_parameter(name))
             job.step += 1
 
 

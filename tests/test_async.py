@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -15,6 +16,7 @@ from ckptbench.local import Folder
 from ckptbench.location import staged
 from ckptbench.manifest import Manifest
 from ckptbench.results import Row, frame, summarize
+from ckptbench.strategies import BEST, TensorStore
 from ckptbench.study import ASYNC
 
 from conftest import load_checkpoint
@@ -25,10 +27,16 @@ def test_the_async_strategies_are_registered():
     assert {"orbax+async", "dcp+async", "ts+best+async"} == set(ASYNC)
 
 
-@pytest.mark.parametrize("name", ASYNC)
-def test_an_async_save_keeps_what_it_was_given_when_training_changes_it_at_once(name, tiny, tmp_path):
+SNAPSHOTS = [STRATEGIES[n] for n in ASYNC] + [
+    TensorStore(f"ts+best+async[{where}]", replace(BEST, background=True, fresh_memory=where))
+    for where in ("one-buffer", "huge-pages")
+]
+
+
+@pytest.mark.parametrize("strategy", SNAPSHOTS, ids=lambda s: s.name)
+def test_an_async_save_keeps_what_it_was_given_when_training_changes_it_at_once(strategy, tiny, tmp_path):
     """Tensors changed the moment ``save`` returns must not reach the checkpoint: the strategy took its own copy."""
-    strategy = STRATEGIES[name]
+    name = strategy.name
     original = tiny.tensors
     live = OrderedDict((k, t.clone()) for k, t in original.items())
     layout = manifest.layout(live, manifest.digests(live))

@@ -79,6 +79,31 @@ def test_each_operation_is_attributed_to_the_resource_that_accounts_for_most_of_
     assert "no measured limit explains it" in str(found["stalls", "save"])
 
 
+def test_a_load_whose_page_faults_alone_take_most_of_it_is_bound_by_them():
+    # 3 M faults of a 4 KiB page at the rows' 4 GB/s fresh-copy rate: 3.07 s of a 5 s cold load, itself CPU-bound
+    faulting = {"load_cold_s": 5.0, "load_warm_s": 4.5, "minor_faults_load_cold": 3_000_000, "save_s": 1.4}
+    # the same CPU-bound load with a tenth of the faults: 0.31 s of it, so the CPU stays the named bound
+    computing = faulting | {"minor_faults_load_cold": 300_000}
+    results = _rows(faulting=faulting, computing=computing)
+    found = {(b.strategy, b.op): b for b in floor.bounds(results, CORES)}
+    assert found["faulting", "load"].resource == "page faults"
+    assert found["faulting", "load"].largest.share == pytest.approx(3_000_000 * 4096 / 4e9 / 5.0)
+    assert found["computing", "load"].resource == "CPU / page faults"
+    faults = next(s for s in found["computing", "load"].shares if s.resource == "page faults")
+    assert faults.share == pytest.approx(300_000 * 4096 / 4e9 / 5.0)
+    table = targets.evaluate(results, wall_s=1000.0, cores=CORES).set_index("key")
+    assert "bound by page faults, 3,000,000 minor faults at 1 us each" in table.loc["load_bound:faulting", "label"]
+    assert "bound by CPU / page faults" in table.loc["load_bound:computing", "label"]
+
+
+def test_rows_without_fault_counts_name_no_fault_share():
+    found = floor.bounds(_rows(old={"save_s": 5.0, "load_cold_s": 5.0, "load_warm_s": 4.5}), CORES)
+    for bound in found:
+        faults = next(s for s in bound.shares if s.resource == "page faults")
+        assert math.isnan(faults.share)
+        assert bound.resource != "page faults"
+
+
 def test_a_resource_longer_than_the_operation_says_the_probe_fell_short():
     results = _rows(quick={"save_s": 1.0, "files": 5000, "load_cold_s": 1.0, "load_warm_s": 0.1})
     (save, _) = floor.bounds(results, CORES)
@@ -117,9 +142,12 @@ def test_rows_faster_than_their_caps_are_named():
     results = _rows(
         held={"save_s": 2.0, "load_cold_s": 1.0, "load_warm_s": 0.5, **capped},
         escaped={"save_s": 1.0, "load_cold_s": 1.0, "load_warm_s": 0.5, **capped},  # 1 GB/s written, 0.5 GB/s cap
+        # 12.6 MB in 0.02 s: the throttle's first slice (0.1 s at 0.5 GB/s) holds 50 MB, so nothing escaped
+        burst={"save_s": 0.02, "load_cold_s": 0.01, "load_warm_s": 0.01, "bytes": 12_600_000, **capped},
+        small_escaped={"save_s": 0.02, "load_cold_s": 1.0, "load_warm_s": 0.01, "bytes": 120_000_000, **capped},
     )
     over = yourdisk.over_caps(results)
-    assert set(over["strategy"]) == {"escaped"}
+    assert set(over["strategy"]) == {"escaped", "small_escaped"}
     table = yourdisk.table(results)
     assert table.loc["held", "fastest write of cap"] == "100%"
     assert table.loc["escaped", "fastest write of cap"] == "200%"

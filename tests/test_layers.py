@@ -14,10 +14,12 @@ PACKAGE = Path(ckptbench.__file__).resolve().parent
 LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(layer.split())
     for layer in (
-        # what everything uses: errors, number formatting, timing, bitwise comparison, URLs, disk profiles, trees
-        "errors formatting environment measure bitwise shards location delayproxy profiles pytree",
-        # the disk, its probes, limits and throttle, the manifest, starting ranks
-        "disk probes limits manifest objectstore local launch throttle s3server",
+        # what everything uses: errors, number formatting, timing, bitwise comparison, URLs, disk profiles, trees,
+        # a training state's live objects
+        "errors formatting environment measure bitwise shards location delayproxy profiles pytree stateful",
+        # the disk, its probes, limits and throttle, the manifest, S3 (DCP over it too), starting ranks and
+        # round workers
+        "disk probes limits manifest objectstore dcpstore local launch worker throttle s3server",
         # the strategies, the model and a training state, where checkpoints live, reading one back
         "strategies strategies.* model training storage checkpoint",
         # the study's definitions, a run's settings, the rows

@@ -68,7 +68,7 @@ def test_a_file_has_the_row_fields_and_reads_with_each_feature_spread_into_its_c
     assert {"s3", "ranked", "rusage", "config"} <= set(HEADER)
     assert not {"requests_put", "ranks", "minor_faults_save"} & set(HEADER)
     assert len(GROUPED["s3"]) == 9
-    assert len(GROUPED["ranked"]) == 5
+    assert len(GROUPED["ranked"]) == 7
     assert set(COLUMNS) == set(HEADER) - set(GROUPED) | {c for keys in GROUPED.values() for c in keys}
     assert list(frame([make_row()]).columns) == COLUMNS
     assert list(frame([]).columns) == COLUMNS

@@ -179,7 +179,7 @@ def test_the_registry_resolves_every_store_by_scheme(mem, tmp_path):
         RunConfig(preset="tiny", out=tmp_path, store="mem:///x")
     with pytest.raises(UsageError, match="need an s3:// or mem:// --store"):
         RunConfig(preset="tiny", out=tmp_path, s3_endpoint="http://127.0.0.1:1")
-    with pytest.raises(UsageError, match="an mem:// --store is one process only"):
+    with pytest.raises(UsageError, match="an mem:// --store is one process's"):
         RunConfig(preset="tiny", out=tmp_path, store="mem://b/run", ranks=2)
     with pytest.raises(UsageError, match="is not a local folder"):
         MemoryLocation("b", "x/").folder  # noqa: B018 - the property is what refuses

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ import ckptbench
 from ckptbench import BASELINE, EIGHT_WAY, STRATEGIES, TensorStore, TensorStoreOptions, TorchSave, UnknownChoiceError
 from ckptbench.bitwise import check_identical
 from ckptbench.model import ROTARY_BUFFER
-from ckptbench.strategies import MiB, divisor_chunks, from_config, get_strategy
+from ckptbench.strategies import BEST, MiB, divisor_chunks, from_config, get_strategy
+from ckptbench.strategies.zarr import one_buffer
 from ckptbench.study import GROUPS, parse_strategies
 
 from conftest import load_checkpoint, save_checkpoint
@@ -288,3 +290,40 @@ def test_readers_refuse_other_formats():
     assert get_strategy("tensorstore").reads(get_strategy("ts+chunks").config())
     assert not get_strategy("pytorch").reads(get_strategy("safetensors").config())
     assert get_strategy("pytorch").reads(get_strategy("pytorch+mmap").config())
+
+
+@pytest.mark.parametrize("io_mode", ["direct", "memmap"])
+def test_each_file_io_mode_round_trips_and_reads_what_the_default_wrote(io_mode, tiny, saved, tmp_path):
+    strategy = TensorStore(f"ts+best[{io_mode}]", replace(BEST, io_mode=io_mode))
+    assert strategy.options.context()["file_io_mode"].to_json() == {"mode": io_mode}
+    save_checkpoint(strategy, tiny.tensors, tmp_path / "ckpt")
+    check_identical(load_checkpoint(strategy, tmp_path / "ckpt"), tiny.tensors, io_mode)
+    check_identical(load_checkpoint(strategy, saved["ts+best"].path), tiny.tensors, f"{io_mode} reading ts+best")
+
+
+@pytest.mark.parametrize("fresh_memory", ["one-buffer", "huge-pages"])
+def test_a_fresh_load_into_one_buffer_is_exact_and_its_views_outlive_the_rest(fresh_memory, tiny, saved):
+    strategy = TensorStore(f"ts+best[{fresh_memory}]", replace(BEST, fresh_memory=fresh_memory))
+    loaded = load_checkpoint(strategy, saved["ts+best"].path)
+    check_identical(loaded, tiny.tensors, fresh_memory)
+    storages = {t.untyped_storage().data_ptr() for t in loaded.values()}
+    assert len(storages) == 1  # every tensor a view of the one buffer
+    name = next(reversed(loaded))
+    kept = loaded[name]
+    del loaded
+    torch.empty(64 << 20, dtype=torch.uint8).fill_(0xA5)  # freed memory would be written over
+    assert torch.equal(kept, tiny.tensors[name])
+
+
+def test_one_buffer_places_every_dtype_and_shape_at_a_page_boundary():
+    views = one_buffer([("a", torch.bfloat16, (3, 5)), ("s", torch.float32, ()), ("z", torch.float16, (0, 4))], True)
+    assert [(t.dtype, tuple(t.shape)) for t in views.values()] == [
+        (torch.bfloat16, (3, 5)),
+        (torch.float32, ()),
+        (torch.float16, (0, 4)),
+    ]
+    assert all(t.data_ptr() % 4096 == 0 for t in views.values())
+    views["a"].fill_(1.5)
+    views["s"].fill_(-2.0)
+    assert views["a"].sum().item() == 22.5
+    assert views["s"].item() == -2.0

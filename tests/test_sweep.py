@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pandas as pd
 import pytest
 
 from ckptbench import TensorStoreOptions, sweep
 from ckptbench.cli import main
-from ckptbench.errors import UsageError
+from ckptbench.errors import UnknownChoiceError, UsageError
 from ckptbench.results import HEADER
 
 
@@ -49,6 +50,31 @@ def test_grid_is_the_cross_product_of_valid_combinations():
     assert not TensorStoreOptions(driver="ocdbt", format="zarr3").is_valid()
     assert strategies[0].name == "ts[chunk_bytes=1M,driver=file,format=zarr]"
     assert strategies[0].options == TensorStoreOptions(chunk_bytes=1 << 20)
+
+
+def test_a_base_strategy_names_its_grid_and_keeps_its_other_knobs():
+    base = sweep.base_strategy("ts+best")
+    strategies = sweep.grid({"io_mode": ["default", "direct"]}, base)
+    assert [s.name for s in strategies] == ["ts+best", "ts+best[io_mode=direct]"]
+    assert strategies[0] is base  # the combination that changes nothing is the base itself
+    assert strategies[1].options == replace(base.options, io_mode="direct")
+
+
+def test_a_base_must_be_a_registered_tensorstore_strategy():
+    with pytest.raises(UsageError, match="not a TensorStore strategy"):
+        sweep.base_strategy("safetensors")
+    with pytest.raises(UnknownChoiceError):
+        sweep.base_strategy("ts+fastest")
+
+
+def test_peers_are_measured_in_the_same_rounds_as_the_grid(make_bench):
+    bench = make_bench(repeats=2, order="interleaved")
+    summary, phases = sweep.run(bench, {"io_mode": ["default", "direct"]}, sweep.base_strategy("ts+best"), ["pytorch"])
+    assert set(summary.index) == {"ts+best", "ts+best[io_mode=direct]", "pytorch"}
+    assert all(p.ok for p in phases)
+    assert summary["verified"].all()
+    rounds = bench.results.groupby("repeat")["strategy"].apply(set)
+    assert all(names == set(summary.index) for names in rounds)
 
 
 def test_knob_columns_come_from_each_rows_config():

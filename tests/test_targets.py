@@ -168,3 +168,14 @@ def test_a_target_is_judged_on_its_interval_across_rounds(best_by_round, verdict
         == f"{best_by_round[1] / 2:.3g} [{min(best_by_round) / 2:.3g}-{max(best_by_round) / 2:.3g}]"
     )
     assert shown["met"].iloc[0] == verdict
+
+
+def test_a_fresh_process_per_round_reports_what_it_costs_beyond_one_process():
+    one = _results(pytorch=2.0, safetensors=1.0)
+    results = pd.concat([one, one.assign(repeat=1)], ignore_index=True)
+    results = results.assign(warmup_s=0.5, worker_s=[3.0, 0.0, 1.0, 0.0])
+    table = targets.evaluate(results, wall_s=100.0, cores=2, prepare_s=0.0, probe_s=0.0).set_index("key")
+    # the workers' starts (3 s + 1 s) and the warm-ups after each strategy's first (2 x 0.5 s)
+    assert table.loc["overhead_rounds", "value"] == pytest.approx(5.0 / 100.0)
+    here = targets.evaluate(results.assign(worker_s=float("nan")), wall_s=100.0, cores=2, prepare_s=0.0, probe_s=0.0)
+    assert "overhead_rounds" not in set(here["key"])

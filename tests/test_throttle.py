@@ -17,6 +17,7 @@ import pytest
 
 from ckptbench import limits, profiles, throttle
 from ckptbench.errors import UsageError
+from ckptbench.local import Folder
 from ckptbench.profiles import Caps
 from tests.conftest import QUICK, one_line_error, run, start
 
@@ -128,6 +129,28 @@ def test_the_probe_finds_the_ceilings_at_the_caps(caps: Caps, tmp_path: Path) ->
     assert missed == [], measured.describe()
     throttle.leave()
     assert not group.path.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("root_and_controller", "no_group_left")
+def test_a_save_made_durable_under_a_write_cap_is_held_to_it(tmp_path: Path) -> None:
+    """The harness's durability step keeps a save's writeback inside the group: through syncfs, cgroup v1 had
+    the kernel's flusher threads write it back outside any group and the save beat its write cap."""
+    cap = 20_000_000
+    throttle.enter(tmp_path, Caps(write_bps=cap))
+    assert throttle.active()
+    saved = Folder(tmp_path / "checkpoint")
+    (saved.path / "shards").mkdir(parents=True)
+    files = [saved.path / "one", *(saved.path / "shards" / str(i) for i in range(4))]
+    for file, size in zip(files, (16 << 20, *[4 << 20] * 4), strict=True):
+        file.write_bytes(os.urandom(size))
+    written = sum(f.stat().st_size for f in files)
+    started = time.perf_counter()
+    saved.sync()
+    elapsed = time.perf_counter() - started
+    assert written / elapsed < 1.1 * cap, f"{written / elapsed / 1e6:.0f} MB/s through a {cap / 1e6:.0f} MB/s cap"
+    throttle.leave()
+    assert not throttle.active()
 
 
 @pytest.mark.slow

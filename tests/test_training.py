@@ -11,7 +11,8 @@ import tensorstore as ts
 import torch
 
 import ckptbench
-from ckptbench import bitwise, checkpoint, manifest, pytree, training
+from ckptbench import bitwise, checkpoint, docs, manifest, pytree, training
+from ckptbench.formatting import sig
 from ckptbench.local import Folder
 from ckptbench.strategies import STRATEGIES
 
@@ -100,6 +101,42 @@ def test_every_strategy_resumes_bit_for_bit(name: str, trained: training.Trainin
     _resume_after_saving(name, trained, tmp_path)
 
 
+def test_dcp_keys_the_optimizer_by_parameter_and_resumes_into_a_live_state(
+    trained: training.TrainingCheckpoint, tmp_path: Path
+) -> None:
+    """get_state_dict's form on disk (AdamW's state under the master's parameter names, not its indices), and
+    set_state_dict into a job's existing tensors: the moments read in place, the numbers copied back."""
+    path = tmp_path / "dcp"
+    save_checkpoint(STRATEGIES["dcp"], trained.tensors, path)
+    keys = set(torch.distributed.checkpoint.FileSystemReader(path).read_metadata().state_dict_metadata)
+    assert "optimizer.state.model.layers.0.mlp.up_proj.weight.exp_avg_sq" in keys
+    assert not [k for k in keys if k.startswith("optimizer.state.0.")]
+    into = _copy(trained.tensors)
+    for tensor in into.values():
+        if tensor.is_floating_point():  # a live job's integers (its optimizer's parameter ids) are its own
+            tensor.zero_()
+    moment = "optimizer/state/4/exp_avg"
+    memory = into[moment].data_ptr()
+    checkpoint.load(STRATEGIES["dcp"], path, lambda n: None, into=into)
+    bitwise.check_identical(into, trained.tensors, "dcp into a live state")
+    assert into[moment].data_ptr() == memory
+    assert training.resume_problem(trained, into) is None
+
+
+def test_a_moment_damaged_before_a_dcp_save_does_not_resume(
+    trained: training.TrainingCheckpoint, tmp_path: Path
+) -> None:
+    """The check sees through set_state_dict: a state that is not the job's fails, naming a leaf."""
+    damaged = _copy(trained.tensors)
+    damaged["optimizer/state/5/exp_avg_sq"].view(-1)[0] *= 2
+    save_checkpoint(STRATEGIES["dcp"], damaged, tmp_path / "dcp")
+    loaded = load_checkpoint(STRATEGIES["dcp"], tmp_path / "dcp")
+    bitwise.check_identical(loaded, damaged, "dcp")
+    found = training.resume_problem(trained, loaded)
+    assert found is not None
+    assert "first " in found
+
+
 @pytest.mark.slow  # measured 8 s CPU
 def test_verify_covers_the_scalars(trained: training.TrainingCheckpoint, tmp_path: Path) -> None:
     """The scheduler's epoch is a leaf like any tensor: changing it on disk is damage ``verify`` names."""
@@ -156,7 +193,12 @@ def test_the_issue_run_verifies_every_row_at_seven_times_the_bytes(tmp_path: Pat
     assert trained["verified"].all()
     assert set(trained["payload"]) == {"training"}
     assert plain["verified"].all()
+    # Measured, not assumed: no save or load holds more than the state, one copy of it and 1 GB.
+    assert (trained[["peak_rss_save", "peak_rss_load"]].max(axis=1) <= trained["model_bytes"] + 1e9).all()
     ratio = trained.set_index("strategy")["bytes"] / plain.set_index("strategy")["bytes"]
     # Those that store each tensor in its own dtype, uncompressed: the state's 14 bytes a parameter against 2.
     same_dtypes = ratio[["pytorch", "safetensors", "dcp", "ts+best"]]
     assert all(math.isfinite(r) and 6.5 < r < 7.5 for r in same_dtypes), ratio
+    table = docs.render(f"payloads {tmp_path / 'training' / 'results.csv'} {tmp_path / 'weights' / 'results.csv'}")
+    (line,) = [row for row in table.splitlines() if row.startswith("| `dcp` ")]
+    assert f"| {sig(ratio['dcp'])} | weights |" in line

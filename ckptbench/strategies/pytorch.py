@@ -18,11 +18,13 @@ import safetensors.torch
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ..errors import CheckpointError
 from ..location import Location
-from ..manifest import Entry, Layout
-from ..pytree import flatten, nest, structure_of, unflatten
+from ..manifest import Entry, Layout, Manifest
+from ..pytree import SEPARATOR, Structure, flatten, nest, structure_of, unflatten
+from ..stateful import MASTER, OPTIMIZER, adamw, master_module
 from .base import MiB, Pending, Progress, SingleFile, Strategy, Tensors, to_numpy, total_bytes
 
 
@@ -212,9 +214,10 @@ class DistributedCheckpoint(Strategy):
 
     def save(self, tensors: Tensors, directory: Location, progress: Progress) -> Pending | None:
         writer = dcp.FileSystemWriter(directory.folder, thread_count=self.threads)
+        structure = structure_of(tensors)
         if not self.asynchronous:
             with _single_process(), _as_os_error():
-                dcp.save(nest(tensors), storage_writer=writer)
+                dcp.save(nest(tensors) if structure is None else _training(tensors, structure), storage_writer=writer)
             progress(total_bytes(tensors))
             return None
         # The save runs in dcp's own thread: the warning filter stays on until it is waited for.
@@ -222,7 +225,8 @@ class DistributedCheckpoint(Strategy):
         quiet.enter_context(_single_process())
         try:
             with _as_os_error():
-                written = dcp.async_save(nest(tensors), storage_writer=writer)
+                state = nest(tensors) if structure is None else _training(tensors, structure)
+                written = dcp.async_save(state, storage_writer=writer)
         except BaseException:
             quiet.close()
             raise
@@ -234,34 +238,89 @@ class DistributedCheckpoint(Strategy):
 
         return finish
 
-    def _load(self, directory: Location, tensors: OrderedDict[str, torch.Tensor], progress: Progress) -> None:
-        """Fill ``tensors`` in place: ``dcp.load`` writes into the tensors it is given, nested as they were saved."""
+    def _load(self, directory: Location, entries: Layout, into: Tensors | None) -> OrderedDict[str, torch.Tensor]:
+        """Every tensor of ``entries``, read by ``dcp.load`` into ``into`` (in place) or fresh tensors.
+
+        A training state is read as DCP's recipe resumes a job: get_state_dict of the master module and
+        AdamW (a fresh AdamW gets its state there, from a step with zero gradients), dcp.load into what
+        it returned, set_state_dict.
+        """
         try:
             with _single_process():
-                dcp.load(nest(tensors), storage_reader=dcp.FileSystemReader(directory.folder))
+                # Only a nested state's names hold the separator: a mapping of weights never reads the manifest.
+                nested = any(SEPARATOR in e.name for e in entries)
+                structure = Manifest.read(directory).structure if nested else None
+                if structure is None:
+                    tensors = OrderedDict(
+                        (e.name, torch.empty(e.shape, dtype=e.torch_dtype) if into is None else into[e.name])
+                        for e in entries
+                    )
+                    dcp.load(nest(tensors), storage_reader=dcp.FileSystemReader(directory.folder))
+                    return tensors
+                return _resume(directory, entries, structure, into)
         except CheckpointException as err:  # a BaseException: it would slip past ``except Exception``
             rank, failure = _first_failure(err)
             raise CheckpointError(
                 f"{directory}: unreadable distributed checkpoint: rank {rank}: {type(failure).__name__}: {failure}"
             ) from failure
+        except CheckpointError:
+            raise
         except Exception as err:
             raise CheckpointError(f"{directory}: unreadable distributed checkpoint: {err}") from err
-        progress(total_bytes(tensors))
 
     def stored_names(self, directory: Location) -> set[str] | None:
         """The keys of dcp's ``.metadata``."""
         return set(dcp.FileSystemReader(directory.folder).read_metadata().state_dict_metadata)
 
     def load(self, directory: Location, entries: Layout, progress: Progress) -> OrderedDict[str, torch.Tensor]:
-        tensors = OrderedDict((e.name, torch.empty(e.shape, dtype=e.torch_dtype)) for e in entries)
-        self._load(directory, tensors, progress)
+        tensors = self._load(directory, entries, None)
+        progress(total_bytes(tensors))
         return tensors
 
     def load_into(self, directory: Location, entries: Layout, into: Tensors, progress: Progress) -> None:
-        self._load(directory, OrderedDict((e.name, into[e.name]) for e in entries), progress)
+        for name, tensor in self._load(directory, entries, into).items():
+            if tensor.data_ptr() != into[name].data_ptr():  # a number set_state_dict gave back, not read in place
+                into[name].copy_(tensor)
+        progress(total_bytes(into))
 
     def estimate_bytes(self, tensors: Tensors) -> int:
         return total_bytes(tensors) + len(tensors) * 4096 + MiB
+
+
+def _training(tensors: Tensors, structure: Structure) -> dict[str, Any]:
+    """A training state as DCP's recipe saves one: the master module and AdamW through get_state_dict (the
+    optimizer's state keyed by parameter name), beside the float16 weights, scheduler, step and RNG states."""
+    state = unflatten(tensors, structure)
+    module = master_module(state[MASTER])
+    master, optimizer = get_state_dict(module, adamw(module, state[OPTIMIZER]))
+    return {**state, MASTER: master, OPTIMIZER: optimizer}
+
+
+def _resume(
+    directory: Location, entries: Layout, structure: Structure, into: Tensors | None
+) -> OrderedDict[str, torch.Tensor]:
+    """The state of ``entries`` read back through set_state_dict, into ``into``'s tensors or fresh ones."""
+    if into is None:
+        fresh = {e.name: torch.empty(e.shape, dtype=e.torch_dtype) for e in entries if not _optimizer_leaf(e.name)}
+        state = {key: unflatten(fresh, child) for key, child in structure["dict"] if key != OPTIMIZER}
+        module = master_module(state[MASTER])
+        optimizer = adamw(module)
+        # The job makes its scheduler before it resumes: that gives each group the initial_lr it saved.
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    else:
+        state = unflatten(into, structure)
+        module = master_module(state[MASTER])
+        optimizer = adamw(module, state[OPTIMIZER])
+    master, optimizer_state = get_state_dict(module, optimizer)
+    whole = {**state, MASTER: master, OPTIMIZER: optimizer_state}
+    dcp.load(whole, storage_reader=dcp.FileSystemReader(directory.folder))
+    set_state_dict(module, optimizer, model_state_dict=whole[MASTER], optim_state_dict=whole[OPTIMIZER])
+    loaded = flatten({**whole, MASTER: state[MASTER], OPTIMIZER: optimizer.state_dict()})
+    return OrderedDict((e.name, loaded[e.name]) for e in entries if e.name in loaded)
+
+
+def _optimizer_leaf(name: str) -> bool:
+    return name.split(SEPARATOR, 1)[0] == OPTIMIZER
 
 
 @contextlib.contextmanager

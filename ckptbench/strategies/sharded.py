@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from .. import dcpstore
 from ..errors import CheckpointError, UsageError
 from ..location import Location
 from ..manifest import Entry, Layout, layout
@@ -65,6 +66,9 @@ class Sharded(Strategy):
 
     def reads(self, config: dict[str, Any]) -> bool:
         return config.get("sharded") == self.form and self.base.reads(config)
+
+    def unsupported(self, store: str) -> str | None:
+        return self.base.unsupported(store)
 
     def save(self, tensors: Tensors, directory: Location, progress: Progress) -> None:
         self.base.save(tensors, directory, progress)
@@ -110,6 +114,10 @@ class DTensorCheckpoint(Sharded):
     form: ClassVar[str] = "dtensor"
     how: ClassVar[str] = "DTensor Shard(0) on each rank; dcp.save/load over the ranks' group (DCP reshards by itself)"
 
+    def unsupported(self, store: str) -> str | None:
+        """With ranks, DCP also writes to a bucket: torch's own writer over the project's S3 client (``dcpstore``)."""
+        return None if store == "s3" else self.base.unsupported(store)
+
     @contextlib.contextmanager
     def session(self, ranks: Ranks, writing: bool) -> Iterator[DeviceMesh]:
         yield DeviceMesh.from_group(ranks.group, "cpu")
@@ -132,7 +140,7 @@ class DTensorCheckpoint(Sharded):
         self, session: DeviceMesh, shards: Tensors, entries: Layout, directory: Location, ranks: Ranks
     ) -> None:
         state = self._dtensors(shards, entries, session)
-        writer = dcp.FileSystemWriter(directory.folder, thread_count=self.base.threads)
+        writer = dcpstore.writer(directory, self.base.threads)
         _dcp("save", directory, lambda: dcp.save(state, storage_writer=writer, process_group=ranks.group))
 
     def load_shards(
@@ -140,7 +148,7 @@ class DTensorCheckpoint(Sharded):
     ) -> OrderedDict[str, torch.Tensor]:
         local = OrderedDict((e.name, torch.empty(_local_shape(e, ranks), dtype=e.torch_dtype)) for e in entries)
         state = self._dtensors(local, entries, session)
-        reader = dcp.FileSystemReader(directory.folder)
+        reader = dcpstore.reader(directory)
         _dcp("load", directory, lambda: dcp.load(state, storage_reader=reader, process_group=ranks.group))
         return OrderedDict((name, tensor.to_local()) for name, tensor in state.items())
 

@@ -211,6 +211,11 @@ def _spread(path: str, run_a: str, run_b: str) -> str:
     return markdown(pd.DataFrame({"between the two runs": [line.strip() for line in lines]}), index=False)
 
 
+def _machine(path: str) -> str:
+    """Per run of a results file: other work, the hypervisor's steal and the disk's drift around its rows."""
+    return markdown(report.machine_table(read_results(ROOT / path)))
+
+
 def _tightness(*pairs: str) -> str:
     """How far each A/A pair's two runs moved apart, per timing: ``LABEL=PATH:RUN_A:RUN_B`` each (a pair on the raw
     disk beside one under a disk profile says how much the profile steadies the numbers)."""
@@ -321,6 +326,7 @@ KINDS: dict[str, Callable[..., str]] = {
     "rounds": _rounds,
     "compare": _compare,
     "spread": _spread,
+    "machine": _machine,
     "tightness": _tightness,
     "untimed": _untimed,
     "csv": _csv,

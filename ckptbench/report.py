@@ -17,7 +17,7 @@ from . import plot
 from .benchmark import PhaseResult
 from .errors import CkptbenchError
 from .formatting import count, sig
-from .results import summarize
+from .results import MACHINE, REGIONS, summarize
 from .study import BASELINE, EIGHT_WAY, ordered
 from .verdict import HELD, INCONCLUSIVE, NOT_HELD
 
@@ -104,6 +104,27 @@ def time_spent(results: pd.DataFrame) -> pd.DataFrame:
         span = (stamps.max() - stamps.min()).total_seconds() / 60
         table.loc["first to last row"] = [""] * (len(table.columns) - 1) + [f"{sig(span)} (wall)"]
     return table
+
+
+def machine_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Per run, the machine around its timed regions: cores other work and the hypervisor took (medians over
+    rows and regions), and the drift probes' disk speeds: what moves when a second run disagrees."""
+    done = results[results["error"] == ""]
+    cores = {}
+    for name in MACHINE:
+        shares = [done[f"{name}_{region}"] / done[f"{region}_s"] for region in REGIONS if f"{name}_{region}" in done]
+        cores[name] = pd.concat(shares, axis=1).median(axis=1) if shares else pd.Series(float("nan"), done.index)
+    table = pd.DataFrame(
+        {
+            "other work, cores": cores["others_cpu"],
+            "steal, cores": cores["steal"],
+            "drift write GB/s": done["drift_write_gbps"],
+            "drift read GB/s": done["drift_read_gbps"],
+        }
+    )
+    table = table.groupby(done["run_id"], sort=False).median().rename_axis("run")
+    table.insert(0, "rows", done.groupby("run_id", sort=False).size())
+    return table.map(lambda v: "not recorded" if pd.isna(v) else sig(v))
 
 
 def styled_summary(summary: pd.DataFrame, baseline: str = BASELINE) -> Styler:

@@ -88,3 +88,30 @@ def test_time_spent_sums_each_part_per_strategy_and_spans_the_rows():
     assert table.loc["pytorch", "deletion min"] == "0.6"
     assert table.loc["pytorch", "warm-up min"] == ""  # not recorded: blank, not zero
     assert table.loc["first to last row", "all untimed min"] == "5 (wall)"
+
+
+def test_machine_table_gives_each_run_its_other_work_steal_and_drift():
+    times = {"save_s": 2.0, "load_cold_s": 1.0, "load_warm_s": 1.0}
+    regions = ("save", "load_cold", "load_warm")
+    busy = {
+        f"{name}_{region}": seconds * share
+        for region, seconds in zip(regions, times.values(), strict=True)
+        for name, share in (("others_cpu", 0.5), ("steal", 0.25))
+    }
+    quiet = {
+        f"{name}_{region}": 0.0 for region in ("save", "load_cold", "load_warm") for name in ("others_cpu", "steal")
+    }
+    frame = pd.DataFrame(
+        [
+            {"run_id": "a", "error": "", **times, **quiet, "drift_write_gbps": 2.0, "drift_read_gbps": 3.0},
+            {"run_id": "b", "error": "", **times, **busy, "drift_write_gbps": 1.0, "drift_read_gbps": 1.5},
+            {"run_id": "b", "error": "", **times, **busy, "drift_write_gbps": 1.0, "drift_read_gbps": 1.5},
+            {"run_id": "b", "error": "failed", **times, **quiet, "drift_write_gbps": 9.0, "drift_read_gbps": 9.0},
+        ]
+    )
+    table = report.machine_table(frame)
+    assert table.loc["a", "other work, cores"] == "0"
+    assert (table.loc["b", "other work, cores"], table.loc["b", "steal, cores"]) == ("0.5", "0.25")
+    assert (table.loc["b", "rows"], table.loc["b", "drift read GB/s"]) == ("2", "1.5")
+    older = frame.drop(columns=[c for c in frame if c.startswith(("others_cpu", "steal"))])
+    assert report.machine_table(older).loc["a", "steal, cores"] == "not recorded"

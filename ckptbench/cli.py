@@ -28,6 +28,7 @@ from . import (
     docs,
     launch,
     model,
+    multihost,
     plot,
     profiles,
     ranked,
@@ -203,6 +204,15 @@ def _parser() -> argparse.ArgumentParser:
         "--volumes", type=int, metavar="N", help="a cluster: a master, N volume servers, a filer and S3, each a process"
     )
     server_cmd.add_argument("--bucket", default=s3server.DEFAULT_BUCKET, help="the bucket it creates")
+    hosts_cmd = commands.add_parser(
+        "hosts",
+        help="rehearse a 2-host run on this machine (root): network namespaces, torchrun per host, an S3 cluster",
+    )
+    hosts_cmd.add_argument("--nproc-per-node", type=int, default=2, metavar="P", help="ranks per host")
+    hosts_cmd.add_argument("--volumes", type=int, default=2, metavar="V", help="volume servers of the S3 cluster")
+    hosts_cmd.add_argument(
+        "run", nargs=argparse.REMAINDER, help="the arguments of `run` after --, e.g. -- --preset tiny --load-ranks 3"
+    )
     return parser
 
 
@@ -467,6 +477,11 @@ def _s3_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hosts(args: argparse.Namespace) -> int:
+    multihost.rehearse([a for a in args.run if a != "--"], per_host=args.nproc_per_node, volumes=args.volumes)
+    return 0
+
+
 def _docs(args: argparse.Namespace) -> int:
     stale = docs.regenerate(check=args.check)
     for path in stale:
@@ -505,6 +520,7 @@ COMMANDS = {
     "list": _list,
     "docs": _docs,
     "s3-server": _s3_server,
+    "hosts": _hosts,
 }
 
 

@@ -27,7 +27,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         # reading rows: bounds, intervals, judgements, choices, figures and tables of one kind
         "floor rounds verdict choices plot cloud scaling yourdisk",
         # measuring: the harness and the runs built on it
-        "cycle benchmark ranked sweep targets",
+        "cycle benchmark ranked sweep targets multihost",
         # showing: reports, comparisons of runs, the notebook's helpers, the docs, the command line
         "report compare notebook docs cli __main__ __init__",
     )

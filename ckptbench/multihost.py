@@ -26,6 +26,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from .errors import CkptbenchError, UsageError
 from .s3server import DEFAULT_BUCKET, DEFAULT_PORT, REGION, credentials, die_with_parent
 
@@ -103,18 +105,10 @@ def clean_stale() -> list[str]:
     removed = []
     for name in namespaces():
         owner = int(_OWNED.fullmatch(name)[1])
-        if not _alive(owner):
+        if not psutil.pid_exists(owner):
             _remove(name)
             removed.append(name)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @contextlib.contextmanager

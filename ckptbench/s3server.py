@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import psutil
+
 from . import disk
 from .errors import CkptbenchError, UsageError
 
@@ -113,20 +115,10 @@ def clean_stale_data() -> list[Path]:
     removed = []
     for folder in Path(tempfile.gettempdir()).glob(f"{_TEMP_PREFIX}*-*"):
         owner = folder.name.removeprefix(_TEMP_PREFIX).split("-")[0]
-        if owner.isdigit() and not _alive(int(owner)):
+        if owner.isdigit() and not psutil.pid_exists(int(owner)):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass

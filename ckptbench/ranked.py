@@ -349,7 +349,7 @@ class RankedCycle(Cycle):
         }
         counted = {key: [t.requests for t in regions[key]] for key in ("save_s", "load_cold_s")}
         on_store = all(r is not None for each in counted.values() for r in each)
-        totals = tuple(sum(counted[key], Requests()) for key in ("save_s", "load_cold_s"))
+        totals = tuple(sum(counted[key], Requests()) for key in ("save_s", "load_cold_s")) if on_store else None
         return Measured(
             save=[t.measured for t in regions["save_s"]],
             cold=[t.measured for t in regions["load_cold_s"]],
@@ -358,7 +358,7 @@ class RankedCycle(Cycle):
             bytes_allocated=usage.bytes_allocated,
             files=usage.files,
             verified=all(r.verified for r in reports),
-            requests=totals if on_store else None,
+            requests=totals,
             rank_times={key: [t.own_s for t in timed] for key, timed in regions.items()},
             rank_requests={key.removesuffix("_s"): each for key, each in counted.items()} if on_store else None,
             untimed=dict(clock.seconds),

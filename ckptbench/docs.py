@@ -262,9 +262,9 @@ def _rounds(path: str, loadavg: str = "") -> str:
     return markdown(shown.apply(lambda c: c.map(sig) if pd.api.types.is_float_dtype(c) else c), index=False)
 
 
-def _profile(path: str) -> str:
-    """A run under a disk profile: each strategy against its floors and caps (``yourdisk.table``)."""
-    table = yourdisk.table(_results(path))
+def _profile(path: str, run: str = "") -> str:
+    """A run under a disk profile (the file's last, or ``run``): each strategy against its floors and caps."""
+    table = yourdisk.table(report.select_run(read_results(ROOT / path), run) if run else _results(path))
     table.index = [f"`{n}`" for n in table.index]
     return markdown(table.rename_axis("strategy"))
 

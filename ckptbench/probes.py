@@ -106,6 +106,7 @@ class Threads:
 
     def write(self, directory: Path, streams: int, size: int, block: int) -> Measured:
         data = memoryview(os.urandom(block))
+        own = throttle.active()
 
         def write(index: int) -> None:
             fd = os.open(directory / STREAM.format(index), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -118,7 +119,6 @@ class Threads:
             finally:
                 os.close(fd)
 
-        own = throttle.active()
         seconds = _run_threads(streams, write)
         started = ", sync_file_range(WRITE)" if own else ""
         how = f"{streams} threads: os.pwrite of {block} B blocks into a new {size} B file each{started}, fsync, close"

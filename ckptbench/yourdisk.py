@@ -17,7 +17,7 @@ from .floor import floors
 from .formatting import sig
 from .profiles import Caps
 from .results import succeeded
-from .rounds import of_values, per_round
+from .rounds import coverage, of_values, per_round
 from .study import ordered
 
 ALLOWANCE = 1.05
@@ -154,14 +154,16 @@ def spread(pairs: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-TIGHTER, LOOSER, TIE = "tighter", "looser", "tie"
+TIGHTER, LOOSER, TIE, TOO_FEW = "tighter", "looser", "tie", "too few to tell"
+VERDICT_COVERAGE = 0.9
+"""A verdict needs at least this chance that the differences' interval holds their median (five values)."""
 
 
 def tighter(reference: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
     """Per timing, and all timings together: ``other`` pair's move and interval width minus ``reference``'s,
     strategy by strategy, as the median difference with its order-statistic interval. Tighter when the interval
     lies below zero, looser above it, else a tie: one pair each, so only a difference most strategies share
-    counts."""
+    counts; fewer than five differences are too few to tell (their min-max holds the median under 90 %)."""
     paired = _moves(reference).merge(_moves(other), on=["strategy", "timing"], suffixes=(" ref", ""))
     groups = [*paired.groupby("timing", sort=False), ("all", paired)]
     rows = []
@@ -172,6 +174,8 @@ def tighter(reference: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
             if span is None:
                 continue
             verdict = TIGHTER if span.high < 0 else LOOSER if span.low > 0 else TIE
+            if coverage(len(group), 1) < VERDICT_COVERAGE:
+                verdict = TOO_FEW
             row[f"{what} difference (points)"] = (
                 f"{100 * span.value:+.1f} [{100 * span.low:+.1f} to {100 * span.high:+.1f}]"
             )

@@ -183,6 +183,8 @@ def test_a_pair_is_tighter_than_another_only_when_most_strategies_say_so():
     assert yourdisk.tighter(steady, raw).set_index("timing").loc["all", "move: verdict"] == yourdisk.LOOSER
     mixed = _pair(dict.fromkeys(names[:3], 0.02) | dict.fromkeys(names[3:], 0.4), width=0.3)
     assert yourdisk.tighter(raw, mixed).set_index("timing").loc["all", "move: verdict"] == yourdisk.TIE
+    few = yourdisk.tighter(raw.head(4), steady.head(4)).set_index("timing")
+    assert few.loc["all", "move: verdict"] == yourdisk.TOO_FEW
     table = yourdisk.spread({"raw": raw, "steady": steady}).set_index("pair")
     assert table.loc["raw", "median move"] == "20%"
     assert table.loc["steady", "intervals holding the other run's median"] == "12 of 12"

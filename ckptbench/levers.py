@@ -62,7 +62,7 @@ def effects(results: pd.DataFrame, base: str, column: str, peers: Sequence[str] 
     done = succeeded(results)
     verified = results.groupby("strategy", sort=False)["verified"].all()
     run_drift = drift(results)
-    peer = fastest(done, [p for p in peers if p in verified.index], column)
+    peer = fastest(done, [p for p in peers if verified.get(p, False)], column)
     base_rounds = per_round(done, base, column)
     peer_rounds = per_round(done, peer, column) if peer else pd.Series(dtype=float)
     found = []

@@ -159,8 +159,9 @@ def explained(results: pd.DataFrame, cores: int, keys: Iterable[str]) -> pd.Data
     rows = []
     for key in keys:
         target = TARGETS_BY_KEY[key]
+        label = f"{target.label} {target.op} {target.limit:g}"
         if key not in verdicts.index:
-            rows.append({"target": target.label, "measured": "not measured in this run", "verdict": "", "bound": ""})
+            rows.append({"target": label, "measured": "not measured in this run", "verdict": "", "bound": ""})
             continue
         found = verdicts.loc[key]
         span = Interval(found["value"], found["low"], found["high"], "") if pd.notna(found["low"]) else None
@@ -169,7 +170,7 @@ def explained(results: pd.DataFrame, cores: int, keys: Iterable[str]) -> pd.Data
         bound = limiting.get((who, OPERATION.get(key, "")))
         rows.append(
             {
-                "target": f"{target.label} {target.op} {target.limit:g}",
+                "target": label,
                 "measured": f"{span if span else sig(found['value'])}" + (f" ({who})" if into in INTO else ""),
                 "verdict": found["verdict"],
                 "bound": "" if found["verdict"] == MET or bound is None else str(bound),

@@ -120,20 +120,23 @@ def _intervals(path: str) -> str:
     return markdown(table.rename_axis("strategy"))
 
 
-def _levers(path: str, base: str, column: str, peers: str = "") -> str:
+def _levers(path: str, base: str, column: str, peers: str = "", run_id: str = "") -> str:
     """A sweep's every configuration and peer: ``column``'s median [interval] and its ratios, paired in rounds,
-    to ``base`` (faster, slower or a tie) and to the fastest of ``peers``, with the region's page faults."""
-    table = levers.table(_results(path), base, column, [p for p in peers.split(",") if p])
+    to ``base`` (faster, slower or a tie) and to the fastest of ``peers``, with the region's page faults; from
+    the file's last run, or ``run_id``'s."""
+    rows = report.select_run(read_results(ROOT / path), run_id or None)
+    table = levers.table(rows, base, column, [p for p in peers.split(",") if p])
     table.index = [f"`{n}`" for n in table.index]
     return markdown(table.rename_axis("strategy"))
 
 
 def _explained(path: str, keys: str) -> str:
     """For each run in a results file, each target of ``keys`` (comma list): met, or the measured bound of a miss."""
-    results = _results(path)
+    results = read_results(ROOT / path)
     tables = []
-    for run_id, rows in results.groupby("run_id", sort=False):
+    for run_id in results["run_id"].drop_duplicates():
         cores = json.loads((ROOT / path).parent.joinpath("runs", f"{run_id}.json").read_text())["cores"]
+        rows = report.select_run(results, run_id)
         tables.append(targets.explained(rows, cores, keys.split(",")).assign(run=run_id))
     table = pd.concat(tables)
     return markdown(table[["run", "target", "measured", "verdict", "bound"]], index=False)

@@ -89,7 +89,8 @@ def test_the_fresh_read_share_is_the_fastest_fresh_loaders_and_absent_from_a_run
 
 
 def test_a_missed_target_names_the_bound_of_the_operation_it_judges_and_a_met_one_none():
-    one = _results(pytorch=2.0, safetensors=1.0, **{"ts+best": 1.25, "runai-streamer": 0.5})
+    fast = {"runai-streamer": 0.5, "fastsafetensors": 2.0, "tensorizer": 1.0}
+    one = _results(pytorch=2.0, safetensors=1.0, **{"ts+best": 1.25}, **fast)
     results = pd.concat([one.assign(repeat=r) for r in range(3)], ignore_index=True)  # three rounds alike
     keys = ["best_load_vs_fast_loaders", "best_save_vs_torch", "fresh_read_share", "existing_read_share"]
     table = targets.explained(results, 2, keys)

@@ -120,26 +120,32 @@ def _intervals(path: str) -> str:
 
 
 def _payloads(training: str, *weights: str) -> str:
-    """A training run's sizes against the weights-only runs' (the first file measuring each strategy), and
-    each strategy's peak memory in a save or load beyond the state and one copy of it."""
-    rows = succeeded(_results(training))
+    """Training runs' sizes against the weights-only runs' (each strategy from the first listed file measuring it;
+    ``training`` is a comma list), and each strategy's peak memory in a save or load beyond the state and one copy
+    of it, the most over its repeats in that training run."""
     sizes = {
         Path(path).parent.name: succeeded(_results(path)).groupby("strategy")["bytes"].median() for path in weights
     }
-    table = {}
-    for name, own in rows.groupby("strategy", sort=False):
-        run, weighed = next(((run, size[name]) for run, size in sizes.items() if name in size.index), ("", None))
-        state = own["bytes"].median()
-        table[f"`{name}`"] = {
-            "training GB": sig(state / 1e9),
-            "weights GB": "" if weighed is None else sig(weighed / 1e9),
-            "ratio": "" if weighed is None else sig(state / weighed),
-            "weights run": run,
-            "peak above state + copy GB": sig(
-                (own[["peak_rss_save", "peak_rss_load"]].max(axis=1) - own["model_bytes"]).max() / 1e9
-            ),
-        }
+    table: dict[str, dict[str, str]] = {}
+    for path in training.split(","):
+        for name, own in succeeded(_results(path)).groupby("strategy", sort=False):
+            table.setdefault(f"`{name}`", _payload(own, Path(path).parent.name, name, sizes))
     return markdown(pd.DataFrame.from_dict(table, orient="index").rename_axis("strategy"))
+
+
+def _payload(own: pd.DataFrame, run: str, name: str, sizes: dict[str, pd.Series]) -> dict[str, str]:
+    weights_run, weighed = next(((w, size[name]) for w, size in sizes.items() if name in size.index), ("", None))
+    state = own["bytes"].median()
+    return {
+        "training GB": sig(state / 1e9),
+        "weights GB": "" if weighed is None else sig(weighed / 1e9),
+        "ratio": "" if weighed is None else sig(state / weighed),
+        "training run": run,
+        "weights run": weights_run,
+        "peak above state + copy GB": sig(
+            (own[["peak_rss_save", "peak_rss_load"]].max(axis=1) - own["model_bytes"]).max() / 1e9
+        ),
+    }
 
 
 def _verdicts(path: str) -> str:

@@ -217,6 +217,27 @@ def _spread(path: str, run_a: str, run_b: str) -> str:
     return markdown(pd.DataFrame({"between the two runs": [line.strip() for line in lines]}), index=False)
 
 
+def _anchor(strategy: str, *paths: str) -> str:
+    """One strategy measured in several runs that differ otherwise: its median [interval] per timing in each later
+    run against the first's. Runs that measured different strategies are set side by side only through it."""
+    first = _results(paths[0])
+    rows = []
+    for path in paths[1:]:
+        medians = compare.compare(first, _results(path)).medians
+        for row in medians[medians["strategy"] == strategy].to_dict("records"):
+            rows.append(
+                {
+                    "run": Path(path).parent.name,
+                    "timing": row["metric"],
+                    Path(paths[0]).parent.name: str(row["A"]),
+                    "this run": str(row["B"]),
+                    "this run / first": sig(row["B / A"]),
+                    "intervals": "overlap" if row["A"].overlaps(row["B"]) else "apart",
+                }
+            )
+    return markdown(pd.DataFrame(rows), index=False)
+
+
 def _machine(path: str) -> str:
     """Per run of a results file: other work, the hypervisor's steal and the disk's drift around its rows."""
     return markdown(report.machine_table(read_results(ROOT / path)))
@@ -338,6 +359,7 @@ KINDS: dict[str, Callable[..., str]] = {
     "csv": _csv,
     "choices": _choices,
     "payloads": _payloads,
+    "anchor": _anchor,
     "intervals": _intervals,
     "strategies": strategies_markdown,
     "summary": _summary,

@@ -28,6 +28,7 @@ until written. ``consumed``: an async save's own per-array snapshot, each tensor
 freed once TensorStore has copied it into its chunks, so the snapshot shrinks as those copies grow (referencing
 it instead kept the whole snapshot until the last write, beside TensorStore's own chunk copies of the bytes in
 flight: ``inflight_bytes`` above one copy of the model)."""
+
 _BLOCK = 4096
 _HUGE_PAGE = 2 << 20
 _OCDBT_COMMIT_BYTES = 256 << 10

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import psutil
 import pytest
 import tensorstore as ts
 import torch
@@ -14,7 +15,7 @@ import ckptbench
 from ckptbench import bitwise, checkpoint, docs, manifest, pytree, training
 from ckptbench.formatting import sig
 from ckptbench.local import Folder
-from ckptbench.measure import measure
+from ckptbench.measure import measure, return_freed_memory
 from ckptbench.strategies import STRATEGIES
 
 from conftest import load_checkpoint, one_line_error, rows, run, save_checkpoint
@@ -117,6 +118,23 @@ def test_an_async_tensorstore_save_holds_one_copy_of_the_state(
         save_checkpoint(strategy, trained.tensors, tmp_path / "ckpt")
     assert saving.peak_rss < 1.5 * trained.nbytes, f"{saving.peak_rss / trained.nbytes:.2f} copies of the state"
     bitwise.check_identical(load_checkpoint(strategy, tmp_path / "ckpt"), trained.tensors, strategy.name)
+
+
+def test_a_resumed_load_is_freed_before_the_next_memory_check(
+    trained: training.TrainingCheckpoint, tmp_path: Path
+) -> None:
+    """A state loaded with ``pytorch`` and resumed is left in reference cycles: ``return_freed_memory`` (before
+    every memory check and timed region) must free it, or the next load's check counts a second copy of the state."""
+    strategy = STRATEGIES["pytorch"]
+    save_checkpoint(strategy, trained.tensors, tmp_path / "ckpt")
+    return_freed_memory()
+    before = psutil.Process().memory_info().rss
+    loaded = load_checkpoint(strategy, tmp_path / "ckpt")
+    assert training.resume_problem(trained, loaded) is None
+    del loaded
+    return_freed_memory()
+    left = psutil.Process().memory_info().rss - before
+    assert left < trained.nbytes / 2, f"{left / trained.nbytes:.2f} of the state is still resident"
 
 
 def test_dcp_keys_the_optimizer_by_parameter_and_resumes_into_a_live_state(

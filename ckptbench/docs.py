@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import choices, cloud, compare, report, scaling, study, verdict, yourdisk
+from . import choices, cloud, compare, levers, report, scaling, study, targets, verdict, yourdisk
 from .errors import CkptbenchError
 from .formatting import sig
 from .limits import MISS
@@ -31,6 +31,7 @@ DOCUMENTS = (
     "docs/results/README.md",
     "docs/reference/ranks.md",
     "docs/reference/between-run-variance.md",
+    "docs/reference/fast-loads.md",
 )
 _BLOCK = re.compile(r"(<!-- ckptbench:(?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /ckptbench -->)", re.DOTALL)
 
@@ -117,6 +118,28 @@ def _intervals(path: str) -> str:
     table = pd.DataFrame(columns).fillna("")
     table.index = [f"`{n}`" for n in table.index]
     return markdown(table.rename_axis("strategy"))
+
+
+def _levers(path: str, base: str, column: str, peers: str = "", run_id: str = "") -> str:
+    """A sweep's every configuration and peer: ``column``'s median [interval] and its ratios, paired in rounds,
+    to ``base`` (faster, slower or a tie) and to the fastest of ``peers``, with the region's page faults; from
+    the file's last run, or ``run_id``'s."""
+    rows = report.select_run(read_results(ROOT / path), run_id or None)
+    table = levers.table(rows, base, column, [p for p in peers.split(",") if p])
+    table.index = [f"`{n}`" for n in table.index]
+    return markdown(table.rename_axis("strategy"))
+
+
+def _explained(path: str, keys: str) -> str:
+    """For each run in a results file, each target of ``keys`` (comma list): met, or the measured bound of a miss."""
+    results = read_results(ROOT / path)
+    tables = []
+    for run_id in results["run_id"].drop_duplicates():
+        cores = json.loads((ROOT / path).parent.joinpath("runs", f"{run_id}.json").read_text())["cores"]
+        rows = report.select_run(results, run_id)
+        tables.append(targets.explained(rows, cores, keys.split(",")).assign(run=run_id))
+    table = pd.concat(tables)
+    return markdown(table[["run", "target", "measured", "verdict", "bound"]], index=False)
 
 
 def _payloads(training: str, *weights: str) -> str:
@@ -361,6 +384,8 @@ KINDS: dict[str, Callable[..., str]] = {
     "payloads": _payloads,
     "anchor": _anchor,
     "intervals": _intervals,
+    "levers": _levers,
+    "explained": _explained,
     "strategies": strategies_markdown,
     "summary": _summary,
     "verdicts": _verdicts,

@@ -77,6 +77,19 @@ def _ranks(path: str) -> str:
     return markdown(table.rename_axis("strategy"))
 
 
+def _ranks_intervals(path: str) -> str:
+    """Save and cold load per strategy and plan with intervals over rounds, and the fastest plan or the tie."""
+    table = scaling.intervals(read_results(ROOT / path))
+    table.index = [f"`{n}`" for n in table.index]
+    return markdown(table.rename_axis("strategy"))
+
+
+def _rank_requests(path: str) -> str:
+    """Each rank's requests and object bytes per strategy and plan, from a results file's runs on an object store."""
+    table = scaling.requests(read_results(ROOT / path))
+    return markdown(table.assign(strategy=[f"`{n}`" for n in table["strategy"]]), index=False)
+
+
 def _results(path: str) -> pd.DataFrame:
     results = read_results(ROOT / path)
     return results[results["run_id"] == results["run_id"].iloc[-1]]
@@ -394,6 +407,8 @@ KINDS: dict[str, Callable[..., str]] = {
     "cloud": _cloud,
     "forms": forms_markdown,
     "ranks": _ranks,
+    "ranks-intervals": _ranks_intervals,
+    "rank-requests": _rank_requests,
     "profile": _profile,
     "profiles": _profiles,
     "caps": _caps,

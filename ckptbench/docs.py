@@ -30,6 +30,7 @@ DOCUMENTS = (
     "8WAY_COMPARISON_GUIDE.md",
     "docs/results/README.md",
     "docs/reference/ranks.md",
+    "docs/reference/object-storage.md",
     "docs/reference/between-run-variance.md",
 )
 _BLOCK = re.compile(r"(<!-- ckptbench:(?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /ckptbench -->)", re.DOTALL)

@@ -77,6 +77,19 @@ def _ranks(path: str) -> str:
     return markdown(table.rename_axis("strategy"))
 
 
+def _ranks_intervals(path: str) -> str:
+    """Save and cold load per strategy and plan with intervals over rounds, and the fastest plan or the tie."""
+    table = scaling.intervals(read_results(ROOT / path))
+    table.index = [f"`{n}`" for n in table.index]
+    return markdown(table.rename_axis("strategy"))
+
+
+def _rank_requests(path: str) -> str:
+    """Each rank's requests and object bytes per strategy and plan, from a results file's runs on an object store."""
+    table = scaling.requests(read_results(ROOT / path))
+    return markdown(table.assign(strategy=[f"`{n}`" for n in table["strategy"]]), index=False)
+
+
 def _results(path: str) -> pd.DataFrame:
     results = read_results(ROOT / path)
     return results[results["run_id"] == results["run_id"].iloc[-1]]
@@ -143,26 +156,32 @@ def _explained(path: str, keys: str) -> str:
 
 
 def _payloads(training: str, *weights: str) -> str:
-    """A training run's sizes against the weights-only runs' (the first file measuring each strategy), and
-    each strategy's peak memory in a save or load beyond the state and one copy of it."""
-    rows = succeeded(_results(training))
+    """Training runs' sizes against the weights-only runs' (each strategy from the first listed file measuring it;
+    ``training`` is a comma list), and each strategy's peak memory in a save or load beyond the state and one copy
+    of it, the most over its repeats in that training run."""
     sizes = {
         Path(path).parent.name: succeeded(_results(path)).groupby("strategy")["bytes"].median() for path in weights
     }
-    table = {}
-    for name, own in rows.groupby("strategy", sort=False):
-        run, weighed = next(((run, size[name]) for run, size in sizes.items() if name in size.index), ("", None))
-        state = own["bytes"].median()
-        table[f"`{name}`"] = {
-            "training GB": sig(state / 1e9),
-            "weights GB": "" if weighed is None else sig(weighed / 1e9),
-            "ratio": "" if weighed is None else sig(state / weighed),
-            "weights run": run,
-            "peak above state + copy GB": sig(
-                (own[["peak_rss_save", "peak_rss_load"]].max(axis=1) - own["model_bytes"]).max() / 1e9
-            ),
-        }
+    table: dict[str, dict[str, str]] = {}
+    for path in training.split(","):
+        for name, own in succeeded(_results(path)).groupby("strategy", sort=False):
+            table.setdefault(f"`{name}`", _payload(own, Path(path).parent.name, name, sizes))
     return markdown(pd.DataFrame.from_dict(table, orient="index").rename_axis("strategy"))
+
+
+def _payload(own: pd.DataFrame, run: str, name: str, sizes: dict[str, pd.Series]) -> dict[str, str]:
+    weights_run, weighed = next(((w, size[name]) for w, size in sizes.items() if name in size.index), ("", None))
+    state = own["bytes"].median()
+    return {
+        "training GB": sig(state / 1e9),
+        "weights GB": "" if weighed is None else sig(weighed / 1e9),
+        "ratio": "" if weighed is None else sig(state / weighed),
+        "training run": run,
+        "weights run": weights_run,
+        "peak above state + copy GB": sig(
+            (own[["peak_rss_save", "peak_rss_load"]].max(axis=1) - own["model_bytes"]).max() / 1e9
+        ),
+    }
 
 
 def _verdicts(path: str) -> str:
@@ -232,6 +251,27 @@ def _spread(path: str, run_a: str, run_b: str) -> str:
         *result.summary().splitlines()[1:],
     ]
     return markdown(pd.DataFrame({"between the two runs": [line.strip() for line in lines]}), index=False)
+
+
+def _anchor(strategy: str, *paths: str) -> str:
+    """One strategy measured in several runs that differ otherwise: its median [interval] per timing in each later
+    run against the first's. Runs that measured different strategies are set side by side only through it."""
+    first = _results(paths[0])
+    rows = []
+    for path in paths[1:]:
+        medians = compare.compare(first, _results(path)).medians
+        for row in medians[medians["strategy"] == strategy].to_dict("records"):
+            rows.append(
+                {
+                    "run": Path(path).parent.name,
+                    "timing": row["metric"],
+                    Path(paths[0]).parent.name: str(row["A"]),
+                    "this run": str(row["B"]),
+                    "this run / first": sig(row["B / A"]),
+                    "intervals": "overlap" if row["A"].overlaps(row["B"]) else "apart",
+                }
+            )
+    return markdown(pd.DataFrame(rows), index=False)
 
 
 def _machine(path: str) -> str:
@@ -355,6 +395,7 @@ KINDS: dict[str, Callable[..., str]] = {
     "csv": _csv,
     "choices": _choices,
     "payloads": _payloads,
+    "anchor": _anchor,
     "intervals": _intervals,
     "levers": _levers,
     "explained": _explained,
@@ -366,6 +407,8 @@ KINDS: dict[str, Callable[..., str]] = {
     "cloud": _cloud,
     "forms": forms_markdown,
     "ranks": _ranks,
+    "ranks-intervals": _ranks_intervals,
+    "rank-requests": _rank_requests,
     "profile": _profile,
     "profiles": _profiles,
     "caps": _caps,

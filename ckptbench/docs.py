@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import choices, cloud, compare, report, scaling, study, verdict, yourdisk
+from . import choices, cloud, compare, levers, report, scaling, study, targets, verdict, yourdisk
 from .errors import CkptbenchError
 from .formatting import sig
 from .limits import MISS
@@ -32,6 +32,7 @@ DOCUMENTS = (
     "docs/reference/ranks.md",
     "docs/reference/object-storage.md",
     "docs/reference/between-run-variance.md",
+    "docs/reference/fast-loads.md",
 )
 _BLOCK = re.compile(r"(<!-- ckptbench:(?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /ckptbench -->)", re.DOTALL)
 
@@ -133,27 +134,55 @@ def _intervals(path: str) -> str:
     return markdown(table.rename_axis("strategy"))
 
 
+def _levers(path: str, base: str, column: str, peers: str = "", run_id: str = "") -> str:
+    """A sweep's every configuration and peer: ``column``'s median [interval] and its ratios, paired in rounds,
+    to ``base`` (faster, slower or a tie) and to the fastest of ``peers``, with the region's page faults; from
+    the file's last run, or ``run_id``'s."""
+    rows = report.select_run(read_results(ROOT / path), run_id or None)
+    table = levers.table(rows, base, column, [p for p in peers.split(",") if p])
+    table.index = [f"`{n}`" for n in table.index]
+    return markdown(table.rename_axis("strategy"))
+
+
+def _explained(path: str, keys: str) -> str:
+    """For each run in a results file, each target of ``keys`` (comma list): met, or the measured bound of a miss."""
+    results = read_results(ROOT / path)
+    tables = []
+    for run_id in results["run_id"].drop_duplicates():
+        cores = json.loads((ROOT / path).parent.joinpath("runs", f"{run_id}.json").read_text())["cores"]
+        rows = report.select_run(results, run_id)
+        tables.append(targets.explained(rows, cores, keys.split(",")).assign(run=run_id))
+    table = pd.concat(tables)
+    return markdown(table[["run", "target", "measured", "verdict", "bound"]], index=False)
+
+
 def _payloads(training: str, *weights: str) -> str:
-    """A training run's sizes against the weights-only runs' (the first file measuring each strategy), and
-    each strategy's peak memory in a save or load beyond the state and one copy of it."""
-    rows = succeeded(_results(training))
+    """Training runs' sizes against the weights-only runs' (each strategy from the first listed file measuring it;
+    ``training`` is a comma list), and each strategy's peak memory in a save or load beyond the state and one copy
+    of it, the most over its repeats in that training run."""
     sizes = {
         Path(path).parent.name: succeeded(_results(path)).groupby("strategy")["bytes"].median() for path in weights
     }
-    table = {}
-    for name, own in rows.groupby("strategy", sort=False):
-        run, weighed = next(((run, size[name]) for run, size in sizes.items() if name in size.index), ("", None))
-        state = own["bytes"].median()
-        table[f"`{name}`"] = {
-            "training GB": sig(state / 1e9),
-            "weights GB": "" if weighed is None else sig(weighed / 1e9),
-            "ratio": "" if weighed is None else sig(state / weighed),
-            "weights run": run,
-            "peak above state + copy GB": sig(
-                (own[["peak_rss_save", "peak_rss_load"]].max(axis=1) - own["model_bytes"]).max() / 1e9
-            ),
-        }
+    table: dict[str, dict[str, str]] = {}
+    for path in training.split(","):
+        for name, own in succeeded(_results(path)).groupby("strategy", sort=False):
+            table.setdefault(f"`{name}`", _payload(own, Path(path).parent.name, name, sizes))
     return markdown(pd.DataFrame.from_dict(table, orient="index").rename_axis("strategy"))
+
+
+def _payload(own: pd.DataFrame, run: str, name: str, sizes: dict[str, pd.Series]) -> dict[str, str]:
+    weights_run, weighed = next(((w, size[name]) for w, size in sizes.items() if name in size.index), ("", None))
+    state = own["bytes"].median()
+    return {
+        "training GB": sig(state / 1e9),
+        "weights GB": "" if weighed is None else sig(weighed / 1e9),
+        "ratio": "" if weighed is None else sig(state / weighed),
+        "training run": run,
+        "weights run": weights_run,
+        "peak above state + copy GB": sig(
+            (own[["peak_rss_save", "peak_rss_load"]].max(axis=1) - own["model_bytes"]).max() / 1e9
+        ),
+    }
 
 
 def _verdicts(path: str) -> str:
@@ -225,36 +254,51 @@ def _spread(path: str, run_a: str, run_b: str) -> str:
     return markdown(pd.DataFrame({"between the two runs": [line.strip() for line in lines]}), index=False)
 
 
+def _anchor(strategy: str, *paths: str) -> str:
+    """One strategy measured in several runs that differ otherwise: its median [interval] per timing in each later
+    run against the first's. Runs that measured different strategies are set side by side only through it."""
+    first = _results(paths[0])
+    rows = []
+    for path in paths[1:]:
+        medians = compare.compare(first, _results(path)).medians
+        for row in medians[medians["strategy"] == strategy].to_dict("records"):
+            rows.append(
+                {
+                    "run": Path(path).parent.name,
+                    "timing": row["metric"],
+                    Path(paths[0]).parent.name: str(row["A"]),
+                    "this run": str(row["B"]),
+                    "this run / first": sig(row["B / A"]),
+                    "intervals": "overlap" if row["A"].overlaps(row["B"]) else "apart",
+                }
+            )
+    return markdown(pd.DataFrame(rows), index=False)
+
+
 def _machine(path: str) -> str:
     """Per run of a results file: other work, the hypervisor's steal and the disk's drift around its rows."""
     return markdown(report.machine_table(read_results(ROOT / path)))
 
 
 def _tightness(*pairs: str) -> str:
-    """How far each A/A pair's two runs moved apart, per timing: ``LABEL=PATH:RUN_A:RUN_B`` each (a pair on the raw
-    disk beside one under a disk profile says how much the profile steadies the numbers)."""
-    rows = []
+    """How far each A/A pair's two runs moved apart, per timing, then each later pair against the first:
+    ``LABEL=PATH:RUN_A:RUN_B[:ROUNDS]`` each, ROUNDS keeping each run's first rounds so pairs of different
+    lengths compare with intervals of equal coverage (the raw disk's pair first, a profile's after it)."""
+    medians = {}
     for spec in pairs:
         label, _, where = spec.partition("=")
-        path, run_a, run_b = where.split(":")
+        path, run_a, run_b, *rounds = where.split(":")
         results = read_results(ROOT / path)
-        medians = compare.compare(report.select_run(results, run_a), report.select_run(results, run_b)).medians
-        for metric, group in medians.groupby("metric", sort=False):
-            moved = group["B / A"]
-            widths = [(s.high - s.low) / s.value for s in (*group["A"], *group["B"])]
-            held = group[["A covers B", "B covers A"]].to_numpy()
-            rows.append(
-                {
-                    "pair": label,
-                    "timing": metric,
-                    "medians": len(group),
-                    "B / A": f"{sig(moved.min())} to {sig(moved.max())}",
-                    "median move": f"{(moved.where(moved >= 1, 1 / moved) - 1).median():.0%}",
-                    "median interval width": f"{pd.Series(widths).median():.0%}",
-                    "intervals holding the other run's median": f"{held.sum()} of {held.size}",
-                }
-            )
-    return markdown(pd.DataFrame(rows), index=False)
+        a, b = (report.select_run(results, run) for run in (run_a, run_b))
+        if rounds:
+            a, b = (run[run["repeat"] < int(rounds[0])] for run in (a, b))
+        medians[label] = compare.compare(a, b).medians
+    (first, reference), *others = medians.items()
+    parts = [markdown(yourdisk.spread(medians), index=False)]
+    for label, other in others:
+        parts.append(f"\n{label} against {first}, strategy by strategy:\n\n")
+        parts.append(markdown(yourdisk.tighter(reference, other), index=False))
+    return "".join(parts)
 
 
 def _rounds(path: str, loadavg: str = "") -> str:
@@ -282,9 +326,9 @@ def _rounds(path: str, loadavg: str = "") -> str:
     return markdown(shown.apply(lambda c: c.map(sig) if pd.api.types.is_float_dtype(c) else c), index=False)
 
 
-def _profile(path: str) -> str:
-    """A run under a disk profile: each strategy against its floors and caps (``yourdisk.table``)."""
-    table = yourdisk.table(_results(path))
+def _profile(path: str, run: str = "") -> str:
+    """A run under a disk profile (the file's last, or ``run``): each strategy against its floors and caps."""
+    table = yourdisk.table(report.select_run(read_results(ROOT / path), run) if run else _results(path))
     table.index = [f"`{n}`" for n in table.index]
     return markdown(table.rename_axis("strategy"))
 
@@ -346,7 +390,10 @@ KINDS: dict[str, Callable[..., str]] = {
     "csv": _csv,
     "choices": _choices,
     "payloads": _payloads,
+    "anchor": _anchor,
     "intervals": _intervals,
+    "levers": _levers,
+    "explained": _explained,
     "strategies": strategies_markdown,
     "summary": _summary,
     "verdicts": _verdicts,

@@ -25,7 +25,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         # the study's definitions, a run's settings, the rows
         "study config results",
         # reading rows: bounds, intervals, judgements, choices, figures and tables of one kind
-        "floor rounds verdict choices plot cloud scaling yourdisk",
+        "floor rounds verdict choices levers plot cloud scaling yourdisk",
         # measuring: the harness and the runs built on it
         "cycle benchmark ranked sweep targets multihost",
         # showing: reports, comparisons of runs, the notebook's helpers, the docs, the command line

@@ -30,6 +30,7 @@ DOCUMENTS = (
     "8WAY_COMPARISON_GUIDE.md",
     "docs/results/README.md",
     "docs/reference/ranks.md",
+    "docs/reference/object-storage.md",
     "docs/reference/between-run-variance.md",
     "docs/reference/fast-loads.md",
 )

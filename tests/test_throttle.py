@@ -6,6 +6,7 @@ they are missing the tests that need them are skipped with the reason, never pas
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -167,6 +168,21 @@ def test_a_run_under_a_limit_records_it_and_no_row_beats_it(tmp_path: Path) -> N
     assert set(results["disk_profile"]) == {profiles.CUSTOM}
     assert yourdisk.over_caps(results).empty, yourdisk.rates(results).to_string()
     assert f"caps check: none of {len(results)} rows" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("root_and_controller", "no_group_left")
+def test_a_second_bench_under_the_same_limit_runs(tmp_path: Path) -> None:
+    """An A/A pair into one folder: the first bench's end probe, inside the group, once stored throttled ceilings
+    as the raw disk's, and the second bench refused its caps as above the raw disk."""
+    out, caps = tmp_path / "out", "read=50M,write=50M"
+    for _ in range(2):
+        done = run("bench", *QUICK, "--strategies", "pytorch", "--disk-limit", caps, "--out", out, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+    raw = [f for f in (out / limits.CACHE_DIR).iterdir() if "throttled" not in f.name]
+    assert raw, "no raw-disk probe was kept"
+    for kept in raw:
+        assert json.loads(kept.read_text())["write_gbps"] > 0.05 * 1.1, f"{kept.name} holds throttled ceilings"
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import pandas as pd
 from .betweenrun import RATIO, TIME, widen
 from .results import succeeded
 from .rounds import Interval, of_values, paired_ratio, per_round
+from .study import EXACT_METRICS
 from .verdict import drift
 
 SAVE_ONLY_KNOBS = ("async", "background")
@@ -144,17 +145,18 @@ def answer(results: pd.DataFrame, question: Question, run_drift: float | None, b
     ``between``: intervals and ties account for a second run (``betweenrun``); False: this run's rounds only."""
     if question.load_into is not None:
         results = results[results["load_into"].fillna("fresh") == question.load_into]
+    exact = question.column in EXACT_METRICS  # a size does not move between runs
     ranked = []
     for names in candidates(results, question.same_files_are_one, question.async_only):
         values = (per_round(results, names, question.column) / question.scale).groupby(level=0).median()
         span = of_values(values.tolist(), run_drift)
         if span is not None:
-            span = widen(span, results, TIME) if between else span
+            span = widen(span, results, TIME) if between and not exact else span
             ranked.append(Candidate(names, span, tuple(zip(values.index.tolist(), values.tolist(), strict=True))))
     ranked.sort(key=lambda c: c.span.value)  # stable: an equal median goes to the first run
     if not ranked:
         return None
-    tied = tuple(c for c in ranked[1:] if _tied(results, ranked[0], c, run_drift, between))
+    tied = tuple(c for c in ranked[1:] if _tied(results, ranked[0], c, run_drift, between, exact))
     return Answer(question, tuple(ranked), tied)
 
 

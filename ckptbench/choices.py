@@ -129,14 +129,17 @@ def candidates(results: pd.DataFrame, merge_same_files: bool, async_only: bool =
     return [tuple(group) for group in groups.values()]
 
 
-def _tied(results: pd.DataFrame, best: Candidate, other: Candidate, run_drift: float | None, between: bool) -> bool:
+def _tied(
+    results: pd.DataFrame, best: Candidate, other: Candidate, run_drift: float | None, between: bool, exact: bool
+) -> bool:
     """Whether a second run could rank ``other`` ahead of ``best``: their ratio within rounds, widened for a second
-    run, reaches 1; without ``between``, whether their intervals overlap."""
+    run unless the figure is ``exact`` (a size), reaches 1; without ``between``, whether their intervals overlap."""
     if not between:
         return other.span.overlaps(best.span)
     index = [pd.Index([r for r, _ in c.rounds]) for c in (other, best)]
     num, den = (pd.Series([v for _, v in c.rounds], index=i) for c, i in zip((other, best), index, strict=True))
-    ratio = widen(paired_ratio(num, den, run_drift), results, RATIO)
+    ratio = paired_ratio(num, den, run_drift)
+    ratio = ratio if exact else widen(ratio, results, RATIO)
     return ratio is not None and ratio.low <= 1
 
 

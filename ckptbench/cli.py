@@ -137,10 +137,11 @@ def _parser() -> argparse.ArgumentParser:
     _process_option(run)
     run.add_argument(
         "--ranks",
-        type=int,
+        type=_rank_counts,
         metavar="N",
         help="save with N processes, each holding its rows of every tensor (gloo); ts+ocdbt then runs both ways, "
-        "one database and one per process (ts+ocdbt+per-process); `list --ranks` says what each strategy does",
+        "one database and one per process (ts+ocdbt+per-process); `list --ranks` says what each strategy does; "
+        "N,N,... runs each count in turn into one results file (time against ranks)",
     )
     run.add_argument("--load-ranks", type=int, metavar="M", help="load with M processes (default N; else a reshard)")
     run.add_argument(
@@ -293,9 +294,28 @@ def _run(args: argparse.Namespace) -> int:
     return _finish(bench, phases)
 
 
+def _rank_counts(text: str) -> list[int]:
+    """``N`` or ``N,N,...``: several counts run one after another, so one command (one queued job) draws the
+    curve of time against ranks."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of ranks (at least 1), or several separated by commas")
+    return counts
+
+
 def _run_ranked(args: argparse.Namespace) -> int:
-    """``run --ranks``: spawned here, or one rank of torchrun's world (whose size is then the default N)."""
-    ranks = args.ranks if args.ranks is not None or not launch.under_torchrun() else launch.torchrun_size()
+    """``run --ranks``: spawned here, or one rank of torchrun's world (whose size is then the default N);
+    several counts one after another (spawned only), the worst exit code kept."""
+    counts = args.ranks or [launch.torchrun_size() if launch.under_torchrun() else None]
+    if len(counts) > 1 and launch.under_torchrun():
+        raise UsageError("torchrun starts one world: give --ranks one count (or none) under torchrun")
+    return max(_run_ranks(args, ranks) for ranks in counts)
+
+
+def _run_ranks(args: argparse.Namespace, ranks: int | None) -> int:
     config = _config(
         args,
         keep_checkpoints=args.keep_checkpoints,

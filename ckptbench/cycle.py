@@ -201,7 +201,7 @@ class LocalCycle(Cycle):
         return_freed_memory()
         available = psutil.virtual_memory().available
         if needed > available:
-            raise InsufficientMemoryError(f"{label} load", needed, available)
+            raise InsufficientMemoryError(f"{label} load", needed, available, _holders(size, available))
         with (
             self._bar(f"{label} load", size) as bar,
             self.storage.counting() as counted,
@@ -214,3 +214,12 @@ class LocalCycle(Cycle):
 
     def _verified(self, strategy: Strategy, loaded: Tensors, saved: Tensors, path: Location) -> bool:
         return matches(loaded, saved, f"{strategy.name} checkpoint {path}", self.log)
+
+
+def _holders(model: int, available: int) -> str:
+    """Who holds the memory a load was refused: this process (the model among it) and everything else."""
+    own, total = psutil.Process().memory_info().rss, psutil.virtual_memory().total
+    return (
+        f"this process holds {own / 1e9:.2f} GB (the model {model / 1e9:.2f} GB), "
+        f"the rest of the machine {max(0, total - available - own) / 1e9:.2f} GB of {total / 1e9:.2f} GB"
+    )

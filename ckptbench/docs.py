@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import betweenrun, choices, cloud, compare, report, scaling, study, verdict, yourdisk
+from . import betweenrun, choices, cloud, compare, levers, report, scaling, study, targets, verdict, yourdisk
 from .errors import CkptbenchError
 from .formatting import sig
 from .limits import MISS
@@ -32,6 +32,7 @@ DOCUMENTS = (
     "docs/results/README.md",
     "docs/reference/ranks.md",
     "docs/reference/between-run-variance.md",
+    "docs/reference/fast-loads.md",
 )
 _BLOCK = re.compile(r"(<!-- ckptbench:(?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /ckptbench -->)", re.DOTALL)
 
@@ -77,6 +78,19 @@ def _ranks(path: str) -> str:
     return markdown(table.rename_axis("strategy"))
 
 
+def _ranks_intervals(path: str) -> str:
+    """Save and cold load per strategy and plan with intervals over rounds, and the fastest plan or the tie."""
+    table = scaling.intervals(read_results(ROOT / path))
+    table.index = [f"`{n}`" for n in table.index]
+    return markdown(table.rename_axis("strategy"))
+
+
+def _rank_requests(path: str) -> str:
+    """Each rank's requests and object bytes per strategy and plan, from a results file's runs on an object store."""
+    table = scaling.requests(read_results(ROOT / path))
+    return markdown(table.assign(strategy=[f"`{n}`" for n in table["strategy"]]), index=False)
+
+
 def _results(path: str) -> pd.DataFrame:
     results = read_results(ROOT / path)
     return results[results["run_id"] == results["run_id"].iloc[-1]]
@@ -120,27 +134,55 @@ def _intervals(path: str) -> str:
     return markdown(table.rename_axis("strategy"))
 
 
+def _levers(path: str, base: str, column: str, peers: str = "", run_id: str = "") -> str:
+    """A sweep's every configuration and peer: ``column``'s median [interval] and its ratios, paired in rounds,
+    to ``base`` (faster, slower or a tie) and to the fastest of ``peers``, with the region's page faults; from
+    the file's last run, or ``run_id``'s."""
+    rows = report.select_run(read_results(ROOT / path), run_id or None)
+    table = levers.table(rows, base, column, [p for p in peers.split(",") if p])
+    table.index = [f"`{n}`" for n in table.index]
+    return markdown(table.rename_axis("strategy"))
+
+
+def _explained(path: str, keys: str) -> str:
+    """For each run in a results file, each target of ``keys`` (comma list): met, or the measured bound of a miss."""
+    results = read_results(ROOT / path)
+    tables = []
+    for run_id in results["run_id"].drop_duplicates():
+        cores = json.loads((ROOT / path).parent.joinpath("runs", f"{run_id}.json").read_text())["cores"]
+        rows = report.select_run(results, run_id)
+        tables.append(targets.explained(rows, cores, keys.split(",")).assign(run=run_id))
+    table = pd.concat(tables)
+    return markdown(table[["run", "target", "measured", "verdict", "bound"]], index=False)
+
+
 def _payloads(training: str, *weights: str) -> str:
-    """A training run's sizes against the weights-only runs' (the first file measuring each strategy), and
-    each strategy's peak memory in a save or load beyond the state and one copy of it."""
-    rows = succeeded(_results(training))
+    """Training runs' sizes against the weights-only runs' (each strategy from the first listed file measuring it;
+    ``training`` is a comma list), and each strategy's peak memory in a save or load beyond the state and one copy
+    of it, the most over its repeats in that training run."""
     sizes = {
         Path(path).parent.name: succeeded(_results(path)).groupby("strategy")["bytes"].median() for path in weights
     }
-    table = {}
-    for name, own in rows.groupby("strategy", sort=False):
-        run, weighed = next(((run, size[name]) for run, size in sizes.items() if name in size.index), ("", None))
-        state = own["bytes"].median()
-        table[f"`{name}`"] = {
-            "training GB": sig(state / 1e9),
-            "weights GB": "" if weighed is None else sig(weighed / 1e9),
-            "ratio": "" if weighed is None else sig(state / weighed),
-            "weights run": run,
-            "peak above state + copy GB": sig(
-                (own[["peak_rss_save", "peak_rss_load"]].max(axis=1) - own["model_bytes"]).max() / 1e9
-            ),
-        }
+    table: dict[str, dict[str, str]] = {}
+    for path in training.split(","):
+        for name, own in succeeded(_results(path)).groupby("strategy", sort=False):
+            table.setdefault(f"`{name}`", _payload(own, Path(path).parent.name, name, sizes))
     return markdown(pd.DataFrame.from_dict(table, orient="index").rename_axis("strategy"))
+
+
+def _payload(own: pd.DataFrame, run: str, name: str, sizes: dict[str, pd.Series]) -> dict[str, str]:
+    weights_run, weighed = next(((w, size[name]) for w, size in sizes.items() if name in size.index), ("", None))
+    state = own["bytes"].median()
+    return {
+        "training GB": sig(state / 1e9),
+        "weights GB": "" if weighed is None else sig(weighed / 1e9),
+        "ratio": "" if weighed is None else sig(state / weighed),
+        "training run": run,
+        "weights run": weights_run,
+        "peak above state + copy GB": sig(
+            (own[["peak_rss_save", "peak_rss_load"]].max(axis=1) - own["model_bytes"]).max() / 1e9
+        ),
+    }
 
 
 def _verdicts(path: str) -> str:
@@ -228,6 +270,27 @@ def _between(preset: str) -> str:
     ]
     pairs = "; ".join(f"`{p.path}` {p.a} against {p.b}" for p in betweenrun.PAIRS.get(preset, ()))
     return markdown(pd.DataFrame(rows), index=False) + f"\nA/A pairs of `{preset}`: {pairs or 'none'}\n"
+
+
+def _anchor(strategy: str, *paths: str) -> str:
+    """One strategy measured in several runs that differ otherwise: its median [interval] per timing in each later
+    run against the first's. Runs that measured different strategies are set side by side only through it."""
+    first = _results(paths[0])
+    rows = []
+    for path in paths[1:]:
+        medians = compare.compare(first, _results(path), between=False).medians
+        for row in medians[medians["strategy"] == strategy].to_dict("records"):
+            rows.append(
+                {
+                    "run": Path(path).parent.name,
+                    "timing": row["metric"],
+                    Path(paths[0]).parent.name: str(row["A"]),
+                    "this run": str(row["B"]),
+                    "this run / first": sig(row["B / A"]),
+                    "intervals": "overlap" if row["A"].overlaps(row["B"]) else "apart",
+                }
+            )
+    return markdown(pd.DataFrame(rows), index=False)
 
 
 def _machine(path: str) -> str:
@@ -352,7 +415,10 @@ KINDS: dict[str, Callable[..., str]] = {
     "csv": _csv,
     "choices": _choices,
     "payloads": _payloads,
+    "anchor": _anchor,
     "intervals": _intervals,
+    "levers": _levers,
+    "explained": _explained,
     "strategies": strategies_markdown,
     "summary": _summary,
     "verdicts": _verdicts,
@@ -361,6 +427,8 @@ KINDS: dict[str, Callable[..., str]] = {
     "cloud": _cloud,
     "forms": forms_markdown,
     "ranks": _ranks,
+    "ranks-intervals": _ranks_intervals,
+    "rank-requests": _rank_requests,
     "profile": _profile,
     "profiles": _profiles,
     "caps": _caps,

@@ -64,9 +64,10 @@ class InsufficientDiskSpaceError(CkptbenchError):
 class InsufficientMemoryError(CkptbenchError):
     """Refused before loading: the load would take more memory than is available, and the kernel would kill the run."""
 
-    def __init__(self, what: str, needed: int, available: int) -> None:
+    def __init__(self, what: str, needed: int, available: int, held: str = "") -> None:
         need, have = gigabytes(needed, available)
-        super().__init__(f"not enough memory: {what} needs about {need} GB, {have} GB are available")
+        said = f"not enough memory: {what} needs about {need} GB, {have} GB are available"
+        super().__init__(f"{said}; {held}" if held else said)
         self.needed, self.available = needed, available
 
 

@@ -315,6 +315,12 @@ TARGETS: tuple[Target, ...] = (
         ">=",
         0.8,
     ),
+    Target(
+        "fresh_read_share",
+        "the best cold load into fresh memory: bytes read / s as a share of the disk's cold-read ceiling",
+        ">=",
+        0.6,
+    ),
     Target("peak_memory", f"{BEST}, {BEST_ASYNC}: peak memory above the model and one copy of it, GB", "<=", 1.0),
     Target("harness_cost", "harness cost inside a timed region / shortest timed region", "<=", 0.05),
     Target("overhead", "wall time outside timed regions (strategies' and disk probes') / run wall time", "<=", 0.15),

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .benchmark import Benchmark, PhaseResult
 from .betweenrun import RATIO, SHARE, widen
 from .floor import bounds, floors
+from .formatting import sig
 from .limits import Limits, ProbeSettings
 from .measure import measure
 from .results import TIMES, succeeded, summarize
@@ -28,7 +29,13 @@ from .study import ASYNC, BEST, BEST_ASYNC, FAST_LOADERS, ONE_FILE, ORBAX, TARGE
 from .verdict import drift
 
 COLUMNS = ["key", "label", "value", "low", "high", "target", "met", "verdict"]
-FAMILIES = {"best_write_share": SHARE, "best_read_share": SHARE, "existing_read_share": SHARE, "peak_memory": None}
+FAMILIES = {
+    "best_write_share": SHARE,
+    "best_read_share": SHARE,
+    "fresh_read_share": SHARE,
+    "existing_read_share": SHARE,
+    "peak_memory": None,
+}
 """The between-run family (``betweenrun``) of each judged figure: shares of the run's own disk ceiling; memory
 (GB above the model, no timing) keeps its rounds' interval; every other is a ratio of timings."""
 MET, MISSED, INCONCLUSIVE = "MET", "MISSED", "INCONCLUSIVE"
@@ -97,15 +104,28 @@ def _figures(done: pd.DataFrame) -> dict[str, float]:
     if async_names and "pytorch" in summary.index:
         stall = summary.loc[async_names, "save_blocking_s_median"].min()
         figures["async_blocking"] = stall / summary.loc["pytorch", "save_s_median"]
-    existing = summary.index[summary.index.isin(done.loc[done["load_into"] == "existing", "strategy"])]
-    if len(existing):
-        shares = summary.loc[existing, "bytes"] / summary.loc[existing, "load_cold_s_median"] / 1e9
-        figures["existing_read_share"] = shares.max() / done["disk_read_gbps"].median()
+    for into in INTO:
+        reader = best_reader(done, summary, into)
+        if reader is not None:
+            share = summary.loc[reader, "bytes"] / summary.loc[reader, "load_cold_s_median"] / 1e9
+            figures[f"{into}_read_share"] = share / done["disk_read_gbps"].median()
     own = [n for n in (BEST, BEST_ASYNC) if n in summary.index]
     if own:
         peaks = summary.loc[own, ["peak_rss_save", "peak_rss_load"]].max(axis=1)
         figures["peak_memory"] = (peaks.max() - done["model_bytes"].max()) / 1e9
     return {k: float(v) for k, v in figures.items() if pd.notna(v)}
+
+
+INTO = ("fresh", "existing")
+"""Where a load lands, as the rows' ``load_into`` names it: each kind has its own read-share target."""
+
+
+def best_reader(done: pd.DataFrame, summary: pd.DataFrame, into: str) -> str | None:
+    """The strategy whose cold loads into ``into`` tensors read the most bytes per second; None if none did."""
+    names = summary.index[summary.index.isin(done.loc[done["load_into"].fillna("fresh") == into, "strategy"])]
+    if not len(names):
+        return None
+    return str((summary.loc[names, "bytes"] / summary.loc[names, "load_cold_s_median"]).idxmax())
 
 
 def judged(results: pd.DataFrame, run_drift: float | None = None, between: bool = True) -> pd.DataFrame:
@@ -123,6 +143,52 @@ def judged(results: pd.DataFrame, run_drift: float | None = None, between: bool 
         family = FAMILIES.get(key, RATIO)
         rows.append(_row(key, value, span=widen(span, results, family) if between and family else span))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+OPERATION: dict[str, str] = {
+    "best_save_vs_torch": "save",
+    "best_save_vs_orbax": "save",
+    "best_save_vs_one_file": "save",
+    "best_write_share": "save",
+    "best_load_vs_safetensors": "load",
+    "best_load_vs_orbax": "load",
+    "best_load_vs_one_file": "load",
+    "best_load_vs_fast_loaders": "load",
+    "best_read_share": "load",
+    "fresh_read_share": "load",
+    "existing_read_share": "load",
+}
+"""The operation each target judges, whose measured bound explains a miss."""
+
+
+def explained(results: pd.DataFrame, cores: int, keys: Iterable[str]) -> pd.DataFrame:
+    """Each target of ``keys`` as one run's rows judge it, with its interval; for one not MET, the measured bound
+    of the operation it judges (``BEST``'s, or the best reader's for a read share), so a miss is never bare."""
+    done = succeeded(results)
+    summary = summarize(done)
+    verdicts = judged(results, drift(results)).set_index("key")
+    limiting = {(b.strategy, b.op): b for b in bounds(done, cores)}
+    rows = []
+    for key in keys:
+        target = TARGETS_BY_KEY[key]
+        label = f"{target.label} {target.op} {target.limit:g}"
+        if key not in verdicts.index:
+            rows.append({"target": label, "measured": "not measured in this run", "verdict": "", "bound": ""})
+            continue
+        found = verdicts.loc[key]
+        span = Interval(found["value"], found["low"], found["high"], "") if pd.notna(found["low"]) else None
+        into = key.removesuffix("_read_share")
+        who = best_reader(done, summary, into) if into in INTO else BEST
+        bound = limiting.get((who, OPERATION.get(key, "")))
+        rows.append(
+            {
+                "target": label,
+                "measured": f"{span if span else sig(found['value'])}" + (f" ({who})" if into in INTO else ""),
+                "verdict": found["verdict"],
+                "bound": "" if found["verdict"] == MET or bound is None else str(bound),
+            }
+        )
+    return pd.DataFrame(rows, columns=["target", "measured", "verdict", "bound"])
 
 
 def evaluate(
@@ -161,9 +227,8 @@ def evaluate(
     limiting = {(b.strategy, b.op): b for b in bounds(done, cores)}
     rows += _async_rows(summary, done["model_bytes"].max())
     rows += _memory_rows(summary, done["model_bytes"].max())
-    existing = summary.index[summary.index.isin(done.loc[done["load_into"] == "existing", "strategy"])]
-    if len(existing):
-        best = (summary.loc[existing, "bytes"] / summary.loc[existing, "load_cold_s_median"]).idxmax()
+    best = best_reader(done, summary, "existing")
+    if best is not None:
         rows.append(
             _row(
                 f"existing_best:{best}", busy[best], f"  reached by {best}: CPU time in its cold load / (wall x cores)"

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pandas as pd
@@ -26,7 +27,7 @@ except ModuleNotFoundError:  # plain `pytest` from elsewhere: the package sits n
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import ckptbench
 
-from ckptbench import checkpoint, disk, get_strategy, manifest, read_results
+from ckptbench import TensorStore, checkpoint, disk, get_strategy, manifest, read_results
 from ckptbench.limits import CACHE_DIR, Limits
 from ckptbench.local import Folder
 from ckptbench.location import staged
@@ -171,6 +172,34 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         for name, value in server.env.items():
             env.setenv(name, value)
         yield server
+
+
+@dataclass(frozen=True)
+class FaultMidSave(TensorStore):
+    """A TensorStore strategy whose save calls ``action`` once ``after`` bytes are written: a fault that strikes
+    while objects are still being sent, with some already stored and more to come."""
+
+    action: Callable[[], Any]
+    after: int
+
+    def save(self, tensors, directory, progress):
+        written = 0
+
+        def watch(size: int) -> None:
+            nonlocal written
+            if written <= self.after < written + size:
+                self.action()
+            written += size
+            progress(size)
+
+        return super().save(tensors, directory, watch)
+
+
+@pytest.fixture
+def fault_mid_save(tiny: ModelCheckpoint) -> Callable[[Callable[[], Any]], FaultMidSave]:
+    """``fault_mid_save(action)``: ts+chunks (named ``dies``) calling ``action`` (stop a server, a volume server)
+    once a third of the tiny model is written; the S3 fault tests share it."""
+    return lambda action: FaultMidSave("dies", get_strategy("ts+chunks").options, action, tiny.nbytes // 3)
 
 
 # --- ``python -m ckptbench`` as a real process, as a user runs it (the fault tests kill, damage and fill) ---

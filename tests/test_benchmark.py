@@ -286,6 +286,7 @@ def test_a_load_that_would_not_fit_in_memory_is_refused_as_a_failed_row(make_ben
     phase = bench.run_phase("pytorch")
     assert not phase.ok
     assert phase.error.startswith("InsufficientMemoryError: not enough memory: pytorch [1/1] cold load needs about")
+    assert f" GB (the model {tiny.nbytes / 1e9:.2f} GB), the rest of the machine " in phase.error  # who holds it
     (row,) = bench.results_file.read().itertuples()
     assert row.strategy == "pytorch"
     assert row.error == phase.error

@@ -19,7 +19,6 @@ from ckptbench import (
     Benchmark,
     CheckpointError,
     RunConfig,
-    TensorStore,
     checkpoint,
     cloud,
     docs,
@@ -182,23 +181,11 @@ def test_an_incomplete_prefix_is_not_a_checkpoint(s3, tiny, capsys):
 
 
 @pytest.mark.slow
-def test_a_server_that_dies_mid_save_fails_the_repeat_quickly_and_leaves_no_complete_checkpoint(tiny, tmp_path):
+def test_a_server_that_dies_mid_save_fails_the_repeat_quickly_and_leaves_no_complete_checkpoint(
+    tiny, tmp_path, fault_mid_save
+):
     data = tmp_path / "s3"
     server = S3Server("ckpt", data_dir=data).start()
-
-    class StopsTheServer(TensorStore):
-        """ts+chunks whose save stops the server once a third of the bytes are written."""
-
-        def save(self, tensors, directory, progress):
-            written = []
-
-            def watch(size: int) -> None:
-                written.append(size)
-                if sum(written) > tiny.nbytes // 3 > sum(written[:-1]):
-                    server.stop()
-                progress(size)
-
-            return super().save(tensors, directory, watch)
 
     with pytest.MonkeyPatch.context() as env:
         for name, value in server.env.items():
@@ -209,7 +196,7 @@ def test_a_server_that_dies_mid_save_fails_the_repeat_quickly_and_leaves_no_comp
         )  # fmt: skip
         bench = Benchmark(config, checkpoint=tiny, limits=FAKE_LIMITS, log=lambda message: None)
         started = time.perf_counter()
-        (phase,) = bench.run([StopsTheServer("dies", get_strategy("ts+chunks").options)])
+        (phase,) = bench.run([fault_mid_save(server.stop)])
         assert time.perf_counter() - started < 60
         (row,) = phase.rows
         assert "connect" in row.error.lower()

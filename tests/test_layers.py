@@ -26,7 +26,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "study config results",
         # reading rows: bounds, intervals (within a run and between runs), judgements, choices, figures and tables
         # of one kind
-        "floor rounds betweenrun verdict choices plot cloud scaling yourdisk",
+        "floor rounds betweenrun verdict choices levers plot cloud scaling yourdisk",
         # measuring: the harness and the runs built on it
         "cycle benchmark ranked sweep targets multihost",
         # showing: reports, comparisons of runs, the notebook's helpers, the docs, the command line

@@ -172,6 +172,23 @@ def test_under_torchrun_the_world_must_hold_every_rank(tmp_path, monkeypatch):
         ranked.run(_config(tmp_path, 2, 1), "ts+chunks")
 
 
+def test_bad_rank_counts_and_several_under_torchrun_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "cli")
+    for bad in ("1,x", "2,0", ""):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["run", "--preset", "tiny", "--out", out, "--ranks", bad])
+        assert exit_info.value.code == 2
+    assert "a number of ranks (at least 1), or several separated by commas" in capsys.readouterr().err
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h"}
+    for name, value in {**env, "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--preset", "tiny", "--out", out, "--ranks", "1,2"])
+    assert exit_info.value.code == 2
+    assert "give --ranks one count" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists()
+
+
 def test_a_results_file_from_before_the_rank_columns_still_reads(tmp_path):
     older = COLUMNS[: COLUMNS.index("schema_version") + 1]
     written = frame([Row("r", "t", "tiny", "pytorch", config_json({}), 0, 238, 1, 2, save_s=1.0, verified=True)])
@@ -231,6 +248,52 @@ def test_the_docs_blocks_for_ranks_come_from_the_forms_and_a_results_file(tmp_pa
     results = tmp_path / "results.csv"
     _ranked_rows().to_csv(results, index=False)
     assert "| `dcp` | 4 | 3 | 2.5 | 2 | 2 | 1.5 | 1.25 | 1 |" in docs.render(f"ranks {results}")
+
+
+def _rounds_of(plans: dict[tuple[int, int], list[float]], name: str = "dcp", **extra) -> pd.DataFrame:
+    """One run per plan, a row per round with these save seconds (cold loads half of them)."""
+    rows = []
+    for (ranks, load_ranks), seconds in plans.items():
+        for repeat, each in enumerate(seconds):
+            identity = {"run_id": f"r{ranks}", "timestamp": "t", "preset": "tiny", "strategy": name, "config": "{}"}
+            timed = {"save_s": each, "load_cold_s": each / 2, "ranks": ranks, "load_ranks": load_ranks}
+            rows.append(row({**identity, **SIZES, "repeat": repeat, "verified": True, **timed, **extra}))
+    return frame(rows)
+
+
+def test_the_intervals_table_names_the_fastest_plan_only_where_the_rounds_keep_it_apart():
+    apart = scaling.intervals(_rounds_of({(1, 1): [4.0, 4.2, 4.1], (2, 2): [2.0, 2.1, 2.2], (4, 4): [3.0, 3.1, 3.2]}))
+    assert apart.loc["dcp", "save s, 2->2 ranks"] == "2.1 [2-2.2]"
+    assert apart.loc["dcp", "fastest save"] == "2->2"
+    assert apart.loc["dcp", "fastest cold load"] == "2->2"
+    assert "min-max of 3 rounds" in apart.loc["dcp", "intervals"]
+    overlapping = scaling.intervals(_rounds_of({(1, 1): [4.0, 4.5, 4.2], (2, 2): [2.0, 3.0, 2.2], (4, 4): [2.5, 3.5]}))
+    assert overlapping.loc["dcp", "fastest save"] == "tie: 2->2, 4->4"
+    killed = row({"run_id": "r8", "timestamp": "t", "preset": "tiny", "strategy": "dcp", "config": "{}", **SIZES,
+                  "ranks": 8, "load_ranks": 8}, error="rank 3 failed")  # fmt: skip
+    with_failure = scaling.intervals(pd.concat([_rounds_of({(1, 1): [4.0]}), frame([killed])], ignore_index=True))
+    assert with_failure.loc["dcp", "save s, 8->8 ranks"] == "failed"
+    assert with_failure.loc["dcp", "fastest save"] == "1->1"
+
+
+def test_the_requests_table_shows_each_ranks_own_requests_and_bytes(tmp_path):
+    per_rank = {"rank_requests": json.dumps({"save": [10, 30], "load_cold": [5, 7]}), "objects": 4}
+    per_rank["rank_bytes"] = json.dumps({"save": [2e6, 6e6], "load_cold": [1e6, 3e6]})
+    rows = _rounds_of({(2, 2): [1.0, 1.1]}, **per_rank)
+    (line,) = scaling.requests(rows).to_dict("records")
+    assert line["ranks"] == "2->2"
+    assert line["repeats"] == 2
+    assert line["save requests per rank"] == "10 / 30"
+    assert line["cold-load requests per rank"] == "5 / 7"
+    assert line["save MB sent per rank"] == "2 / 6"
+    assert line["cold-load MB received per rank"] == "1 / 3"
+    results = tmp_path / "results.csv"
+    rows.to_csv(results, index=False)
+    assert "| `dcp` | 2->2 | 2 | 4 | 10 / 30 | 5 / 7 | 2 / 6 | 1 / 3 |" in docs.render(f"rank-requests {results}")
+    assert "| `dcp` | 1.05 [1-1.1] | 1->1" not in docs.render(f"ranks-intervals {results}")
+    assert "| `dcp` | 1.05 [1-1.1] | 2->2 |" in docs.render(f"ranks-intervals {results}")
+    with pytest.raises(ValueError, match="no completed results with per-rank requests"):
+        scaling.requests(_ranked_rows())
 
 
 @pytest.mark.slow

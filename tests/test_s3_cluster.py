@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ckptbench import Benchmark, RunConfig, TensorStore, get_strategy, s3server
+from ckptbench import Benchmark, RunConfig, s3server
 from ckptbench.manifest import MANIFEST
 from ckptbench.s3server import S3Server
 
@@ -27,7 +27,7 @@ def _keys(server: S3Server, prefix: str) -> list[str]:
 
 @pytest.mark.slow
 def test_a_volume_server_stopped_mid_save_fails_the_save_in_one_line_and_leaves_nothing_complete(
-    tiny, tmp_path, monkeypatch
+    tiny, tmp_path, monkeypatch, fault_mid_save
 ):
     with S3Server("ckpt", volumes=2) as server:
         assert [d.role for d in server.daemons] == ["master", "volume 1", "volume 2", "filer", "s3"]
@@ -35,27 +35,13 @@ def test_a_volume_server_stopped_mid_save_fails_the_save_in_one_line_and_leaves_
         for name, value in server.env.items():
             monkeypatch.setenv(name, value)
 
-        class StopsAVolume(TensorStore):
-            """ts+chunks whose save stops volume server 1 once a third of the bytes are written."""
-
-            def save(self, tensors, directory, progress):
-                written = []
-
-                def watch(size: int) -> None:
-                    written.append(size)
-                    if sum(written) > tiny.nbytes // 3 > sum(written[:-1]):
-                        server.stop_volume(1)
-                    progress(size)
-
-                return super().save(tensors, directory, watch)
-
         config = RunConfig(
             preset="tiny", out=tmp_path / "out", progress=False, warmup=False, drift=False,
             store="s3://ckpt/dying", s3_endpoint=server.endpoint,
         )  # fmt: skip
         bench = Benchmark(config, checkpoint=tiny, limits=FAKE_LIMITS, log=lambda message: None)
         started = time.perf_counter()
-        (phase,) = bench.run([StopsAVolume("dies", get_strategy("ts+chunks").options)])
+        (phase,) = bench.run([fault_mid_save(lambda: server.stop_volume(1))])
         took = time.perf_counter() - started
         (row,) = phase.rows
         assert row.error, "the save went on as if nothing happened"

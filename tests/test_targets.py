@@ -33,6 +33,7 @@ def _results(**save_s: float) -> pd.DataFrame:
                 "overhead_s": 0.1,
                 "cpu_load_cold_s": seconds,
                 "tensors": 238,
+                "load_into": "fresh",
             }
         )
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -74,6 +75,30 @@ def test_the_fast_loaders_bar_is_the_fastest_of_them():
     by_key = targets.evaluate(results, wall_s=100.0, cores=2).set_index("key")
     assert by_key.loc["best_load_vs_fast_loaders", "value"] == pytest.approx(1.25 / 0.5)
     assert by_key.loc["best_load_vs_fast_loaders", "met"] is False
+
+
+def test_the_fresh_read_share_is_the_fastest_fresh_loaders_and_absent_from_a_run_into_existing_tensors():
+    results = _results(pytorch=2.0, safetensors=1.0, **{"ts+best": 1.25, "runai-streamer": 2.5})
+    by_key = targets.evaluate(results, wall_s=100.0, cores=2).set_index("key")
+    assert by_key.loc["fresh_read_share", "value"] == pytest.approx(1.0)  # safetensors: 1 GB in 1 s at 1 GB/s
+    assert by_key.loc["fresh_read_share", "met"] is True
+    results["load_into"] = "existing"
+    keys = set(targets.evaluate(results, wall_s=100.0, cores=2)["key"])
+    assert "fresh_read_share" not in keys
+    assert "existing_read_share" in keys
+
+
+def test_a_missed_target_names_the_bound_of_the_operation_it_judges_and_a_met_one_none():
+    fast = {"runai-streamer": 0.5, "fastsafetensors": 2.0, "tensorizer": 1.0}
+    one = _results(pytorch=2.0, safetensors=1.0, **{"ts+best": 1.25}, **fast)
+    results = pd.concat([one.assign(repeat=r) for r in range(3)], ignore_index=True)  # three rounds alike
+    keys = ["best_load_vs_fast_loaders", "best_save_vs_torch", "fresh_read_share", "existing_read_share"]
+    table = targets.explained(results, 2, keys)
+    assert list(table["verdict"]) == [targets.MISSED, targets.MET, targets.MET, ""]
+    assert table["bound"][0].startswith("ts+best cold load (1.25 s): ")
+    assert list(table["bound"][1:]) == ["", "", ""]
+    assert "(runai-streamer)" in table["measured"][2]  # the share is the fastest fresh loader's
+    assert table["measured"][3] == "not measured in this run"
 
 
 def test_targets_show_whether_the_disk_held_still():
@@ -138,7 +163,7 @@ def test_the_training_targets_compare_orbax_async_stalls_existing_loads_and_memo
     assert by_key.loc["peak_memory", "value"] == pytest.approx(1.5)
     assert by_key.loc["peak_memory", "met"] is False
     assert by_key.loc["memory_above_copy:pytorch", "value"] == pytest.approx(0.2)
-    assert {t.key for t in TARGETS} - {"best_load_vs_fast_loaders"} <= set(by_key.index)  # none of them measured
+    assert {t.key for t in TARGETS} - {"best_load_vs_fast_loaders", "fresh_read_share"} <= set(by_key.index)
 
 
 def test_without_existing_loads_or_async_strategies_those_targets_are_left_out():

@@ -21,6 +21,14 @@ from ..location import Location
 from ..manifest import Entry, Layout
 from .base import MiB, Pending, Progress, Strategy, Tensors, from_numpy, nbytes, to_numpy
 
+Handed = Literal["borrowed", "owned", "consumed"]
+"""How a writer holds the tensors it is given. ``borrowed``: the caller's, TensorStore copies them into its chunks.
+``owned``: never changed by anyone else (an async snapshot in one buffer), TensorStore may read them in place
+until written. ``consumed``: an async save's own per-array snapshot, each tensor removed from the mapping and
+freed once TensorStore has copied it into its chunks, so the snapshot shrinks as those copies grow (referencing
+it instead kept the whole snapshot until the last write, beside TensorStore's own chunk copies of the bytes in
+flight: ``inflight_bytes`` above one copy of the model)."""
+
 _BLOCK = 4096
 _HUGE_PAGE = 2 << 20
 _OCDBT_COMMIT_BYTES = 256 << 10
@@ -272,7 +280,7 @@ class TensorStore(Strategy):
 
     def save(self, tensors: Tensors, directory: Location, progress: Progress) -> Pending | None:
         if not self.options.background:
-            self._write(tensors, directory, progress, owned=False)
+            self._write(tensors, directory, progress, "borrowed")
             return None
         # The copy is what lets training change its tensors at once; it is the blocking part and one model of memory.
         if self.options.fresh_memory == "per-array":
@@ -285,7 +293,8 @@ class TensorStore(Strategy):
             for name, t in tensors.items():
                 snapshot[name].copy_(t.detach())
         pool = futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name} save")
-        written = pool.submit(self._write, snapshot, directory, progress, owned=True)
+        handed = "consumed" if self.options.fresh_memory == "per-array" else "owned"
+        written = pool.submit(self._write, snapshot, directory, progress, handed)
         pool.shutdown(wait=False)
 
         def finish() -> None:
@@ -297,20 +306,26 @@ class TensorStore(Strategy):
 
         return finish
 
-    def _write(self, tensors: Tensors, directory: Location, progress: Progress, owned: bool) -> None:
-        """Every tensor; ``owned`` tensors are never changed by anyone else, so TensorStore may skip its own copy."""
+    def _write(self, tensors: Tensors, directory: Location, progress: Progress, handed: Handed) -> None:
+        """Every tensor, each handed to TensorStore as ``handed`` says (see ``Handed``)."""
         context = self.options.context()
 
-        def write(name: str, tensor: torch.Tensor) -> Callable[[], Any]:
+        def write(name: str) -> Callable[[], Any]:
             def start() -> Any:
+                tensor = tensors.pop(name) if handed == "consumed" else tensors[name]
                 metadata = self.options.metadata(list(tensor.shape), self.options.disk_dtype(tensor.dtype))
                 spec = {**self._spec(directory, name), "metadata": metadata, **self.options.missing_chunks(write=True)}
                 array = ts.open(spec, create=True, context=context).result()
-                return array.write(to_numpy(tensor.contiguous()), can_reference_source_data_indefinitely=owned)
+                written = array.write(
+                    to_numpy(tensor.contiguous()), can_reference_source_data_indefinitely=handed == "owned"
+                )
+                if handed == "consumed":
+                    written.copy.result()  # TensorStore's chunks hold the bytes now; ``tensor`` is freed on return
+                return written
 
             return start
 
-        jobs = ((name, nbytes(tensor), write(name, tensor)) for name, tensor in tensors.items())
+        jobs = [(name, nbytes(tensor), write(name)) for name, tensor in tensors.items()]
         self._pipeline(directory, jobs, progress)
 
     def _open(self, directory: Location, entry: Entry, context: ts.Context) -> ts.TensorStore:

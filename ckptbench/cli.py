@@ -263,6 +263,7 @@ def _finish(bench: Benchmark, phases: list[PhaseResult]) -> int:
                 "its I/O escaped the throttle",
                 file=sys.stderr,
             )
+        print(yourdisk.check(bench.results))
     print(f"results: {bench.results_file.csv}\nenvironment: {bench.results_file.environment_path(bench.run_id)}")
     failed = [p for p in phases if not p.ok]
     for phase in failed:

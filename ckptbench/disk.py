@@ -67,7 +67,7 @@ def sync_files(path: Path) -> None:
     """
     entries = _entries(path)
     with ThreadPoolExecutor(_WORKERS) as pool:
-        list(pool.map(lambda entry: _each(entry, _start_writeback, folders=False), entries))
+        list(pool.map(lambda entry: _each(entry, start_writeback, folders=False), entries))
         list(pool.map(lambda entry: _each(entry, _fsync, folders=True), entries))
     if path.is_dir():
         fsync_directory(path)
@@ -85,7 +85,8 @@ def _each(path: Path, act: Callable[[str], None], folders: bool) -> None:
             act(root)
 
 
-def _start_writeback(path: str) -> None:
+def start_writeback(path: str) -> None:
+    """Start writing ``path``'s dirty pages back from this thread (sync_file_range), not waiting for them."""
     fd = os.open(path, os.O_RDONLY)
     try:
         if _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE) != 0:

@@ -31,6 +31,7 @@ DOCUMENTS = (
     "8WAY_COMPARISON_GUIDE.md",
     "docs/results/README.md",
     "docs/reference/ranks.md",
+    "docs/reference/object-storage.md",
     "docs/reference/between-run-variance.md",
     "docs/reference/fast-loads.md",
 )
@@ -299,30 +300,24 @@ def _machine(path: str) -> str:
 
 
 def _tightness(*pairs: str) -> str:
-    """How far each A/A pair's two runs moved apart, per timing: ``LABEL=PATH:RUN_A:RUN_B`` each (a pair on the raw
-    disk beside one under a disk profile says how much the profile steadies the numbers)."""
-    rows = []
+    """How far each A/A pair's two runs moved apart, per timing, then each later pair against the first:
+    ``LABEL=PATH:RUN_A:RUN_B[:ROUNDS]`` each, ROUNDS keeping each run's first rounds so pairs of different
+    lengths compare with intervals of equal coverage (the raw disk's pair first, a profile's after it)."""
+    medians = {}
     for spec in pairs:
         label, _, where = spec.partition("=")
-        path, run_a, run_b = where.split(":")
+        path, run_a, run_b, *rounds = where.split(":")
         results = read_results(ROOT / path)
-        medians = compare.compare(report.select_run(results, run_a), report.select_run(results, run_b)).medians
-        for metric, group in medians.groupby("metric", sort=False):
-            moved = group["B / A"]
-            widths = [(s.high - s.low) / s.value for s in (*group["A"], *group["B"])]
-            held = group[["A covers B", "B covers A"]].to_numpy()
-            rows.append(
-                {
-                    "pair": label,
-                    "timing": metric,
-                    "medians": len(group),
-                    "B / A": f"{sig(moved.min())} to {sig(moved.max())}",
-                    "median move": f"{(moved.where(moved >= 1, 1 / moved) - 1).median():.0%}",
-                    "median interval width": f"{pd.Series(widths).median():.0%}",
-                    "intervals holding the other run's median": f"{held.sum()} of {held.size}",
-                }
-            )
-    return markdown(pd.DataFrame(rows), index=False)
+        a, b = (report.select_run(results, run) for run in (run_a, run_b))
+        if rounds:
+            a, b = (run[run["repeat"] < int(rounds[0])] for run in (a, b))
+        medians[label] = compare.compare(a, b).medians
+    (first, reference), *others = medians.items()
+    parts = [markdown(yourdisk.spread(medians), index=False)]
+    for label, other in others:
+        parts.append(f"\n{label} against {first}, strategy by strategy:\n\n")
+        parts.append(markdown(yourdisk.tighter(reference, other), index=False))
+    return "".join(parts)
 
 
 def _rounds(path: str, loadavg: str = "") -> str:
@@ -350,9 +345,9 @@ def _rounds(path: str, loadavg: str = "") -> str:
     return markdown(shown.apply(lambda c: c.map(sig) if pd.api.types.is_float_dtype(c) else c), index=False)
 
 
-def _profile(path: str) -> str:
-    """A run under a disk profile: each strategy against its floors and caps (``yourdisk.table``)."""
-    table = yourdisk.table(_results(path))
+def _profile(path: str, run: str = "") -> str:
+    """A run under a disk profile (the file's last, or ``run``): each strategy against its floors and caps."""
+    table = yourdisk.table(report.select_run(read_results(ROOT / path), run) if run else _results(path))
     table.index = [f"`{n}`" for n in table.index]
     return markdown(table.rename_axis("strategy"))
 

@@ -246,10 +246,13 @@ def comparison_figure(results: pd.DataFrame, *, baseline: str = BASELINE, title:
 
 
 def _floor_label(results: pd.DataFrame) -> str:
+    """What the floor marks charge; under an operation cap, a load's one read per file at the capped rate too."""
     files_per_s, fresh_gbps = results["disk_files_per_s"].median(), results["fresh_copy_gbps"].median()
+    read_iops = results["disk_read_iops"].median() if "disk_read_iops" in results else float("nan")
+    reads = "" if np.isnan(read_iops) else f" or one read per file at {read_iops:,.0f} IOPS if slower,"
     return (
         f"modelled floor: bytes at the disk limit + files at {files_per_s:,.0f}/s (save); "
-        f"+ copy into fresh memory at {fresh_gbps:.2g} GB/s (cold load)"
+        f"bytes at the disk limit{reads} + copy into fresh memory at {fresh_gbps:.2g} GB/s (cold load)"
     )
 
 

@@ -1,7 +1,9 @@
 """How each limit is measured: by fio when it is installed, else by threads making the same system calls.
 
 Both write, read and create files the way a checkpoint does: buffered writes into fresh files made
-durable by fsync (O_DIRECT would measure the device, not the page-cache path every writer takes),
+durable by fsync (O_DIRECT would measure the device, not the page-cache path every writer takes; under
+the I/O throttle the writer starts its own writeback as it goes, as a save's durability step does, so
+cgroup v1 charges it to the group and not to no one),
 reads after POSIX_FADV_DONTNEED, and small files created, written and fsync'd one at a time by each
 of several writers. Every measurement says how it was taken (fio's command line, or the calls), so
 a run records exactly what its limits mean. The copy into fresh memory is timed in-process by both.
@@ -25,12 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .disk import evict
+from . import throttle
+from .disk import evict, start_writeback
 from .errors import CkptbenchError
 
 STREAM = "stream.{}"
 """Stream ``i`` writes and reads ``directory / STREAM.format(i)`` (fio's ``stream.$jobnum``)."""
 _MIB = 1 << 20
+WRITEBACK_BLOCKS = 8
+"""Under the throttle, fio starts the writeback of its last this many blocks as it writes (sync_file_range)."""
 
 
 class ProbeError(CkptbenchError):
@@ -101,18 +106,22 @@ class Threads:
 
     def write(self, directory: Path, streams: int, size: int, block: int) -> Measured:
         data = memoryview(os.urandom(block))
+        own = throttle.active()
 
         def write(index: int) -> None:
             fd = os.open(directory / STREAM.format(index), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 for offset in range(0, size, block):
                     os.pwrite(fd, data[: size - offset], offset)
+                if own:
+                    start_writeback(str(directory / STREAM.format(index)))
                 os.fsync(fd)
             finally:
                 os.close(fd)
 
         seconds = _run_threads(streams, write)
-        how = f"{streams} threads: os.pwrite of {block} B blocks into a new {size} B file each, fsync, close"
+        started = ", sync_file_range(WRITE)" if own else ""
+        how = f"{streams} threads: os.pwrite of {block} B blocks into a new {size} B file each{started}, fsync, close"
         return Measured(streams * size / seconds / 1e9, seconds, how)
 
     def read(self, directory: Path, streams: int, size: int, block: int) -> Measured:
@@ -240,8 +249,10 @@ class Fio:
         return Measured(result["io_bytes"] / (result["runtime"] / 1e3) / 1e9, seconds, shlex.join(command))
 
     def write(self, directory: Path, streams: int, size: int, block: int) -> Measured:
-        # fallocate=none: a checkpoint allocates as it writes; end_fsync: the runtime includes the final fsync.
-        return self._stream("write", directory, streams, size, block, "--end_fsync=1", "--fallocate=none")
+        # fallocate=none: a checkpoint allocates as it writes; end_fsync: the runtime includes the final fsync;
+        # under the throttle, sync_file_range every WRITEBACK_BLOCKS writes: the writeback is fio's own.
+        own = (f"--sync_file_range=write:{WRITEBACK_BLOCKS}",) if throttle.active() else ()
+        return self._stream("write", directory, streams, size, block, "--end_fsync=1", "--fallocate=none", *own)
 
     def read(self, directory: Path, streams: int, size: int, block: int) -> Measured:
         # invalidate=1: fio calls posix_fadvise(DONTNEED) on each file as it opens it; the pages are clean.

@@ -97,7 +97,7 @@ def intervals(results: pd.DataFrame) -> pd.DataFrame:
                     spans[plan] = span
                     methods[span.method] = None
                 tried_here = ((tried["strategy"] == name) & (tried["plan"] == plan)).any()
-                cell = str(span) if span is not None else ("failed" if tried_here else "")
+                cell = str(span) if span is not None else ("failed" if tried_here else "not run")
                 cells.setdefault(f"{what} s, {_label(plan)} ranks", {})[name] = cell
             cells.setdefault(f"fastest {what}", {})[name] = _fastest(spans)
         cells.setdefault("intervals", {})[name] = "; ".join(methods)

@@ -9,6 +9,7 @@ import pytest
 
 from ckptbench import floor, targets, yourdisk
 from ckptbench.results import COLUMNS
+from ckptbench.rounds import Interval
 
 CORES = 2
 LIMITS = {"disk_write_gbps": 1.0, "disk_read_gbps": 2.0, "disk_files_per_s": 1000.0, "fresh_copy_gbps": 4.0}
@@ -151,3 +152,40 @@ def test_rows_faster_than_their_caps_are_named():
     table = yourdisk.table(results)
     assert table.loc["held", "fastest write of cap"] == "100%"
     assert table.loc["escaped", "fastest write of cap"] == "200%"
+    over = f"rows over {yourdisk.ALLOWANCE} x caps"
+    assert (table.loc["held", over], table.loc["escaped", over]) == ("0 of 2", "2 of 2")
+    assert yourdisk.check(results) == "caps check: 4 of 8 rows wrote or read faster than 1.05 x the bandwidth caps"
+    held = results[results["strategy"].isin(["held", "burst"])]
+    assert yourdisk.check(held) == "caps check: none of 4 rows wrote or read faster than 1.05 x the bandwidth caps"
+    raw = results.assign(disk_caps="", disk_profile="none")
+    assert yourdisk.check(raw) == "caps check: no completed row ran under a bandwidth cap"
+
+
+def _pair(moves: dict[str, float], width: float) -> pd.DataFrame:
+    """``compare``'s medians of an A/A pair: each strategy's save moved by ``moves[name]``, intervals ``width`` wide."""
+    rows = []
+    for name, moved in moves.items():
+        a = Interval(1.0, 1 - width / 2, 1 + width / 2, "")
+        b = Interval(1 + moved, (1 + moved) * (1 - width / 2), (1 + moved) * (1 + width / 2), "")
+        rows.append(
+            {"strategy": name, "metric": "save s", "A": a, "B": b, "B / A": b.value / a.value}
+            | {"A covers B": a.covers(b.value), "B covers A": b.covers(a.value)}
+        )
+    return pd.DataFrame(rows)
+
+
+def test_a_pair_is_tighter_than_another_only_when_most_strategies_say_so():
+    names = [f"s{i}" for i in range(6)]
+    raw, steady = _pair(dict.fromkeys(names, 0.2), width=0.3), _pair(dict.fromkeys(names, 0.02), width=0.05)
+    found = yourdisk.tighter(raw, steady).set_index("timing")
+    assert list(found.index) == ["save s", "all"]
+    assert (found.loc["all", "move: verdict"], found.loc["all", "width: verdict"]) == (yourdisk.TIGHTER,) * 2
+    assert yourdisk.tighter(steady, raw).set_index("timing").loc["all", "move: verdict"] == yourdisk.LOOSER
+    mixed = _pair(dict.fromkeys(names[:3], 0.02) | dict.fromkeys(names[3:], 0.4), width=0.3)
+    assert yourdisk.tighter(raw, mixed).set_index("timing").loc["all", "move: verdict"] == yourdisk.TIE
+    few = yourdisk.tighter(raw.head(4), steady.head(4)).set_index("timing")
+    assert few.loc["all", "move: verdict"] == yourdisk.TOO_FEW
+    table = yourdisk.spread({"raw": raw, "steady": steady}).set_index("pair")
+    assert table.loc["raw", "median move"] == "20%"
+    assert table.loc["steady", "intervals holding the other run's median"] == "12 of 12"
+    assert table.loc["raw", "intervals holding the other run's median"] == "0 of 12"

@@ -91,6 +91,18 @@ def test_each_bar_is_marked_at_its_modelled_floor(measured):
         heights = [segment[0][1] for segment in marks.get_segments()]
         assert heights == pytest.approx(expected[column].tolist())
     assert any("modelled floor" in t.get_text() for t in fig.legends[0].get_texts())
+    assert not any("IOPS" in t.get_text() for t in fig.legends[0].get_texts())
+
+
+def test_under_an_operation_cap_the_legend_charges_a_read_per_file(measured):
+    """The files' reads at the capped rate raise the load floors (marks) and the legend says so."""
+    capped = measured.assign(disk_read_iops=500.0)
+    fig = plot.comparison_figure(capped)
+    (marks,) = (c for c in fig.axes[1].collections if c.get_gid() == plot.FLOOR_GID)
+    heights = [segment[0][1] for segment in marks.get_segments()]
+    assert heights == pytest.approx(floor.floors(capped).reindex(list(RUN))["load_floor_s"].tolist())
+    assert heights != pytest.approx(floor.floors(measured).reindex(list(RUN))["load_floor_s"].tolist())
+    assert any("one read per file at 500 IOPS" in t.get_text() for t in fig.legends[0].get_texts())
 
 
 def test_a_missing_phase_and_a_missing_baseline_still_draw(measured):

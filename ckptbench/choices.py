@@ -1,8 +1,10 @@
 """ "What should I use?": each question answered from a run's rounds, with intervals, and ties called ties.
 
-A strategy's figure is the median over rounds with its interval (``rounds``). The answer is the
-lowest median; every other strategy whose interval overlaps the answer's is tied with it, since a
-second run could rank them the other way. Strategies that write the same files and load them with
+A strategy's figure is the median over rounds with its interval (``rounds``), widened for a second
+run (``betweenrun``). The answer is the lowest median; every other strategy is tied with it whose
+ratio to the answer, paired within rounds and widened by the between-run spread of such ratios,
+reaches 1, since a second run could rank them the other way. (Without the between-run component,
+as before it, a tie is two figures' intervals overlapping.) Strategies that write the same files and load them with
 the same code (a synchronous and an asynchronous save of one format) differ only in how they save:
 for the loads and the size they are one candidate, measured over both.
 """
@@ -14,8 +16,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from .betweenrun import RATIO, TIME, widen
 from .results import succeeded
-from .rounds import Interval, of_values, per_round
+from .rounds import Interval, of_values, paired_ratio, per_round
+from .study import EXACT_METRICS
 from .verdict import drift
 
 SAVE_ONLY_KNOBS = ("async", "background")
@@ -54,6 +58,8 @@ class Candidate:
     names: tuple[str, ...]
     """One strategy, or several that share files and loader."""
     span: Interval
+    rounds: tuple[tuple[int, float], ...] = ()
+    """Its figure in each round (round, value), which ties are judged on."""
 
     @property
     def label(self) -> str:
@@ -68,12 +74,13 @@ class Answer:
     question: Question
     ranked: tuple[Candidate, ...]
     """Every verified candidate, lowest median first."""
+    tied: tuple[Candidate, ...] = ()
+    """The candidates after the first that a second run could rank ahead of it."""
 
     @property
     def winners(self) -> tuple[Candidate, ...]:
-        """The best and every candidate whose interval overlaps its interval."""
-        best = self.ranked[0]
-        return (best, *(c for c in self.ranked[1:] if c.span.overlaps(best.span)))
+        """The best and every candidate tied with it."""
+        return (self.ranked[0], *self.tied)
 
     @property
     def names(self) -> frozenset[str]:
@@ -122,24 +129,45 @@ def candidates(results: pd.DataFrame, merge_same_files: bool, async_only: bool =
     return [tuple(group) for group in groups.values()]
 
 
-def answer(results: pd.DataFrame, question: Question, run_drift: float | None) -> Answer | None:
-    """The question answered from the rows (one run's); None when no verified strategy measured its column."""
+def _tied(
+    results: pd.DataFrame, best: Candidate, other: Candidate, run_drift: float | None, between: bool, exact: bool
+) -> bool:
+    """Whether a second run could rank ``other`` ahead of ``best``: their ratio within rounds, widened for a second
+    run unless the figure is ``exact`` (a size), reaches 1; without ``between``, whether their intervals overlap."""
+    if not between:
+        return other.span.overlaps(best.span)
+    index = [pd.Index([r for r, _ in c.rounds]) for c in (other, best)]
+    num, den = (pd.Series([v for _, v in c.rounds], index=i) for c, i in zip((other, best), index, strict=True))
+    ratio = paired_ratio(num, den, run_drift)
+    ratio = ratio if exact else widen(ratio, results, RATIO)
+    return ratio is not None and ratio.low <= 1
+
+
+def answer(results: pd.DataFrame, question: Question, run_drift: float | None, between: bool = True) -> Answer | None:
+    """The question answered from the rows (one run's); None when no verified strategy measured its column.
+    ``between``: intervals and ties account for a second run (``betweenrun``); False: this run's rounds only."""
     if question.load_into is not None:
         results = results[results["load_into"].fillna("fresh") == question.load_into]
+    exact = question.column in EXACT_METRICS  # a size does not move between runs
     ranked = []
     for names in candidates(results, question.same_files_are_one, question.async_only):
-        values = per_round(results, names, question.column) / question.scale
-        span = of_values(values.groupby(level=0).median().tolist(), run_drift)
+        values = (per_round(results, names, question.column) / question.scale).groupby(level=0).median()
+        span = of_values(values.tolist(), run_drift)
         if span is not None:
-            ranked.append(Candidate(names, span))
+            span = widen(span, results, TIME) if between and not exact else span
+            ranked.append(Candidate(names, span, tuple(zip(values.index.tolist(), values.tolist(), strict=True))))
     ranked.sort(key=lambda c: c.span.value)  # stable: an equal median goes to the first run
-    return Answer(question, tuple(ranked)) if ranked else None
+    if not ranked:
+        return None
+    tied = tuple(c for c in ranked[1:] if _tied(results, ranked[0], c, run_drift, between, exact))
+    return Answer(question, tuple(ranked), tied)
 
 
-def answers(results: pd.DataFrame) -> list[Answer]:
-    """Every question a run's rows can answer; one round's figures are widened by the run's drift."""
+def answers(results: pd.DataFrame, between: bool = True) -> list[Answer]:
+    """Every question a run's rows can answer; one round's figures are widened by the run's drift, and with
+    ``between`` every figure for a second run."""
     run_drift = drift(results)
-    return [a for q in QUESTIONS if (a := answer(results, q, run_drift)) is not None]
+    return [a for q in QUESTIONS if (a := answer(results, q, run_drift, between)) is not None]
 
 
 def table(results: pd.DataFrame) -> pd.DataFrame:

@@ -6,6 +6,9 @@ is a verdict only noise could have flipped if the intervals were honest: HELD ag
 against MISSED, or two answers with no strategy in common (a tie shares its names). Calibration
 says how honest the intervals were: the share of one run's intervals that hold the other run's
 median (both ways); an interval meant for a second run should hold it nine times in ten or more.
+Verdicts and intervals are judged as the rest of ckptbench judges them, widened for a second run
+(``betweenrun``); the same comparison on the rounds' intervals alone is kept beside it, to show what
+the between-run component changed.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from . import choices, targets, verdict
+from . import betweenrun, choices, targets, verdict
 from .formatting import sig
 from .report import select_run
 from .results import read_results, succeeded
@@ -42,6 +46,10 @@ class Comparison:
     targets: pd.DataFrame
     answers: pd.DataFrame
     contradictions: list[str] = field(default_factory=list)
+    spreads: dict[str, betweenrun.Spread] = field(default_factory=dict)
+    """The between-run spreads the intervals were widened by (none: this run's rounds only)."""
+    within: Comparison | None = None
+    """The same comparison on the rounds' intervals alone, without the between-run component."""
 
     @property
     def agree(self) -> bool:
@@ -53,11 +61,10 @@ class Comparison:
         covered = table[["A covers B", "B covers A"]].to_numpy()
         return int(covered.sum()), covered.size
 
-    def summary(self) -> str:
+    def _calibration_lines(self) -> list[str]:
         held, total = self.calibration()
         ratio_held, ratio_total = self.calibration(self.targets.dropna(subset=["A covers B"]))
         lines = [
-            f"A = {self.names[0]}, B = {self.names[1]}",
             f"calibration: {held} of {total} medians' intervals hold the other run's median "
             f"({held / total:.0%}; goal {CALIBRATION_GOAL:.0%})"
             if total
@@ -68,6 +75,21 @@ class Comparison:
                 f"  targets' intervals: {ratio_held} of {ratio_total} hold the other run's value "
                 f"({ratio_held / ratio_total:.0%})"
             )
+        return lines
+
+    def summary(self) -> str:
+        lines = [f"A = {self.names[0]}, B = {self.names[1]}"]
+        if self.spreads:
+            pairs = next(iter(self.spreads.values())).pairs
+            widths = ", ".join(f"{s.family} x/÷ {np.exp(s.margin):.2f}" for s in self.spreads.values())
+            lines.append(f"widened for a second run by the between-run spread of {len(pairs)} A/A pair(s): {widths}")
+        elif self.within is not None:
+            lines.append("no A/A pair of this preset: intervals from the rounds only")
+        lines += self._calibration_lines()
+        if self.within is not None and self.spreads:
+            clashes = len(self.within.contradictions)
+            lines += [f"  rounds alone: {line.strip()}" for line in self.within._calibration_lines()]
+            lines.append(f"  rounds alone: {clashes} contradiction{'s' * (clashes != 1)} (exit {int(clashes > 0)})")
         if self.contradictions:
             lines += [f"CONTRADICTION: {c}" for c in self.contradictions]
         else:
@@ -79,7 +101,7 @@ def _shown(span: Interval | None) -> str:
     return "" if span is None else str(span)
 
 
-def _medians(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+def _medians(a: pd.DataFrame, b: pd.DataFrame, between: bool) -> pd.DataFrame:
     drifts = verdict.drift(a), verdict.drift(b)
     rows = []
     names = ordered([n for n in succeeded(a)["strategy"].unique() if n in set(succeeded(b)["strategy"])])
@@ -88,6 +110,8 @@ def _medians(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
             spans = [of_values(per_round(run, name, metric).tolist(), d) for run, d in zip((a, b), drifts, strict=True)]
             if None in spans or (metric == "save_blocking_s" and _synchronous(a, name)):
                 continue
+            if between:
+                spans = [betweenrun.widen(span, run, betweenrun.TIME) for span, run in zip(spans, (a, b), strict=True)]
             one, two = spans
             rows.append(
                 {
@@ -129,8 +153,8 @@ def _synchronous(results: pd.DataFrame, name: str) -> bool:
     return bool((rows["save_blocking_s"] >= rows["save_s"]).all())
 
 
-def _claims(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    one, two = verdict.check(a).set_index("key"), verdict.check(b).set_index("key")
+def _claims(a: pd.DataFrame, b: pd.DataFrame, between: bool) -> tuple[pd.DataFrame, list[str]]:
+    one, two = verdict.check(a, between).set_index("key"), verdict.check(b, between).set_index("key")
     measured = (one["verdict"] != verdict.NOT_MEASURED) | (two["verdict"] != verdict.NOT_MEASURED)
     one, two = one[measured], two[measured]
     table = pd.DataFrame(
@@ -152,9 +176,9 @@ def _claims(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return table.reset_index(drop=True), found
 
 
-def _targets(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    one = targets.judged(a, verdict.drift(a)).set_index("key")
-    two = targets.judged(b, verdict.drift(b)).set_index("key")
+def _targets(a: pd.DataFrame, b: pd.DataFrame, between: bool) -> tuple[pd.DataFrame, list[str]]:
+    one = targets.judged(a, verdict.drift(a), between).set_index("key")
+    two = targets.judged(b, verdict.drift(b), between).set_index("key")
     rows, found = [], []
     for key in one.index.intersection(two.index, sort=False):
         x, y = one.loc[key], two.loc[key]
@@ -174,9 +198,9 @@ def _targets(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]
     return pd.DataFrame(rows, columns=["target", "A", "B", "agree", "A covers B", "B covers A"]), found
 
 
-def _answers(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    one = {x.question.text: x for x in choices.answers(a)}
-    two = {x.question.text: x for x in choices.answers(b)}
+def _answers(a: pd.DataFrame, b: pd.DataFrame, between: bool) -> tuple[pd.DataFrame, list[str]]:
+    one = {x.question.text: x for x in choices.answers(a, between)}
+    two = {x.question.text: x for x in choices.answers(b, between)}
     rows, found = [], []
     for question in [q for q in one if q in two]:
         x, y = one[question], two[question]
@@ -194,19 +218,22 @@ def _answers(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]
     return pd.DataFrame(rows, columns=["question", "A", "B", "agree"]), found
 
 
-def compare(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] | None = None) -> Comparison:
-    """Run B against run A: each the rows of one run (``report.select_run``)."""
+def compare(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] | None = None, between: bool = True) -> Comparison:
+    """Run B against run A: each the rows of one run (``report.select_run``). ``between``: intervals widened for a
+    second run by run A's preset's between-run spread, with the rounds-only comparison kept as ``within``."""
     names = names or (str(a["run_id"].iloc[0]), str(b["run_id"].iloc[0]))
-    claims, clashing_claims = _claims(a, b)
-    target_table, clashing_targets = _targets(a, b)
-    answer_table, clashing_answers = _answers(a, b)
+    claims, clashing_claims = _claims(a, b, between)
+    target_table, clashing_targets = _targets(a, b, between)
+    answer_table, clashing_answers = _answers(a, b, between)
     return Comparison(
         names,
-        _medians(a, b),
+        _medians(a, b, between),
         claims,
         target_table,
         answer_table,
         clashing_claims + clashing_targets + clashing_answers,
+        betweenrun.spreads(betweenrun.preset(a)) if between else {},
+        compare(a, b, names, between=False) if between else None,
     )
 
 
@@ -225,20 +252,27 @@ def with_stored(session: pd.DataFrame, preset: str) -> Comparison | None:
     return compare(stored, session, (STORED_RUNS[preset], "this session"))
 
 
+def _bar(ax: Axes, span: Interval, base: float, at: float, color: str, alpha: float) -> None:
+    ends = max(span.low, span.value / 1e3), min(span.high, span.value * 1e3)  # "no margin" stays on the axis
+    ax.plot([ends[0] / base, ends[1] / base], [at, at], color=color, lw=4, solid_capstyle="butt", alpha=alpha)
+
+
 def figure(comparison: Comparison) -> Figure:
-    """Each timing's interval in run A against run B's median (and the reverse), relative to A's median.
+    """Each timing's interval in run A against run B's median (and the reverse), relative to A's median: the
+    rounds' interval dark, widened for a second run pale.
 
     A dot outside its bar is an interval that did not hold the second run: the figure shows how far.
     """
     table = comparison.medians
+    rounds = comparison.within.medians if comparison.within is not None else table
     fig = Figure(figsize=(8, 0.28 * len(table) + 1.6), layout="constrained")
     ax = fig.subplots()
     y = np.arange(len(table))[::-1]
-    for yi, one, two in zip(y, table["A"], table["B"], strict=True):
+    for yi, one, two, own_a, own_b in zip(y, table["A"], table["B"], rounds["A"], rounds["B"], strict=True):
         base = one.value
-        for span, at, color in ((one, yi + 0.15, A_COLOR), (two, yi - 0.15, B_COLOR)):
-            ends = max(span.low, span.value / 1e3), min(span.high, span.value * 1e3)  # "no margin" stays on the axis
-            ax.plot([ends[0] / base, ends[1] / base], [at, at], color=color, lw=4, solid_capstyle="butt")
+        for span, own, at, color in ((one, own_a, yi + 0.15, A_COLOR), (two, own_b, yi - 0.15, B_COLOR)):
+            _bar(ax, span, base, at, color, 0.35)
+            _bar(ax, own, base, at, color, 1.0)
         ax.plot([two.value / base], [yi + 0.15], "o", color=B_COLOR if one.covers(two.value) else MISSED_COLOR, ms=5)
         ax.plot([1.0], [yi - 0.15], "o", color=A_COLOR if two.covers(one.value) else MISSED_COLOR, ms=5)
     ax.axvline(1.0, color="#999999", lw=0.8)
@@ -246,10 +280,11 @@ def figure(comparison: Comparison) -> Figure:
     ax.set_yticks(y, [f"{s} {m}" for s, m in zip(table["strategy"], table["metric"], strict=True)], fontsize=8)
     ax.set_xlabel("relative to run A's median (log)")
     held, total = comparison.calibration()
+    own = comparison.within.calibration()[0] if comparison.within is not None else held
     ax.set_title(
-        f"Intervals across rounds: A (blue) and B (orange), each with the other run's median\n"
-        f"{held} of {total} hold it ({held / max(total, 1):.0%}; red: missed) · A {comparison.names[0]}, "
-        f"B {comparison.names[1]}",
+        f"Intervals of A (blue) and B (orange), each with the other run's median (red: missed)\n"
+        f"widened for a second run (pale): {held} of {total} hold it ({held / max(total, 1):.0%}); "
+        f"rounds alone (dark): {own} ({own / max(total, 1):.0%}) · A {comparison.names[0]}, B {comparison.names[1]}",
         fontsize=9,
     )
     return fig

@@ -8,6 +8,7 @@ block no longer matches its source, so no number in the docs is typed by hand.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import choices, cloud, compare, levers, report, scaling, study, targets, verdict, yourdisk
+from . import betweenrun, choices, cloud, compare, levers, report, scaling, study, targets, verdict, yourdisk
 from .errors import CkptbenchError
 from .formatting import sig
 from .limits import MISS
@@ -241,10 +242,12 @@ def _compare(path: str, run_a: str, run_b: str) -> str:
     return "\n".join([markdown(compare.medians_table(result), index=False), targets, *lines]) + "\n"
 
 
-def _spread(path: str, run_a: str, run_b: str) -> str:
-    """How far two runs of one command moved apart, in a few lines: the medians' B / A and the calibration."""
+def _spread(path: str, run_a: str, run_b: str, path_b: str = "") -> str:
+    """How far two runs of one command moved apart, in a few lines: the medians' B / A and the calibration.
+    With ``path_b``, run B is read from that file (runs of two A/A pairs compared across them)."""
     results = read_results(ROOT / path)
-    result = compare.compare(report.select_run(results, run_a), report.select_run(results, run_b))
+    other = read_results(ROOT / path_b) if path_b else results
+    result = compare.compare(report.select_run(results, run_a), report.select_run(other, run_b))
     moved = result.medians["B / A"]
     lines = [
         f"the same strategy and timing moved by B / A = {sig(moved.min())} to {sig(moved.max())} "
@@ -254,13 +257,29 @@ def _spread(path: str, run_a: str, run_b: str) -> str:
     return markdown(pd.DataFrame({"between the two runs": [line.strip() for line in lines]}), index=False)
 
 
+def _between(preset: str) -> str:
+    """A preset's between-run spread per family, as computed from its declared A/A pairs, and the pairs."""
+    spreads = betweenrun.spreads(preset)
+    rows = [
+        {
+            "figures": f"{family}: {betweenrun.FAMILIES[family]}",
+            "log(B / A) of": spread.figures,
+            "root mean square": sig(spread.rms),
+            "a second run within (95 %)": f"x/÷ {sig(math.exp(spread.margin))}",
+        }
+        for family, spread in spreads.items()
+    ]
+    pairs = "; ".join(f"`{p.path}` {p.a} against {p.b}" for p in betweenrun.PAIRS.get(preset, ()))
+    return markdown(pd.DataFrame(rows), index=False) + f"\nA/A pairs of `{preset}`: {pairs or 'none'}\n"
+
+
 def _anchor(strategy: str, *paths: str) -> str:
     """One strategy measured in several runs that differ otherwise: its median [interval] per timing in each later
     run against the first's. Runs that measured different strategies are set side by side only through it."""
     first = _results(paths[0])
     rows = []
     for path in paths[1:]:
-        medians = compare.compare(first, _results(path)).medians
+        medians = compare.compare(first, _results(path), between=False).medians
         for row in medians[medians["strategy"] == strategy].to_dict("records"):
             rows.append(
                 {
@@ -384,6 +403,7 @@ KINDS: dict[str, Callable[..., str]] = {
     "rounds": _rounds,
     "compare": _compare,
     "spread": _spread,
+    "between": _between,
     "machine": _machine,
     "tightness": _tightness,
     "untimed": _untimed,

@@ -17,6 +17,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .benchmark import Benchmark, PhaseResult
+from .betweenrun import RATIO, SHARE, widen
 from .floor import bounds, floors
 from .formatting import sig
 from .limits import Limits, ProbeSettings
@@ -28,6 +29,15 @@ from .study import ASYNC, BEST, BEST_ASYNC, FAST_LOADERS, ONE_FILE, ORBAX, TARGE
 from .verdict import drift
 
 COLUMNS = ["key", "label", "value", "low", "high", "target", "met", "verdict"]
+FAMILIES = {
+    "best_write_share": SHARE,
+    "best_read_share": SHARE,
+    "fresh_read_share": SHARE,
+    "existing_read_share": SHARE,
+    "peak_memory": None,
+}
+"""The between-run family (``betweenrun``) of each judged figure: shares of the run's own disk ceiling; memory
+(GB above the model, no timing) keeps its rounds' interval; every other is a ratio of timings."""
 MET, MISSED, INCONCLUSIVE = "MET", "MISSED", "INCONCLUSIVE"
 TARGETS_FILE = "targets.csv"
 
@@ -118,18 +128,20 @@ def best_reader(done: pd.DataFrame, summary: pd.DataFrame, into: str) -> str | N
     return str((summary.loc[names, "bytes"] / summary.loc[names, "load_cold_s_median"]).idxmax())
 
 
-def judged(results: pd.DataFrame, run_drift: float | None = None) -> pd.DataFrame:
-    """The targets a run's rows judge, each with its interval across the rounds and its verdict.
+def judged(results: pd.DataFrame, run_drift: float | None = None, between: bool = True) -> pd.DataFrame:
+    """The targets a run's rows judge, each with its interval and its verdict.
 
-    A figure is computed inside each round (a round's every strategy measured once, close in time), so
-    the spread across rounds is the spread a second run would see; the value is its median over rounds.
+    A figure is computed inside each round (a round's every strategy measured once, close in time), and
+    its interval across rounds widened by its family's between-run spread (with ``between``), since what
+    moves a second run (the host, the disk) holds still within one; the value is its median over rounds.
     """
     done = succeeded(results)
     rounds = [_figures(rows) for _, rows in done.groupby("repeat", sort=True)]
     rows = []
     for key, value in _figures(done).items():
         span = of_values([figures[key] for figures in rounds if key in figures], run_drift)
-        rows.append(_row(key, value, span=span))
+        family = FAMILIES.get(key, RATIO)
+        rows.append(_row(key, value, span=widen(span, results, family) if between and family else span))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

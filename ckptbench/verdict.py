@@ -1,8 +1,9 @@
 """The study's claims (``study.CLAIMS``) judged on a run's rows, each with its uncertainty.
 
 A criterion compares a ratio of medians with a limit. The ratio is taken within each round and comes
-with the interval of its median across rounds (``rounds``); with one round it is widened by the disk
-drift the run measured. A criterion whose interval lies on one side
+with the interval of its median across rounds (``rounds``), widened for a second run by the ratios'
+between-run spread (``betweenrun``); with one round it is widened by the disk drift the run measured
+too. A criterion whose interval lies on one side
 of its limit is HELD or NOT HELD; one that straddles it is INCONCLUSIVE, never a verdict the noise
 could flip. Sizes and counts are exact and judged as such.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .betweenrun import RATIO, widen
 from .location import FILE, scheme
 from .results import drift_stands_out, succeeded
 from .rounds import Interval, paired_ratio, per_round
@@ -32,14 +34,16 @@ def drift(results: pd.DataFrame) -> float | None:
     return max(spreads) if spreads else None
 
 
-def interval(results: pd.DataFrame, ratio: Ratio, run_drift: float | None) -> Interval | None:
-    """The ratio, paired within rounds, with its interval across them; None if either side is missing."""
+def interval(results: pd.DataFrame, ratio: Ratio, run_drift: float | None, between: bool = True) -> Interval | None:
+    """The ratio, paired within rounds, with its interval across them (with ``between``, widened for a second
+    run); None if either side is missing."""
     num = per_round(results, ratio.strategy, ratio.metric)
     den = per_round(results, ratio.reference, ratio.metric)
     if ratio.metric in EXACT_METRICS and len(num) and len(den):
         value = float(num.median() / den.median())
         return Interval(value, value, value, "exact")
-    return paired_ratio(num, den, run_drift)
+    span = paired_ratio(num, den, run_drift)
+    return widen(span, results, RATIO) if between else span
 
 
 def _judge(criterion: Criterion, span: Interval) -> str:
@@ -65,7 +69,7 @@ def _exact(results: pd.DataFrame, eaches: list[Each]) -> tuple[list[str], str]:
     return verdicts, "; ".join([scope, *broken])
 
 
-def judge(claim: Claim, results: pd.DataFrame, run_drift: float | None) -> dict[str, str]:
+def judge(claim: Claim, results: pd.DataFrame, run_drift: float | None, between: bool = True) -> dict[str, str]:
     """One row of the verdict table for ``claim``: the worst criterion decides, the reason names it."""
     missing = [n for n in claim.strategies if n not in set(succeeded(results)["strategy"])]
     if missing:
@@ -84,7 +88,7 @@ def judge(claim: Claim, results: pd.DataFrame, run_drift: float | None) -> dict[
         measured.append(text)
         outcomes += [(v, str(c), "exact") for v, c in zip(verdicts, eaches, strict=True)]
     for criterion in (c for c in claim.criteria if not isinstance(c, Each)):
-        span = interval(results, criterion.ratio, run_drift)
+        span = interval(results, criterion.ratio, run_drift, between)
         if span is None:
             missing = f"no {METRICS[criterion.ratio.metric]} recorded"
             return _table_row(claim, missing, NOT_MEASURED, f"needs a run on a {claim.store} store")
@@ -123,14 +127,15 @@ def store_kind(results: pd.DataFrame) -> str:
     return next(iter(sorted({scheme(s) for s in stores if s} - {FILE})), FILE)
 
 
-def check(results: pd.DataFrame) -> pd.DataFrame:
+def check(results: pd.DataFrame, between: bool = True) -> pd.DataFrame:
     """One row per claim of the rows' store: key, claim, expected (criteria), measured (ratios with intervals),
-    verdict, reason. The study's claims are about a local disk; the cloud claim needs an S3 run."""
+    verdict, reason. The study's claims are about a local disk; the cloud claim needs an S3 run. ``between``:
+    intervals widened for a second run; False: this run's rounds only."""
     run_drift = drift(results)
     kind = store_kind(results)
     rows = []
     for claim in CLAIMS:
         if claim.store == kind:
-            row = judge(claim, results, run_drift)
+            row = judge(claim, results, run_drift, between)
             rows.append({**row, "reason": row["reason"] + _flagged(claim, results)})
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -30,22 +30,34 @@ def test_identical_runs_agree_and_every_interval_holds_the_other_median(tmp_path
     assert (tmp_path / f"{compare.FIGURE_STEM}.png").stat().st_size > 0
 
 
-def test_one_strategy_three_times_slower_is_named_as_a_contradiction(tmp_path, capsys):
+def _planted(tmp_path: Path, factor: float) -> Path:
     planted = pd.read_csv(RUN)
-    planted.loc[planted["strategy"] == "ts+best", TIMINGS] *= 3
+    planted.loc[planted["strategy"] == "ts+best", TIMINGS] *= factor
     planted.to_csv(tmp_path / "slow.csv", index=False)
-    assert main(["compare", str(RUN), str(tmp_path / "slow.csv")]) == 1
-    printed = capsys.readouterr().out
-    assert "CONTRADICTION: target 'ts+best cold load / safetensors cold load <= 1': MET in A, MISSED in B" in printed
-    fresh_load = "'fastest load at inference, into fresh memory (cold load s)'"
-    assert f"CONTRADICTION: {fresh_load}: ts+best (= ts+best+async) in A" in printed
-    table = compare.compare(
-        report.select_run(read_results(RUN)), report.select_run(read_results(tmp_path / "slow.csv"))
-    )
-    slowed = table.medians[table.medians["strategy"] == "ts+best"]
+    return tmp_path / "slow.csv"
+
+
+def test_one_strategy_three_times_slower_is_a_contradiction_on_the_rounds_alone(tmp_path, capsys):
+    """x3 on one strategy flips verdicts judged on the rounds' intervals; widened for a second run by this machine's
+    between-run spread of ratios (x/÷ about 1.7 each way at full size), the flip is no longer certain, and
+    ``compare`` says both."""
+    slow = _planted(tmp_path, 3)
+    assert main(["compare", str(RUN), str(slow)]) == 0
+    assert "rounds alone: 3 contradictions (exit 1)" in capsys.readouterr().out
+    table = compare.compare(report.select_run(read_results(RUN)), report.select_run(read_results(slow)))
+    named = table.within.contradictions
+    assert "target 'ts+best cold load / safetensors cold load <= 1': MET in A, MISSED in B" in named
+    assert any(c.startswith("'fastest load at inference, into fresh memory (cold load s)': ts+best") for c in named)
+    slowed = table.within.medians[table.within.medians["strategy"] == "ts+best"]
     assert slowed["B / A"].tolist() == pytest.approx([3.0] * len(slowed))
     assert not slowed["A covers B"].any()
     assert table.medians.loc[table.medians["strategy"] == "pytorch", "A covers B"].all()
+
+
+def test_one_strategy_ten_times_slower_is_named_as_a_contradiction(tmp_path, capsys):
+    assert main(["compare", str(RUN), str(_planted(tmp_path, 10))]) == 1
+    printed = capsys.readouterr().out
+    assert "CONTRADICTION: target 'ts+best save / orbax save <= 1': MET in A, MISSED in B" in printed
 
 
 def test_one_file_and_two_run_ids(tmp_path, capsys):

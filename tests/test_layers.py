@@ -24,8 +24,9 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "strategies strategies.* model training storage checkpoint",
         # the study's definitions, a run's settings, the rows
         "study config results",
-        # reading rows: bounds, intervals, judgements, choices, figures and tables of one kind
-        "floor rounds verdict choices levers plot cloud scaling yourdisk",
+        # reading rows: bounds, intervals (within a run and between runs), judgements, choices, figures and tables
+        # of one kind
+        "floor rounds betweenrun verdict choices levers plot cloud scaling yourdisk",
         # measuring: the harness and the runs built on it
         "cycle benchmark ranked sweep targets multihost",
         # showing: reports, comparisons of runs, the notebook's helpers, the docs, the command line

@@ -325,7 +325,9 @@ class TensorStore(Strategy):
 
             return start
 
-        jobs = [(name, nbytes(tensor), write(name)) for name, tensor in tensors.items()]
+        # Lazily, so a caller's mapping is read as the writes go; a consumed snapshot shrinks: walk a copy of its names.
+        names = list(tensors) if handed == "consumed" else tensors
+        jobs = ((name, nbytes(tensors[name]), write(name)) for name in names)
         self._pipeline(directory, jobs, progress)
 
     def _open(self, directory: Location, entry: Entry, context: ts.Context) -> ts.TensorStore:

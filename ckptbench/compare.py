@@ -9,6 +9,11 @@ median (both ways); an interval meant for a second run should hold it nine times
 Verdicts and intervals are judged as the rest of ckptbench judges them, widened for a second run
 (``betweenrun``); the same comparison on the rounds' intervals alone is kept beside it, to show what
 the between-run component changed.
+
+Widened verdicts alone cannot see a real change of about the between-run spread squared (x/÷ 1.74 on
+each side at full size: a strategy three times slower leaves both runs INCONCLUSIVE). So a target
+also contradicts when its verdict flips on the rounds' intervals and each run's value lies outside the
+other's interval for a second run: a move this machine's A/A pairs do not explain.
 """
 
 from __future__ import annotations
@@ -218,6 +223,23 @@ def _answers(a: pd.DataFrame, b: pd.DataFrame, between: bool) -> tuple[pd.DataFr
     return pd.DataFrame(rows, columns=["question", "A", "B", "agree"]), found
 
 
+def _moved(widened: pd.DataFrame, rounds: pd.DataFrame, clashing: list[str]) -> list[str]:
+    """Targets that flipped MET/MISSED on the rounds' intervals and moved beyond a second run's interval both
+    ways (each run's value outside the other's widened interval); ``clashing`` ones are already named."""
+    widened, rounds = widened.set_index("target"), rounds.set_index("target").reindex(widened["target"])
+    beyond = ~widened["A covers B"].astype(bool) & ~widened["B covers A"].astype(bool)
+    found = []
+    for target in widened.index[beyond & (rounds["agree"] == "NO")]:
+        if any(f"'{target}'" in c for c in clashing):
+            continue
+        found.append(
+            f"target '{target}': {rounds.loc[target, 'A']} in A, {rounds.loc[target, 'B']} in B on the rounds' "
+            "intervals, and each value outside the other run's interval for a second run (a move the A/A pairs "
+            "do not explain)"
+        )
+    return found
+
+
 def compare(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] | None = None, between: bool = True) -> Comparison:
     """Run B against run A: each the rows of one run (``report.select_run``). ``between``: intervals widened for a
     second run by run A's preset's between-run spread, with the rounds-only comparison kept as ``within``."""
@@ -225,6 +247,9 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] | None = No
     claims, clashing_claims = _claims(a, b, between)
     target_table, clashing_targets = _targets(a, b, between)
     answer_table, clashing_answers = _answers(a, b, between)
+    within = compare(a, b, names, between=False) if between else None
+    if within is not None:
+        clashing_targets += _moved(target_table, within.targets, clashing_targets)
     return Comparison(
         names,
         _medians(a, b, between),
@@ -233,7 +258,7 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] | None = No
         answer_table,
         clashing_claims + clashing_targets + clashing_answers,
         betweenrun.spreads(betweenrun.preset(a)) if between else {},
-        compare(a, b, names, between=False) if between else None,
+        within,
     )
 
 

@@ -191,9 +191,15 @@ def _verdicts(path: str) -> str:
     return markdown(table[["claim", "measured", "verdict", "reason"]], index=False)
 
 
-def _targets(path: str, keys: str = "") -> str:
-    """A committed targets file as the bench prints it; ``keys`` (comma list) keeps only those rows."""
+def _targets(path: str, keys: str = "", run: str = "") -> str:
+    """A committed targets file as the bench prints it; ``keys`` (comma list) keeps only those rows, ``run`` one
+    run's of a file that holds several (an A/A pair's)."""
     table = pd.read_csv(ROOT / path)
+    runs = table["run_id"].astype(str).unique() if "run_id" in table else []
+    if len(runs) > 1 and run not in runs:
+        raise ValueError(f"{path} holds the targets of runs {', '.join(runs)}: name one")
+    if run:
+        table = table[table["run_id"].astype(str) == run]
     if keys:
         table = table[table["key"].isin(keys.split(","))]
     table["met"] = table["met"].map({True: True, False: False, "True": True, "False": False})

@@ -12,6 +12,7 @@ import statistics
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -338,6 +339,18 @@ class BenchReport:
     wall_s: float
 
 
+def record(table: pd.DataFrame, run_id: str, path: Path) -> None:
+    """This run's targets after the other runs' already in ``path``, as the results file keeps its rows: a second
+    ``bench`` into the same folder (an A/A pair) keeps the first run's targets."""
+    table = table.assign(run_id=run_id)
+    if path.exists():
+        kept = pd.read_csv(path)
+        if "run_id" in kept:
+            kept = kept[kept["run_id"].astype(str) != run_id]
+        table = pd.concat([kept, table], ignore_index=True)
+    table.to_csv(path, index=False)
+
+
 def bench(benchmark: Benchmark, strategies: Iterable[str | Strategy]) -> BenchReport:
     """Measure ``strategies``, probe the disk again, and evaluate the targets; records the end probe and wall time."""
     started = time.perf_counter() - benchmark.prepare_s
@@ -360,5 +373,5 @@ def bench(benchmark: Benchmark, strategies: Iterable[str | Strategy]) -> BenchRe
     benchmark.results_file.write_environment(
         benchmark.run_id, {**environment, "limits_end": asdict(end), "wall_s": wall}
     )
-    table.assign(run_id=benchmark.run_id).to_csv(benchmark.out / TARGETS_FILE, index=False)
+    record(table, benchmark.run_id, benchmark.out / TARGETS_FILE)
     return BenchReport(phases, benchmark.results, table, end, wall)

@@ -149,6 +149,16 @@ def test_bench_command_prints_the_targets_and_records_the_end_probe(tmp_path, ca
     assert recorded["wall_s"] > recorded["prepare_s"]
 
 
+def test_a_second_bench_into_one_folder_keeps_the_first_runs_targets(tmp_path):
+    path = tmp_path / targets.TARGETS_FILE
+    first = pd.DataFrame({"key": ["overhead", "harness_cost"], "value": [0.1, 0.01]})
+    targets.record(first, "run-a", path)
+    targets.record(first.assign(value=[0.2, 0.02]), "run-b", path)
+    targets.record(first.assign(value=[0.3, 0.03]), "run-b", path)  # the same run again replaces its own rows
+    saved = pd.read_csv(path)
+    assert saved.groupby("run_id")["value"].sum().to_dict() == pytest.approx({"run-a": 0.11, "run-b": 0.33})
+
+
 def test_the_training_targets_compare_orbax_async_stalls_existing_loads_and_memory():
     results = _results(
         pytorch=2.0, safetensors=1.0, orbax=1.5, **{"ts+best": 1.25, "ts+best+async": 1.4, "dcp+async": 1.6}

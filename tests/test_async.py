@@ -50,6 +50,8 @@ def test_an_async_save_keeps_what_it_was_given_when_training_changes_it_at_once(
         pending()
         staging.commit(Manifest(strategy.name, strategy.config(), layout))
     assert sum(written) == tiny.nbytes
+    for thread in set(threading.enumerate()) - before:  # a library's pool thread may still be exiting, not writing
+        thread.join(timeout=5)
     assert set(threading.enumerate()) <= before
     check_identical(load_checkpoint(strategy, tmp_path / "ckpt"), original, name)
 

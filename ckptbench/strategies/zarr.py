@@ -301,8 +301,9 @@ class TensorStore(Strategy):
             try:
                 written.result()
             finally:
-                # Interrupted while waiting: whoever handles it may delete the directory, so let the writes end first.
-                futures.wait([written])
+                # Interrupted while waiting: whoever handles it may delete the directory, so let the writes end first;
+                # joining the thread too, as a finished save leaves nothing running (its result is set before it exits).
+                pool.shutdown(wait=True)
 
         return finish
 

@@ -12,6 +12,15 @@ from pathlib import Path
 import psutil
 
 _PACKAGES = ("torch", "tensorstore", "numpy", "transformers", "pandas", "orbax-checkpoint", "jax", "ckptbench")
+MEMORY_ENV = (
+    "THP_MEM_ALLOC_ENABLE",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "MALLOC_ARENA_MAX",
+    "MALLOC_TRIM_THRESHOLD_",
+)
+"""Environment variables that change what fresh memory and threads cost (torch's huge-page allocator, glibc's heap)."""
+_THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def _version(package: str) -> str | None:
@@ -41,6 +50,15 @@ def _git_commit() -> str | None:
     return out.stdout.strip()
 
 
+def huge_pages() -> str | None:
+    """The kernel's transparent-huge-page mode (the bracketed word): what landing bytes in fresh memory costs."""
+    try:
+        text = _THP.read_text()
+    except OSError:
+        return None
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else text.strip()
+
+
 def filesystem(path: Path) -> str | None:
     """The device, type and mount point of the filesystem holding ``path``."""
     resolved, best = path.resolve(), None
@@ -64,4 +82,6 @@ def collect(directory: Path) -> dict:
         "disk_free_bytes": disk.free,
         "filesystem": filesystem(directory),
         "git_commit": _git_commit(),
+        "transparent_hugepage": huge_pages(),
+        "memory_env": {name: os.environ[name] for name in MEMORY_ENV if name in os.environ},
     }

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptbench import ResultsFile, get_strategy, read_results, summarize
+from ckptbench import ResultsFile, environment, get_strategy, read_results, summarize
 from ckptbench.errors import ResultsFileError
 from ckptbench.measure import COUNTERS, Measurement
 from ckptbench.objectstore import Requests
@@ -358,3 +358,15 @@ def test_summarize_median_min_max(tmp_path, via_csv):
 def test_summarize_follows_the_given_order():
     assert list(summarize(frame(_rows()), order=["pytorch", "t5x", "tensorstore"]).index) == ["pytorch", "tensorstore"]
     assert list(summarize(frame(_rows()), order=["pytorch"]).index) == ["pytorch", "tensorstore"]
+
+
+def test_the_environment_records_huge_pages_and_the_memory_settings_a_run_had(tmp_path, monkeypatch):
+    """torch's huge-page allocator switch and the kernel's mode move fresh loads severalfold: a run must say them."""
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    recorded = environment.collect(tmp_path)
+    assert recorded["memory_env"]["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert "MALLOC_ARENA_MAX" not in recorded["memory_env"]
+    assert f"[{recorded['transparent_hugepage']}]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    monkeypatch.setattr(environment, "_THP", tmp_path / "absent")
+    assert environment.huge_pages() is None

@@ -136,8 +136,7 @@ def _tied(
     run unless the figure is ``exact`` (a size), reaches 1; without ``between``, whether their intervals overlap."""
     if not between:
         return other.span.overlaps(best.span)
-    index = [pd.Index([r for r, _ in c.rounds]) for c in (other, best)]
-    num, den = (pd.Series([v for _, v in c.rounds], index=i) for c, i in zip((other, best), index, strict=True))
+    num, den = (pd.Series(dict(c.rounds)) for c in (other, best))
     ratio = paired_ratio(num, den, run_drift)
     ratio = ratio if exact else widen(ratio, results, RATIO)
     return ratio is not None and ratio.low <= 1

@@ -223,21 +223,19 @@ def _answers(a: pd.DataFrame, b: pd.DataFrame, between: bool) -> tuple[pd.DataFr
     return pd.DataFrame(rows, columns=["question", "A", "B", "agree"]), found
 
 
-def _moved(widened: pd.DataFrame, rounds: pd.DataFrame, clashing: list[str]) -> list[str]:
+def _moved(widened: pd.DataFrame, rounds: pd.DataFrame) -> list[str]:
     """Targets that flipped MET/MISSED on the rounds' intervals and moved beyond a second run's interval both
-    ways (each run's value outside the other's widened interval); ``clashing`` ones are already named."""
+    ways (each run's value outside the other's widened interval); those whose widened verdicts clash already are
+    named as such."""
     widened, rounds = widened.set_index("target"), rounds.set_index("target").reindex(widened["target"])
     beyond = ~widened["A covers B"].astype(bool) & ~widened["B covers A"].astype(bool)
-    found = []
-    for target in widened.index[beyond & (rounds["agree"] == "NO")]:
-        if any(f"'{target}'" in c for c in clashing):
-            continue
-        found.append(
-            f"target '{target}': {rounds.loc[target, 'A']} in A, {rounds.loc[target, 'B']} in B on the rounds' "
-            "intervals, and each value outside the other run's interval for a second run (a move the A/A pairs "
-            "do not explain)"
-        )
-    return found
+    moved = beyond & (rounds["agree"] == "NO") & (widened["agree"] != "NO")
+    return [
+        f"target '{target}': {rounds.loc[target, 'A']} in A, {rounds.loc[target, 'B']} in B on the rounds' "
+        "intervals, and each value outside the other run's interval for a second run (a move the A/A pairs "
+        "do not explain)"
+        for target in widened.index[moved]
+    ]
 
 
 def compare(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] | None = None, between: bool = True) -> Comparison:
@@ -249,7 +247,7 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] | None = No
     answer_table, clashing_answers = _answers(a, b, between)
     within = compare(a, b, names, between=False) if between else None
     if within is not None:
-        clashing_targets += _moved(target_table, within.targets, clashing_targets)
+        clashing_targets += _moved(target_table, within.targets)
     return Comparison(
         names,
         _medians(a, b, between),
